@@ -1,0 +1,258 @@
+//! The host: the writers of this node, the volumes it can snapshot, and the sets it ran.
+
+use crate::config::Config;
+use crate::plugins::{self, LoadError};
+use crate::worker::{Backend, PluginBackend, WriterHandle};
+use quiesce_proto::{SetId, SetRecord, SetRequest, WriterMetadata};
+use quiesce_provider::Provider;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// Why a set could not start. Nothing was frozen when one of these is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetError {
+    #[error("node {node}: volume {volume:?} is not configured here (configured: {known}); add it under [volumes.{volume}]")]
+    UnknownVolume {
+        node: String,
+        volume: String,
+        known: String,
+    },
+    #[error("node {node}: a local set takes exactly one volume, {count} were asked for; run one set per volume")]
+    OneVolume { node: String, count: usize },
+    #[error("node {node}: set {running} is still running; one set at a time per node — retry when it ends")]
+    Busy { node: String, running: String },
+    #[error("node {node}: writer {writer} is still stuck in {op} for {stuck_ms} ms since an earlier set; restart the host to reload it")]
+    WriterStuck {
+        node: String,
+        writer: String,
+        op: &'static str,
+        stuck_ms: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("node {node}: writer id {id:?} is already taken by {other}")]
+pub struct DuplicateWriter {
+    pub node: String,
+    pub id: String,
+    pub other: String,
+}
+
+#[derive(Debug)]
+pub struct Host {
+    config: Config,
+    writers: Mutex<Vec<Arc<WriterHandle>>>,
+    load_errors: Vec<LoadError>,
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    history: Mutex<Vec<SetRecord>>,
+    /// The set running now, and where to tell it that one of its writers is gone.
+    running: RunningSet,
+    counter: AtomicU64,
+}
+
+impl Host {
+    /// Loads the plugins of the configuration and starts a worker for each writer.
+    /// Plugins that fail to load are reported by [`Host::load_errors`]; the others run.
+    pub fn start(config: Config) -> Host {
+        let report = match &config.plugin_dir {
+            Some(dir) => plugins::load_directory(dir, &config.plugins),
+            None => plugins::LoadReport::default(),
+        };
+        for e in &report.errors {
+            tracing::error!("{e}");
+        }
+        for (name, version, path) in &report.plugins {
+            tracing::info!(plugin = %name, version = %version, path = %path.display(), "plugin loaded");
+        }
+        let writers = report
+            .writers
+            .into_iter()
+            .map(|w| {
+                let backend = Box::new(PluginBackend(w.object));
+                WriterHandle::spawn(w.metadata, w.origin, backend, config.hold_limit())
+            })
+            .collect();
+        let providers = config
+            .volumes
+            .iter()
+            .map(|(name, p)| (name.clone(), Arc::from(p.build())))
+            .collect();
+        Host {
+            config,
+            writers: Mutex::new(writers),
+            load_errors: report.errors,
+            providers,
+            history: Mutex::new(Vec::new()),
+            running: Mutex::new(None),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.config.node
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn load_errors(&self) -> &[LoadError] {
+        &self.load_errors
+    }
+
+    pub fn writers(&self) -> Vec<Arc<WriterHandle>> {
+        self.writers.lock().unwrap().clone()
+    }
+
+    /// Adds a writer that is not a plugin (an application's, or a test's).
+    pub fn add_writer(
+        &self,
+        metadata: WriterMetadata,
+        origin: String,
+        backend: Box<dyn Backend>,
+    ) -> Result<Arc<WriterHandle>, DuplicateWriter> {
+        let mut writers = self.writers.lock().unwrap();
+        if let Some(other) = writers.iter().find(|w| w.id() == metadata.id) {
+            return Err(DuplicateWriter {
+                node: self.config.node.clone(),
+                id: metadata.id,
+                other: other.origin.clone(),
+            });
+        }
+        let handle = WriterHandle::spawn(metadata, origin, backend, self.config.hold_limit());
+        writers.push(handle.clone());
+        Ok(handle)
+    }
+
+    /// Removes a writer (an application unregistered it). Returns it, if it was there.
+    pub fn remove_writer(&self, id: &str) -> Option<Arc<WriterHandle>> {
+        let mut writers = self.writers.lock().unwrap();
+        let index = writers.iter().position(|w| w.id() == id)?;
+        Some(writers.remove(index))
+    }
+
+    /// A writer is gone for good (its application exited): it is removed, and a running set
+    /// that includes it is told, so that set fails naming it and releases everyone else.
+    pub fn writer_lost(&self, id: &str, reason: &str) {
+        self.remove_writer(id);
+        if let Some((set, lost)) = self.running.lock().unwrap().as_ref() {
+            tracing::warn!(set = %set, writer = id, "writer lost during the set: {reason}");
+            let _ = lost.send((id.to_string(), reason.to_string()));
+        }
+    }
+
+    /// A writer by id.
+    pub fn writer(&self, id: &str) -> Option<Arc<WriterHandle>> {
+        self.writers
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|w| w.id() == id)
+            .cloned()
+    }
+
+    /// A set this host ran, by id.
+    pub fn set(&self, id: &str) -> Option<SetRecord> {
+        self.history
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.id.0 == id)
+            .cloned()
+    }
+
+    /// The sets this host ran, oldest first.
+    pub fn history(&self) -> Vec<SetRecord> {
+        self.history.lock().unwrap().clone()
+    }
+
+    fn new_set_id(&self) -> SetId {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        SetId(format!("set-{}-{ms}-{n}", self.config.node))
+    }
+
+    /// Runs a set on this node alone: the writers with components on the volume, then the
+    /// volume's provider. Returns the set's record whatever its outcome; an error only when the
+    /// set could not start.
+    pub async fn run_local_set(&self, request: SetRequest) -> Result<SetRecord, SetError> {
+        let node = self.config.node.clone();
+        let [volume] = request.volumes.as_slice() else {
+            return Err(SetError::OneVolume {
+                node,
+                count: request.volumes.len(),
+            });
+        };
+        let provider =
+            self.providers
+                .get(volume)
+                .cloned()
+                .ok_or_else(|| SetError::UnknownVolume {
+                    node: node.clone(),
+                    volume: volume.clone(),
+                    known: self
+                        .providers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+        // Identify: the writers with components on the volume.
+        let writers: Vec<Arc<WriterHandle>> = self
+            .writers()
+            .into_iter()
+            .filter(|w| w.metadata.touches_any(&request.volumes))
+            .collect();
+        let now = Instant::now();
+        if let Some((w, (op, stuck))) = writers.iter().find_map(|w| w.stuck(now).map(|s| (w, s))) {
+            return Err(SetError::WriterStuck {
+                node,
+                writer: w.id().to_string(),
+                op,
+                stuck_ms: stuck.as_millis() as u64,
+            });
+        }
+        let id = self.new_set_id();
+        let (lost_tx, lost) = mpsc::unbounded_channel();
+        {
+            let mut running = self.running.lock().unwrap();
+            if let Some((running, _)) = running.as_ref() {
+                return Err(SetError::Busy {
+                    node,
+                    running: running.0.clone(),
+                });
+            }
+            *running = Some((id.clone(), lost_tx));
+        }
+        // Cleared however this future ends, even if the caller drops it midway.
+        let _running = ClearOnDrop(&self.running);
+        let record = crate::local_set::run(
+            id,
+            &node,
+            request,
+            &writers,
+            self.config.deadlines(),
+            provider,
+            lost,
+        )
+        .await;
+        self.history.lock().unwrap().push(record.clone());
+        Ok(record)
+    }
+}
+
+type RunningSet = Mutex<Option<(SetId, mpsc::UnboundedSender<(String, String)>)>>;
+
+struct ClearOnDrop<'a>(&'a RunningSet);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}

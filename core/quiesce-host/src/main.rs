@@ -1,0 +1,123 @@
+//! `quiesce-host`: the per-node daemon.
+
+use anyhow::Context;
+use clap::Parser;
+use quiesce_host::{Config, Host};
+use quiesce_proto::SetRequest;
+use std::path::PathBuf;
+
+/// The quiesce node daemon: loads writer plugins and runs snapshot sets for this node.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The host's TOML configuration.
+    #[arg(long, default_value = "/etc/quiesce/host.toml")]
+    config: PathBuf,
+    /// Run one local snapshot set of this volume, print its record and exit
+    /// (exit status 0 when the snapshot was kept, 1 when the set failed).
+    #[arg(long, value_name = "VOLUME")]
+    once: Option<String>,
+    /// With --once: leave out writers that fail and keep a crash-consistent snapshot.
+    #[arg(long, requires = "once")]
+    best_effort: bool,
+    /// With --once: print the record as JSON.
+    #[arg(long, requires = "once")]
+    json: bool,
+    /// Serve on the D-Bus bus at this address instead of the system bus (tests, session buses).
+    #[arg(long, value_name = "ADDRESS", conflicts_with = "once")]
+    bus: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = Config::load(&args.config)?;
+    let host = std::sync::Arc::new(Host::start(config));
+    tracing::info!(
+        node = host.node(),
+        writers = host.writers().len(),
+        failed_plugins = host.load_errors().len(),
+        "host started"
+    );
+
+    if let Some(volume) = args.once {
+        let request = SetRequest {
+            volumes: vec![volume],
+            best_effort: args.best_effort,
+        };
+        let record = host.run_local_set(request).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&record)?);
+        } else {
+            println!("set {}: {}", record.id, record.outcome);
+            if let Some(s) = &record.snapshot {
+                println!("snapshot {} at {} ({})", s.id, s.path, s.provider);
+            }
+            for w in &record.writers {
+                let failure = w
+                    .failure
+                    .as_ref()
+                    .map(|f| format!(" — {} in {}: {}", kebab(&f.kind), f.phase, f.reason));
+                println!(
+                    "  {}: {}{}",
+                    w.writer,
+                    kebab(&w.state),
+                    failure.unwrap_or_default()
+                );
+            }
+            if let Some(ms) = record.freeze_window_ms {
+                println!(
+                    "freeze window {ms} ms, provider {} ms, total {} ms",
+                    record.provider_ms.unwrap_or(0),
+                    record.total_ms
+                );
+            }
+        }
+        for w in host.writers() {
+            w.settled().await;
+        }
+        std::process::exit(if record.outcome.is_failed() { 1 } else { 0 });
+    }
+
+    let _connection = quiesce_host::dbus::serve(host.clone(), args.bus.as_deref())
+        .await
+        .with_context(|| match &args.bus {
+            Some(a) => format!("serving {} on the bus at {a}", quiesce_dbus::HOST_NAME),
+            None => format!(
+                "serving {} on the system bus (is dbus/org.quiesce.Host1.conf installed in /usr/share/dbus-1/system.d/?)",
+                quiesce_dbus::HOST_NAME
+            ),
+        })?;
+    tracing::info!(name = quiesce_dbus::HOST_NAME, "serving on D-Bus");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for a shutdown signal")?,
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down: releasing every writer");
+    for w in host.writers() {
+        if w.status().frozen_since.is_some() {
+            let _ = w
+                .call(
+                    quiesce_host::worker::Op::Thaw,
+                    "shutdown",
+                    host.config().deadlines().thaw,
+                )
+                .await;
+        }
+    }
+    Ok(())
+}
+
+fn kebab<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}

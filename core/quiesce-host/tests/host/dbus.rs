@@ -1,0 +1,687 @@
+//! The host on a real private `dbus-daemon`: the real `quiesce-host` process, the reference
+//! `app-writer` application, zbus proxies, and busctl / dbus-send as outside clients.
+
+use crate::support::{self, binary, client, plugin, plugin_dir, Bus, Child, Policy};
+use futures_util::StreamExt;
+use quiesce_dbus::{writer_path, HostProxy, WriterProxy, HOST_NAME};
+use quiesce_proto::{Outcome, SetRecord};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const NOBODY: u32 = 65534;
+
+/// Writes a host config into `dir` and starts `quiesce-host` on `bus`; returns when the host owns
+/// its bus name.
+async fn start_host(bus: &Bus, dir: &Path, plugins: &[&Path], extra: &str) -> Child {
+    let plugin_dir = plugin_dir(dir, plugins);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = dir.join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node = \"node1\"\nplugin_dir = \"{}\"\n{extra}\n\
+             [volumes.demo]\nprovider = \"dir-copy\"\nsource = \"{}\"\nsnapshots = \"{}\"\n",
+            plugin_dir.display(),
+            data.display(),
+            dir.join("snapshots").display()
+        ),
+    )
+    .unwrap();
+    let connection = bus.connect().await;
+    let dbus = zbus::fdo::DBusProxy::new(&connection).await.unwrap();
+    let mut owners = dbus.receive_name_owner_changed().await.unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_quiesce-host"));
+    command
+        .args(["--config".as_ref(), config.as_os_str()])
+        .args(["--bus", &bus.address])
+        .env("RUST_LOG", "info");
+    let host = Child::spawn(command, dir.join("host.stderr"));
+    let name = HOST_NAME.try_into().unwrap();
+    if !dbus.name_has_owner(name).await.unwrap() {
+        let appeared = async {
+            while let Some(change) = owners.next().await {
+                if change.args().unwrap().name() == HOST_NAME {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), appeared)
+            .await
+            .is_err()
+        {
+            panic!("the host did not take its bus name:\n{}", host.stderr());
+        }
+    }
+    host
+}
+
+/// Starts the reference application writer; returns when it is registered.
+fn start_app(bus: &Bus, dir: &Path, id: &str) -> (Child, PathBuf, PathBuf) {
+    let exe = binary("quiesce-example-app-writer", "app-writer");
+    let data = dir.join("data");
+    let events = dir.join(format!("{id}.events"));
+    let mut command = Command::new(exe);
+    command
+        .args(["--bus", &bus.address, "--id", id, "--volume", "demo"])
+        .args(["--data".as_ref(), data.as_os_str()])
+        .args(["--events".as_ref(), events.as_os_str()])
+        .stdout(Stdio::piped());
+    let mut app = Child::spawn(command, dir.join(format!("{id}.stderr")));
+    let stdout = app.child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("registered "),
+        "app-writer did not register: {line:?}\n{}",
+        app.stderr()
+    );
+    assert_eq!(
+        line.trim_end().trim_start_matches("registered "),
+        writer_path(id).as_str()
+    );
+    (app, data.join("records.log"), events)
+}
+
+async fn host_proxy(connection: &zbus::Connection) -> HostProxy<'static> {
+    HostProxy::new(connection).await.unwrap()
+}
+
+/// Records of app-writer: `(seq, unix_ns)`.
+fn records(path: &Path) -> Vec<(u64, u128)> {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "a record is cut short in {}",
+        path.display()
+    );
+    text.lines()
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            let seq = parts.next().unwrap().parse().unwrap();
+            let ns = parts.next().unwrap().parse().unwrap();
+            (seq, ns)
+        })
+        .collect()
+}
+
+/// Waits until the app has written a record after `after_ns` (it writes about one a millisecond).
+async fn wait_for_record_after(path: &Path, after_ns: u128) {
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let wait = async {
+        loop {
+            tick.tick().await;
+            if records(path).last().is_some_and(|r| r.1 > after_ns) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the application resumed writing after the thaw");
+}
+
+fn event_ns(events: &Path, kind: &str) -> Vec<(u128, Option<u64>)> {
+    std::fs::read_to_string(events)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next()? == kind).then(|| {
+                let ns = parts.next().unwrap().parse().unwrap();
+                (ns, parts.next().map(|s| s.parse().unwrap()))
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_live_interfaces_match_the_checked_in_introspection_xml() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bus = Bus::start(Policy::Permissive);
+    let _host = start_host(
+        &bus,
+        tmp.path(),
+        &[&plugin("hello-writer")],
+        "[plugins.hello]\nvolume = \"demo\"\n",
+    )
+    .await;
+    let (_app, _, _) = start_app(&bus, tmp.path(), "app");
+    let connection = bus.connect().await;
+
+    let host_xml = introspect(&connection, HOST_NAME, quiesce_dbus::HOST_PATH).await;
+    check_interface(&host_xml, "org.quiesce.Host1", "org.quiesce.Host1.xml");
+    let writer_xml = introspect(&connection, HOST_NAME, writer_path("hello").as_str()).await;
+    check_interface(
+        &writer_xml,
+        "org.quiesce.Writer1",
+        "org.quiesce.Writer1.xml",
+    );
+    assert!(host_xml.contains("org.freedesktop.DBus.ObjectManager"));
+
+    // The reference application serves exactly the documented AppWriter1; the writer's origin
+    // names its bus name and object.
+    let app = WriterProxy::builder(&connection)
+        .path(writer_path("app"))
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let origin = app.origin().await.unwrap();
+    let (name, object) = origin
+        .strip_prefix("application ")
+        .and_then(|rest| rest.split_once(" at "))
+        .unwrap_or_else(|| panic!("origin {origin:?}"));
+    let app_xml = introspect(&connection, name, object).await;
+    check_interface(
+        &app_xml,
+        "org.quiesce.AppWriter1",
+        "org.quiesce.AppWriter1.xml",
+    );
+}
+
+async fn introspect(connection: &zbus::Connection, dest: &str, path: &str) -> String {
+    zbus::fdo::IntrospectableProxy::builder(connection)
+        .destination(dest.to_string())
+        .unwrap()
+        .path(path.to_string())
+        .unwrap()
+        .build()
+        .await
+        .unwrap()
+        .introspect()
+        .await
+        .unwrap_or_default()
+}
+
+/// Compares one `<interface>` element of live introspection with the checked-in file (ignoring
+/// indentation). `QUIESCE_BLESS=1` rewrites the file from the live service instead.
+fn check_interface(xml: &str, name: &str, file: &str) {
+    let start = xml
+        .find(&format!("<interface name=\"{name}\">"))
+        .unwrap_or_else(|| panic!("{name} is not in the live introspection:\n{xml}"));
+    let end = start + xml[start..].find("</interface>").unwrap() + "</interface>".len();
+    // Doc comments and indentation are documentation, not interface.
+    let normalize = |s: &str| {
+        let mut rest = s.to_string();
+        while let Some(open) = rest.find("<!--") {
+            let close = open + rest[open..].find("-->").expect("a closed comment") + 3;
+            rest.replace_range(open..close, "");
+        }
+        rest.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let live = normalize(&xml[start..end]);
+    let path = support::workspace_root()
+        .join("core/quiesce-dbus/interfaces")
+        .join(file);
+    if std::env::var_os("QUIESCE_BLESS").is_some() {
+        std::fs::write(&path, format!("  {}\n", &xml[start..end])).unwrap();
+    }
+    let checked_in = normalize(&std::fs::read_to_string(&path).unwrap());
+    assert_eq!(
+        live,
+        checked_in,
+        "{name} differs from {}: update it (QUIESCE_BLESS=1) if the change is intended",
+        path.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_writer_registers_and_really_holds_its_writes_while_frozen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bus = Bus::start(Policy::Permissive);
+    let _host = start_host(&bus, tmp.path(), &[], "").await;
+    let (_app, records_log, events) = start_app(&bus, tmp.path(), "app");
+    wait_for_record_after(&records_log, 0).await;
+    let connection = bus.connect().await;
+    let host = host_proxy(&connection).await;
+
+    let (id, outcome, snapshot) = host.run_local_set("demo", false).await.unwrap();
+    assert_eq!(outcome, "app-consistent");
+    let frozen = event_ns(&events, "frozen");
+    let thawed = event_ns(&events, "thawed");
+    assert_eq!((frozen.len(), thawed.len()), (1, 1), "one freeze, one thaw");
+    let ((frozen_ns, last_seq), (thawed_ns, _)) = (frozen[0], thawed[0]);
+    let last_seq = last_seq.expect("the freeze event names the last record");
+    assert!(frozen_ns <= thawed_ns);
+
+    wait_for_record_after(&records_log, thawed_ns).await;
+    let live = records(&records_log);
+    let during: Vec<_> = live
+        .iter()
+        .filter(|r| r.1 > frozen_ns && r.1 < thawed_ns)
+        .collect();
+    assert!(
+        during.is_empty(),
+        "records written while frozen: {during:?}"
+    );
+    let next = live.iter().find(|r| r.0 == last_seq + 1).unwrap();
+    assert!(
+        next.1 >= thawed_ns,
+        "record {} came before the thaw",
+        next.0
+    );
+
+    // The snapshot holds exactly the records acknowledged before the freeze, none cut short.
+    let snap = records(&Path::new(&snapshot).join("records.log"));
+    assert_eq!(snap.last().unwrap().0, last_seq);
+    assert_eq!(snap[..], live[..snap.len()]);
+    let label = std::fs::read_to_string(Path::new(&snapshot).join("app-writer.label")).unwrap();
+    assert!(
+        label.contains(&id),
+        "post-snapshot wrote its label: {label:?}"
+    );
+
+    // The record, through the API and through busctl as an outside client.
+    let record: SetRecord = serde_json::from_str(&host.show_set(&id).await.unwrap()).unwrap();
+    assert_eq!(record.outcome, Outcome::AppConsistent);
+    assert_eq!(
+        host.list_sets().await.unwrap(),
+        vec![(id.clone(), "app-consistent".into(), snapshot.clone())]
+    );
+    support::require("busctl", "systemd");
+    let address = format!("--address={}", bus.address);
+    let (ok, out, err) = client(
+        None,
+        "busctl",
+        &[
+            &address,
+            "call",
+            HOST_NAME,
+            "/org/quiesce/Host1",
+            "org.quiesce.Host1",
+            "ListWriters",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("\"app\" \"Example record writer\" \"front-end\""),
+        "{out}"
+    );
+    let path = writer_path("app");
+    let (ok, out, err) = client(
+        None,
+        "busctl",
+        &[
+            &address,
+            "get-property",
+            HOST_NAME,
+            path.as_str(),
+            "org.quiesce.Writer1",
+            "State",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "s \"idle\"");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_writer_killed_mid_freeze_fails_the_set_naming_it_and_the_others_are_released() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = tmp.path().join("gate");
+    support::mkfifo(&gate);
+    let log = tmp.path().join("plugin.events");
+    // "gate" (back-end) is frozen after the app (front-end) and holds the set in freeze until
+    // the test opens the FIFO: the window in which the app is killed.
+    let config = format!(
+        "hold_limit_ms = 5000\n[timeouts]\nfreeze_ms = 4000\nabort_ms = 2000\n\
+         [plugins.misbehave]\nevents = \"{}\"\n\
+         [[plugins.misbehave.writers]]\nid = \"gate\"\nlevel = \"back-end\"\nvolume = \"demo\"\nhang_in = \"freeze\"\nhang_fifo = \"{}\"\n\
+         [[plugins.misbehave.writers]]\nid = \"steady\"\nlevel = \"system\"\nvolume = \"demo\"\n",
+        log.display(),
+        gate.display()
+    );
+    let bus = Bus::start(Policy::Permissive);
+    let _host = start_host(&bus, tmp.path(), &[&plugin("quiesce-test-plugin")], &config).await;
+    let (mut app, _, _) = start_app(&bus, tmp.path(), "app");
+    let connection = bus.connect().await;
+    let host = host_proxy(&connection).await;
+    let app_writer = WriterProxy::builder(&connection)
+        .path(writer_path("app"))
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let mut app_state = app_writer.receive_state_changed().await;
+    let objects = zbus::fdo::ObjectManagerProxy::builder(&connection)
+        .destination(HOST_NAME)
+        .unwrap()
+        .path(quiesce_dbus::HOST_PATH)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let mut removed = objects.receive_interfaces_removed().await.unwrap();
+
+    let set = tokio::spawn({
+        let host = host.clone();
+        async move { host.run_local_set("demo", false).await }
+    });
+    let frozen = async {
+        while let Some(change) = app_state.next().await {
+            if change.get().await.unwrap() == "frozen" {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), frozen)
+        .await
+        .expect("the app writer froze");
+    app.kill();
+    let gone = async {
+        while let Some(signal) = removed.next().await {
+            if signal.args().unwrap().object_path().as_str() == writer_path("app").as_str() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone)
+        .await
+        .expect("the host dropped the app writer");
+    // Let the gate's freeze return; the abort queued behind it releases it.
+    std::fs::OpenOptions::new().write(true).open(&gate).unwrap();
+
+    let (_id, outcome, snapshot) = set.await.unwrap().unwrap();
+    assert!(
+        outcome.starts_with("failed in freeze: writer app on node node1: lost:"),
+        "{outcome}"
+    );
+    assert!(outcome.contains("vanished"), "{outcome}");
+    assert_eq!(snapshot, "");
+    assert!(
+        std::fs::read_dir(tmp.path().join("snapshots"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0
+    );
+    // Every other writer was released: aborted after it froze, nobody left frozen.
+    for id in ["gate", "steady"] {
+        let w = WriterProxy::builder(&connection)
+            .path(writer_path(id))
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let mut states = w.receive_state_changed().await;
+        let released = async {
+            loop {
+                let now = w.state().await.unwrap();
+                if now == "idle" {
+                    return;
+                }
+                states.next().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(6), released)
+            .await
+            .unwrap_or_else(|_| panic!("{id} was released"));
+    }
+    let ev = support::events(&log);
+    assert!(
+        support::position(&ev, "gate freeze-done") < support::position(&ev, "gate abort-done"),
+        "{ev:#?}"
+    );
+    assert!(
+        !ev.iter().any(|e| e.starts_with("steady freeze")),
+        "steady (system level) never froze: {ev:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_under_another_uid_are_refused_for_freeze_and_register_and_may_read() {
+    support::require_root();
+    support::require("dbus-send", "dbus-bin");
+    support::require("busctl", "systemd");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let log = tmp.path().join("plugin.events");
+    let config = format!(
+        "[plugins.misbehave]\nevents = \"{}\"\n[[plugins.misbehave.writers]]\nid = \"w\"\nlevel = \"back-end\"\nvolume = \"demo\"\n",
+        log.display()
+    );
+
+    // A permissive bus: the host's own uid check is what refuses.
+    let bus = Bus::start(Policy::Permissive);
+    let _host = start_host(&bus, tmp.path(), &[&plugin("quiesce-test-plugin")], &config).await;
+    let bus_arg = format!("--bus={}", bus.address);
+    let send = |uid: Option<u32>, member: &str, args: &[&str], path: &str, iface: &str| {
+        let dest = format!("--dest={HOST_NAME}");
+        let method = format!("{iface}.{member}");
+        let mut all = vec![
+            bus_arg.as_str(),
+            "--print-reply",
+            dest.as_str(),
+            path,
+            method.as_str(),
+        ];
+        all.extend_from_slice(args);
+        client(uid, "dbus-send", &all)
+    };
+    let host_call = |uid, member, args: &[&str]| {
+        send(uid, member, args, "/org/quiesce/Host1", "org.quiesce.Host1")
+    };
+    let writer = writer_path("w");
+    let writer_call = |uid, member| send(uid, member, &[], writer.as_str(), "org.quiesce.Writer1");
+
+    for (what, (ok, _, err)) in [
+        (
+            "RunLocalSet",
+            host_call(
+                Some(NOBODY),
+                "RunLocalSet",
+                &["string:demo", "boolean:false"],
+            ),
+        ),
+        (
+            "RegisterWriter",
+            host_call(Some(NOBODY), "RegisterWriter", &["objpath:/x"]),
+        ),
+        ("Freeze", writer_call(Some(NOBODY), "Freeze")),
+        ("Thaw", writer_call(Some(NOBODY), "Thaw")),
+    ] {
+        assert!(!ok, "{what} was allowed for uid {NOBODY}");
+        assert!(
+            err.contains("org.quiesce.Error.NotAuthorized"),
+            "{what}: {err}"
+        );
+        assert!(err.contains("uid 65534 may not"), "{what}: {err}");
+    }
+    assert!(
+        support::events(&log).is_empty(),
+        "no writer was called: {:?}",
+        support::events(&log)
+    );
+    let (ok, out, err) = host_call(Some(NOBODY), "ListWriters", &[]);
+    assert!(ok && out.contains("\"w\""), "{out}{err}");
+    let address = format!("--address={}", bus.address);
+    let (ok, out, err) = client(
+        Some(NOBODY),
+        "busctl",
+        &[
+            &address,
+            "get-property",
+            HOST_NAME,
+            writer.as_str(),
+            "org.quiesce.Writer1",
+            "Level",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "s \"back-end\"");
+    // Root may.
+    let (ok, out, err) = host_call(None, "RunLocalSet", &["string:demo", "boolean:false"]);
+    assert!(ok && out.contains("app-consistent"), "{out}{err}");
+
+    // The project's system-bus policy refuses at the bus already, and still lets anyone read.
+    let bus = Bus::start(Policy::System);
+    let tmp2 = tempfile::tempdir().unwrap();
+    let _host2 = start_host(&bus, tmp2.path(), &[], "").await;
+    let bus_arg = format!("--bus={}", bus.address);
+    let dest = format!("--dest={HOST_NAME}");
+    let (ok, _, err) = client(
+        Some(NOBODY),
+        "dbus-send",
+        &[
+            &bus_arg,
+            "--print-reply",
+            &dest,
+            "/org/quiesce/Host1",
+            "org.quiesce.Host1.RunLocalSet",
+            "string:demo",
+            "boolean:false",
+        ],
+    );
+    assert!(
+        !ok && err.contains("org.freedesktop.DBus.Error.AccessDenied"),
+        "{err}"
+    );
+    let (ok, out, err) = client(
+        Some(NOBODY),
+        "dbus-send",
+        &[
+            &bus_arg,
+            "--print-reply",
+            &dest,
+            "/org/quiesce/Host1",
+            "org.quiesce.Host1.ListSets",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = client(
+        None,
+        "dbus-send",
+        &[
+            &bus_arg,
+            "--print-reply",
+            &dest,
+            "/org/quiesce/Host1",
+            "org.quiesce.Host1.RunLocalSet",
+            "string:demo",
+            "boolean:false",
+        ],
+    );
+    assert!(ok && out.contains("app-consistent"), "{out}{err}");
+}
+
+/// An object that claims to be an application writer but serves broken metadata.
+struct BadApp(String);
+
+#[zbus::interface(name = "org.quiesce.AppWriter1")]
+impl BadApp {
+    #[zbus(property)]
+    fn metadata(&self) -> String {
+        self.0.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_calls_get_the_documented_errors_and_change_nothing() {
+    support::require("dbus-send", "dbus-bin");
+    let tmp = tempfile::tempdir().unwrap();
+    let bus = Bus::start(Policy::Permissive);
+    let _host = start_host(
+        &bus,
+        tmp.path(),
+        &[&plugin("hello-writer")],
+        "[plugins.hello]\nvolume = \"demo\"\n",
+    )
+    .await;
+    let connection = bus.connect().await;
+    let host = host_proxy(&connection).await;
+    let writers_before = host.list_writers().await.unwrap();
+
+    let bus_arg = format!("--bus={}", bus.address);
+    let dest = format!("--dest={HOST_NAME}");
+    let call = |member: &str, args: &[&str]| {
+        let method = format!("org.quiesce.Host1.{member}");
+        let mut all = vec![
+            bus_arg.as_str(),
+            "--print-reply",
+            dest.as_str(),
+            "/org/quiesce/Host1",
+            method.as_str(),
+        ];
+        all.extend_from_slice(args);
+        let (ok, _, err) = client(None, "dbus-send", &all);
+        assert!(!ok, "{member} {args:?} succeeded");
+        err
+    };
+    // zbus refuses a wrong signature before the host sees the call.
+    let e = call("RunLocalSet", &["string:demo"]);
+    assert!(
+        e.contains("org.freedesktop.zbus.Error: Signature mismatch: got `s`, expected `(sb)`"),
+        "{e}"
+    );
+    let e = call("RunLocalSet", &["int32:7", "boolean:false"]);
+    assert!(e.contains("Signature mismatch"), "{e}");
+    let e = call("RunLocalSet", &["string:nope", "boolean:false"]);
+    assert!(
+        e.contains("org.quiesce.Error.UnknownVolume") && e.contains("add it under [volumes.nope]"),
+        "{e}"
+    );
+    let e = call("RunLocalSet", &["string:", "boolean:false"]);
+    assert!(e.contains("org.quiesce.Error.InvalidRequest"), "{e}");
+    let e = call("ShowSet", &["string:set-nope"]);
+    assert!(e.contains("org.quiesce.Error.UnknownSet"), "{e}");
+    let e = call("UnregisterWriter", &["string:nope"]);
+    assert!(e.contains("org.quiesce.Error.UnknownWriter"), "{e}");
+    let e = call("UnregisterWriter", &["string:hello"]);
+    assert!(
+        e.contains("org.quiesce.Error.UnknownWriter") && e.contains("plugin writer"),
+        "{e}"
+    );
+
+    // Metadata that is not JSON, JSON that is not valid metadata, a taken id; no such object.
+    for (path, metadata, expect) in [
+        ("/bad/json", "{not json", "not writer metadata JSON"),
+        (
+            "/bad/id",
+            r#"{"id":"no spaces allowed","name":"x","level":"system"}"#,
+            "is invalid",
+        ),
+        (
+            "/bad/dup",
+            r#"{"id":"hello","name":"Impostor","level":"system"}"#,
+            "already taken",
+        ),
+    ] {
+        connection
+            .object_server()
+            .at(path, BadApp(metadata.into()))
+            .await
+            .unwrap();
+        let err = host
+            .register_writer(&path.try_into().unwrap())
+            .await
+            .expect_err(path)
+            .to_string();
+        assert!(err.contains(expect), "{path}: {err}");
+    }
+    let err = host
+        .register_writer(&"/nothing/here".try_into().unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("org.quiesce.Error.InvalidMetadata") && err.contains("export that interface"),
+        "{err}"
+    );
+    assert_eq!(
+        host.list_writers().await.unwrap(),
+        writers_before,
+        "nothing changed"
+    );
+    assert!(host.list_sets().await.unwrap().is_empty(), "no set ran");
+}

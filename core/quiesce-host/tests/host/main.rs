@@ -1,0 +1,6 @@
+//! The host's integration tests: one binary (house style), real plugins, a real dbus-daemon,
+//! the real `quiesce-host` and `app-writer` processes.
+
+mod dbus;
+mod plugins;
+mod support;

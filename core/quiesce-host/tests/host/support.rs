@@ -1,0 +1,403 @@
+//! Test support: building real plugins and reading what they recorded.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("the host crate lives two levels below the workspace root")
+        .to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// One build at a time: cargo locks the target directory anyway, and a failed build is easier
+/// to read alone.
+static BUILD: Mutex<()> = Mutex::new(());
+
+fn run_build(mut command: Command, what: &str) {
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running cargo for {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "building {what} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Builds a workspace plugin package and returns its shared library.
+pub fn plugin(package: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let lib = target_dir()
+        .join("debug")
+        .join(format!("lib{}.so", package.replace('-', "_")));
+    let mut done = built.lock().unwrap_or_else(|e| e.into_inner());
+    if !done.iter().any(|p| p == package) {
+        let mut command = cargo();
+        command
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "-p", package]);
+        run_build(command, package);
+        done.push(package.to_string());
+    }
+    assert!(lib.is_file(), "{} was not built", lib.display());
+    lib
+}
+
+/// Builds a plugin against a modified copy of quiesce-abi, outside the workspace, as a vendor
+/// with another SDK release would: `version` replaces the ABI crate's version, `edit` changes its
+/// source. Returns the shared library.
+pub fn alien_plugin(name: &str, version: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let dir = target_dir().join("alien-plugins").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let abi = dir.join("quiesce-abi");
+    std::fs::create_dir_all(abi.join("src")).unwrap();
+    let abi_stable = read_workspace_dependency("abi_stable");
+    std::fs::write(
+        abi.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"quiesce-abi\"\nversion = \"{version}\"\nedition = \"2021\"\n\n\
+             [dependencies]\nabi_stable = {{ version = \"{abi_stable}\", default-features = false }}\n"
+        ),
+    )
+    .unwrap();
+    let source =
+        std::fs::read_to_string(workspace_root().join("sdk/quiesce-abi/src/lib.rs")).unwrap();
+    std::fs::write(abi.join("src/lib.rs"), edit(source)).unwrap();
+
+    let plugin = dir.join("plugin");
+    std::fs::create_dir_all(plugin.join("src")).unwrap();
+    std::fs::write(
+        plugin.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"9.9.9\"\nedition = \"2021\"\n\n\
+             [lib]\ncrate-type = [\"cdylib\"]\n\n[workspace]\n\n\
+             [dependencies]\nquiesce-abi = {{ path = \"../quiesce-abi\" }}\n\
+             abi_stable = {{ version = \"{abi_stable}\", default-features = false }}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        plugin.join("src/lib.rs"),
+        r#"
+use abi_stable::{export_root_module, prefix_type::PrefixTypeTrait, std_types::{RResult, RStr, RVec}};
+use quiesce_abi::{AbiError, HostServices, PluginModule, PluginModuleRef, WriterBox};
+
+#[export_root_module]
+fn root() -> PluginModuleRef {
+    PluginModule { name: RStr::from_str("alien"), version: RStr::from_str("9.9.9"),
+                   sdk_version: RStr::from_str("?"), init }.leak_into_prefix()
+}
+
+extern "C" fn init(_config: RStr<'_>, _host: HostServices) -> RResult<RVec<WriterBox>, AbiError> {
+    RResult::ROk(RVec::new())
+}
+"#,
+    )
+    .unwrap();
+    // Same lock file as the workspace: same dependency versions, compiled artifacts reused.
+    std::fs::copy(
+        workspace_root().join("Cargo.lock"),
+        plugin.join("Cargo.lock"),
+    )
+    .unwrap();
+    let mut command = cargo();
+    command
+        .current_dir(&plugin)
+        .env("CARGO_TARGET_DIR", target_dir())
+        .args(["build", "--quiet", "--offline"]);
+    run_build(command, name);
+    let lib = target_dir()
+        .join("debug")
+        .join(format!("lib{}.so", name.replace('-', "_")));
+    assert!(lib.is_file(), "{} was not built", lib.display());
+    lib
+}
+
+fn read_workspace_dependency(name: &str) -> String {
+    let manifest = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
+    let table: toml::Table = toml::from_str(&manifest).unwrap();
+    let dep = &table["workspace"]["dependencies"][name];
+    dep.get("version")
+        .and_then(|v| v.as_str())
+        .or_else(|| dep.as_str())
+        .expect("a versioned workspace dependency")
+        .to_string()
+}
+
+/// Copies plugin libraries into a fresh plugin directory.
+pub fn plugin_dir(into: &Path, libs: &[&Path]) -> PathBuf {
+    let dir = into.join("plugins");
+    std::fs::create_dir_all(&dir).unwrap();
+    for lib in libs {
+        std::fs::copy(lib, dir.join(lib.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// The lines the test plugin wrote to its events file: `"<writer> <call>"`.
+pub fn events(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The position of `line` in `events`, failing loudly when it is missing.
+pub fn position(events: &[String], line: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e == line)
+        .unwrap_or_else(|| panic!("no event {line:?} in {events:#?}"))
+}
+
+pub fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("running mkfifo");
+    assert!(status.success(), "mkfifo {} failed", path.display());
+}
+
+/// Builds a workspace binary package and returns the executable.
+pub fn binary(package: &str, name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut done = built.lock().unwrap_or_else(|e| e.into_inner());
+    if !done.iter().any(|p| p == package) {
+        let mut command = cargo();
+        command
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "-p", package]);
+        run_build(command, package);
+        done.push(package.to_string());
+    }
+    let exe = target_dir().join("debug").join(name);
+    assert!(exe.is_file(), "{} was not built", exe.display());
+    exe
+}
+
+/// Fails loudly when a tool the test needs is missing (CI installs them: scripts/setup).
+pub fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is missing: install the Debian package {package} (scripts/setup does)"
+    );
+}
+
+pub fn require_root() {
+    assert!(
+        nix_is_root(),
+        "this test runs processes under another uid and must run as root (CI does)"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A child process that is killed when the test ends, however it ends.
+pub struct Child {
+    pub child: std::process::Child,
+    pub stderr: PathBuf,
+}
+
+impl Child {
+    pub fn spawn(mut command: Command, stderr: PathBuf) -> Child {
+        let file = std::fs::File::create(&stderr).unwrap();
+        let child = command
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        Child { child, stderr }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Which policy a private bus runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Everything allowed: the host's own uid check is all that stands in the way.
+    Permissive,
+    /// Debian's system-bus defaults plus the project's `dbus/org.quiesce.Host1.conf`.
+    System,
+}
+
+/// A private `dbus-daemon`, stopped when dropped.
+pub struct Bus {
+    pub address: String,
+    pid: i32,
+    _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    pub fn start(policy: Policy) -> Bus {
+        require("dbus-daemon", "dbus-daemon");
+        let dir = tempfile::tempdir().unwrap();
+        // Other uids must reach the socket.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let socket = dir.path().join("bus");
+        let rules = match policy {
+            Policy::Permissive => r#"
+  <policy context="default">
+    <allow user="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>"#
+                .to_string(),
+            Policy::System => format!(
+                r#"
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
+  </policy>
+  <include>{}</include>"#,
+                workspace_root()
+                    .join("dbus/org.quiesce.Host1.conf")
+                    .display()
+            ),
+        };
+        let config = dir.path().join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>quiesce-test</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>{rules}
+</busconfig>
+"#,
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let output = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .args(["--fork", "--print-address=1", "--print-pid=1", "--nosyslog"])
+            .output()
+            .expect("running dbus-daemon");
+        assert!(
+            output.status.success(),
+            "dbus-daemon failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let mut lines = stdout.lines();
+        let address = lines
+            .next()
+            .expect("dbus-daemon printed its address")
+            .to_string();
+        let pid = lines
+            .next()
+            .expect("dbus-daemon printed its pid")
+            .trim()
+            .parse()
+            .unwrap();
+        Bus {
+            address,
+            pid,
+            _dir: dir,
+        }
+    }
+
+    pub async fn connect(&self) -> zbus::Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .expect("connecting to the private bus")
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.pid.to_string()).status();
+    }
+}
+
+/// Runs a command-line D-Bus client (busctl, dbus-send) as `uid` (None: as this process),
+/// returning (success, stdout, stderr).
+pub fn client(uid: Option<u32>, program: &str, args: &[&str]) -> (bool, String, String) {
+    let mut command = match uid {
+        Some(uid) => {
+            require("setpriv", "util-linux");
+            let mut c = Command::new("setpriv");
+            c.args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+                program.into(),
+            ]);
+            c
+        }
+        None => Command::new(program),
+    };
+    let output = command
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,976 @@
+//! The state machine of one snapshot set, sans I/O.
+//!
+//! The driver (the host for a local set, the broker for a cluster set) creates a [`SnapshotSet`]
+//! with the writers it identified, then loops:
+//!
+//! 1. send every [`Command`] from [`SnapshotSet::poll_command`];
+//! 2. wait for a reply, a provider result, a lost writer, or the instant of
+//!    [`SnapshotSet::poll_timeout`], and feed it in with the matching `handle_*` call;
+//! 3. stop when [`SnapshotSet::is_ended`] and the command queue is empty.
+//!
+//! Guarantees (checked by the property tests in `tests/machine_props.rs`):
+//! - every writer that was sent `Freeze` is sent `Thaw` or `Abort` before the set ends, unless it
+//!   was lost (then its own host thaws it: hold limit and lease);
+//! - no writer goes longer than the hold limit between its `Freeze` and its `Thaw`/`Abort`;
+//! - a set never ends `app-consistent` when any writer failed, timed out or was lost;
+//! - `Abort` is never sent once post-snapshot began;
+//! - each writer is sent `Abort` at most once, and late or repeated replies change nothing.
+
+use crate::metadata::{Level, WriterMetadata};
+use crate::set::{
+    FailureKind, Outcome, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,
+    WriterFailure, WriterRef, WriterResult, WriterState,
+};
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Per-phase deadlines, the hold limit and the lease. All are inputs: the machine reads no clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// How long one writer may take to prepare (a checkpoint, a flush).
+    pub prepare: Duration,
+    /// How long one writer may take to freeze; never later than the hold limit allows.
+    pub freeze: Duration,
+    pub thaw: Duration,
+    pub post_snapshot: Duration,
+    pub abort: Duration,
+    /// How long the provider may take for one operation (take, finalize, delete).
+    pub provider: Duration,
+    /// The longest any writer is held frozen: from its `Freeze` to its `Thaw` or `Abort`.
+    pub hold_limit: Duration,
+    /// The lease each node holds for the set; renewed every third of it (at least every
+    /// millisecond) while the set runs.
+    pub lease: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            prepare: Duration::from_secs(60),
+            freeze: Duration::from_secs(10),
+            thaw: Duration::from_secs(10),
+            post_snapshot: Duration::from_secs(60),
+            abort: Duration::from_secs(10),
+            provider: Duration::from_secs(60),
+            hold_limit: Duration::from_secs(10),
+            lease: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Which call a reply answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallKind {
+    Prepare,
+    Freeze,
+    Thaw,
+    PostSnapshot,
+    Abort,
+    Complete,
+}
+
+impl CallKind {
+    pub fn phase(self) -> Phase {
+        match self {
+            CallKind::Prepare => Phase::Prepare,
+            CallKind::Freeze => Phase::Freeze,
+            CallKind::Thaw => Phase::Thaw,
+            CallKind::PostSnapshot => Phase::PostSnapshot,
+            CallKind::Abort => Phase::Abort,
+            CallKind::Complete => Phase::Complete,
+        }
+    }
+}
+
+/// A call to one writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriterCall {
+    Prepare,
+    Freeze,
+    Thaw,
+    /// Finish the writer's part on the still-writable snapshot at `snapshot.path`.
+    PostSnapshot {
+        snapshot: SnapshotInfo,
+    },
+    /// Forget the set: thaw if frozen, drop what prepare set up. Idempotent.
+    Abort,
+    /// The set ended with this outcome (a notification: its reply is not awaited).
+    Complete {
+        outcome: Outcome,
+    },
+}
+
+impl WriterCall {
+    pub fn kind(&self) -> CallKind {
+        match self {
+            WriterCall::Prepare => CallKind::Prepare,
+            WriterCall::Freeze => CallKind::Freeze,
+            WriterCall::Thaw => CallKind::Thaw,
+            WriterCall::PostSnapshot { .. } => CallKind::PostSnapshot,
+            WriterCall::Abort => CallKind::Abort,
+            WriterCall::Complete { .. } => CallKind::Complete,
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Call a writer; answer with [`SnapshotSet::handle_reply`] (not for `Complete`).
+    Call {
+        writer: WriterRef,
+        call: WriterCall,
+        deadline: Instant,
+    },
+    /// Take the snapshot now; answer with [`SnapshotSet::handle_snapshot_taken`].
+    TakeSnapshot { deadline: Instant },
+    /// Make the snapshot read-only; answer with [`SnapshotSet::handle_finalized`].
+    FinalizeSnapshot {
+        snapshot: SnapshotInfo,
+        deadline: Instant,
+    },
+    /// Delete a snapshot the set will not keep; answer with [`SnapshotSet::handle_deleted`].
+    DeleteSnapshot {
+        snapshot: SnapshotInfo,
+        deadline: Instant,
+    },
+    /// Grant (or renew) the node's lease on the set for `lease` from now. A node whose lease
+    /// lapses thaws and aborts its writers on its own.
+    RenewLease { node: String, lease: Duration },
+    /// The set is over for this node: drop its lease.
+    EndLease { node: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Preparing,
+    Freezing {
+        level: usize,
+    },
+    Snapshotting,
+    Thawing {
+        level: usize,
+    },
+    PostSnapshot,
+    Finalizing,
+    /// A failure happened: waiting for aborts, the provider, and the deletion of any snapshot.
+    Failing,
+    Ended,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProviderOp {
+    Take,
+    Finalize,
+    Delete,
+}
+
+#[derive(Debug)]
+struct Participant {
+    writer: WriterRef,
+    metadata: WriterMetadata,
+    state: WriterState,
+    failure: Option<WriterFailure>,
+    excluded: bool,
+    lost: bool,
+    reports: Reports,
+    pending: Option<(CallKind, Instant)>,
+    /// Received any call: it may hold state for the set and must hear of its end.
+    touched: bool,
+    freeze_sent: bool,
+    thaw_sent: bool,
+    abort_sent: bool,
+}
+
+impl Participant {
+    /// Taking part in the coming phases: not failed, not left out, not lost.
+    fn active(&self) -> bool {
+        !self.excluded && !self.lost && self.failure.is_none()
+    }
+
+    fn released(&self) -> bool {
+        self.thaw_sent || self.abort_sent || self.lost
+    }
+}
+
+/// One snapshot set in progress. See the module docs for how to drive it.
+#[derive(Debug)]
+pub struct SnapshotSet {
+    id: SetId,
+    request: SetRequest,
+    epoch: u64,
+    deadlines: Deadlines,
+    started: Instant,
+    stage: Stage,
+    participants: Vec<Participant>,
+    /// Levels that have writers, in freeze order.
+    levels: Vec<Level>,
+    queue: VecDeque<Command>,
+    provider_pending: Option<(ProviderOp, Instant)>,
+    provider_started: Option<Instant>,
+    provider_ms: Option<u64>,
+    snapshot: Option<SnapshotInfo>,
+    snapshot_deleted: bool,
+    failure: Option<Outcome>,
+    outcome: Option<Outcome>,
+    first_freeze: Option<Instant>,
+    last_release: Option<Instant>,
+    next_lease_renewal: Option<Instant>,
+    phases: Vec<PhaseTiming>,
+    cleanup_error: Option<String>,
+    ended_at: Option<Instant>,
+}
+
+impl SnapshotSet {
+    /// Starts a set with the writers the driver identified (the Identify step is the driver's:
+    /// see [`WriterMetadata::touches_any`]). Commands for the Prepare step are queued at once.
+    pub fn new(
+        id: SetId,
+        request: SetRequest,
+        epoch: u64,
+        writers: Vec<(WriterRef, WriterMetadata)>,
+        deadlines: Deadlines,
+        now: Instant,
+    ) -> Self {
+        let participants: Vec<Participant> = writers
+            .into_iter()
+            .map(|(writer, metadata)| Participant {
+                writer,
+                metadata,
+                state: WriterState::Idle,
+                failure: None,
+                excluded: false,
+                lost: false,
+                reports: Reports::new(),
+                pending: None,
+                touched: false,
+                freeze_sent: false,
+                thaw_sent: false,
+                abort_sent: false,
+            })
+            .collect();
+        let present: BTreeSet<Level> = participants.iter().map(|p| p.metadata.level).collect();
+        let mut set = SnapshotSet {
+            id,
+            request,
+            epoch,
+            deadlines,
+            started: now,
+            stage: Stage::Preparing,
+            participants,
+            levels: present.into_iter().collect(),
+            queue: VecDeque::new(),
+            provider_pending: None,
+            provider_started: None,
+            provider_ms: None,
+            snapshot: None,
+            snapshot_deleted: false,
+            failure: None,
+            outcome: None,
+            first_freeze: None,
+            last_release: None,
+            next_lease_renewal: None,
+            phases: Vec::new(),
+            cleanup_error: None,
+            ended_at: None,
+        };
+        set.phases.push(PhaseTiming {
+            phase: Phase::Identify,
+            start_ms: 0,
+            end_ms: 0,
+        });
+        set.renew_leases(now);
+        set.enter_phase(now, Phase::Prepare);
+        for i in 0..set.participants.len() {
+            set.send(i, WriterCall::Prepare, now + deadlines.prepare);
+        }
+        set.advance(now);
+        set
+    }
+
+    pub fn id(&self) -> &SetId {
+        &self.id
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The next command to carry out, if any.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.queue.pop_front()
+    }
+
+    /// The next instant at which [`SnapshotSet::handle_timeout`] must be called, if any.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.stage == Stage::Ended {
+            return None;
+        }
+        let writer_deadlines = self
+            .participants
+            .iter()
+            .filter_map(|p| p.pending.map(|x| x.1));
+        let provider = self.provider_pending.map(|x| x.1);
+        writer_deadlines
+            .chain(provider)
+            .chain(self.hold_deadline())
+            .chain(self.next_lease_renewal)
+            .min()
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.stage == Stage::Ended
+    }
+
+    /// The outcome, once the set has ended.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    /// The current state of each writer, for display.
+    pub fn writer_states(&self) -> impl Iterator<Item = (&WriterRef, WriterState)> {
+        self.participants.iter().map(|p| (&p.writer, p.state))
+    }
+
+    /// The current phase, for display.
+    pub fn phase(&self) -> Phase {
+        match self.stage {
+            Stage::Preparing => Phase::Prepare,
+            Stage::Freezing { .. } => Phase::Freeze,
+            Stage::Snapshotting => Phase::Snapshot,
+            Stage::Thawing { .. } => Phase::Thaw,
+            Stage::PostSnapshot => Phase::PostSnapshot,
+            Stage::Finalizing => Phase::Finalize,
+            Stage::Failing => Phase::Abort,
+            Stage::Ended => Phase::Complete,
+        }
+    }
+
+    /// The full record, once the set has ended.
+    pub fn record(&self) -> Option<SetRecord> {
+        let outcome = self.outcome.clone()?;
+        let ended = self.ended_at.unwrap_or(self.started);
+        Some(SetRecord {
+            id: self.id.clone(),
+            request: self.request.clone(),
+            epoch: self.epoch,
+            snapshot: if outcome.is_failed() {
+                None
+            } else {
+                self.snapshot.clone()
+            },
+            outcome,
+            writers: self
+                .participants
+                .iter()
+                .map(|p| WriterResult {
+                    writer: p.writer.clone(),
+                    metadata: p.metadata.clone(),
+                    state: p.state,
+                    failure: p.failure.clone(),
+                    excluded: p.excluded,
+                    reports: p.reports.clone(),
+                })
+                .collect(),
+            phases: self.phases.clone(),
+            freeze_window_ms: match (self.first_freeze, self.last_release) {
+                (Some(a), Some(b)) => Some(ms(b.saturating_duration_since(a))),
+                _ => None,
+            },
+            provider_ms: self.provider_ms,
+            cleanup_error: self.cleanup_error.clone(),
+            total_ms: ms(ended.saturating_duration_since(self.started)),
+        })
+    }
+
+    /// A writer answered `kind`. Replies to calls the machine no longer waits for (late,
+    /// duplicated, superseded by an abort) are ignored.
+    pub fn handle_reply(
+        &mut self,
+        now: Instant,
+        writer: &WriterRef,
+        kind: CallKind,
+        result: Result<Reports, String>,
+    ) {
+        let Some(i) = self.index(writer) else { return };
+        match self.participants[i].pending {
+            Some((pending, _)) if pending == kind => {}
+            _ => return,
+        }
+        self.participants[i].pending = None;
+        if matches!(kind, CallKind::Thaw | CallKind::Abort) && self.participants[i].freeze_sent {
+            self.last_release = Some(now);
+        }
+        match result {
+            Ok(reports) => {
+                let p = &mut self.participants[i];
+                p.reports.extend(reports);
+                if p.failure.is_none() {
+                    p.state = match kind {
+                        CallKind::Prepare => WriterState::Prepared,
+                        CallKind::Freeze => WriterState::Frozen,
+                        CallKind::Thaw => WriterState::Thawed,
+                        CallKind::PostSnapshot => WriterState::Done,
+                        CallKind::Abort => WriterState::Aborted,
+                        CallKind::Complete => p.state,
+                    };
+                }
+            }
+            Err(reason) => self.writer_failed(now, i, kind, FailureKind::Error, reason),
+        }
+        self.advance(now);
+    }
+
+    /// A writer (or its whole node) is gone: no call reaches it any more.
+    pub fn handle_writer_lost(&mut self, now: Instant, writer: &WriterRef, reason: String) {
+        let Some(i) = self.index(writer) else { return };
+        if self.participants[i].lost || self.stage == Stage::Ended {
+            return;
+        }
+        let kind = self.participants[i]
+            .pending
+            .map(|x| x.0)
+            .unwrap_or_else(|| self.current_call_kind());
+        self.participants[i].lost = true;
+        self.participants[i].pending = None;
+        self.writer_failed(now, i, kind, FailureKind::Lost, reason);
+        self.advance(now);
+    }
+
+    /// The provider answered `TakeSnapshot`.
+    pub fn handle_snapshot_taken(&mut self, now: Instant, result: Result<SnapshotInfo, String>) {
+        if self.provider_pending.map(|x| x.0) != Some(ProviderOp::Take) {
+            // A repeat of an answer already handled (the driver delivered it twice): the
+            // snapshot is already kept, or already being deleted. Without this check a
+            // repeated answer after an app-consistent end deleted the kept snapshot.
+            if result.as_ref().ok() == self.snapshot.as_ref() {
+                return;
+            }
+            // Too late: the set gave up on the provider. Whatever it made must go.
+            if let Ok(snapshot) = result {
+                self.cleanup_error = Some(format!(
+                    "the provider returned snapshot {} after its deadline; it is being deleted",
+                    snapshot.id
+                ));
+                if self.stage == Stage::Ended {
+                    self.queue.push_back(Command::DeleteSnapshot {
+                        snapshot: snapshot.clone(),
+                        deadline: now + self.deadlines.provider,
+                    });
+                    // Remember it, so that a repeat of this answer is recognised above (the
+                    // record of a failed set shows no snapshot).
+                    if self.snapshot.is_none() {
+                        self.snapshot = Some(snapshot);
+                    }
+                } else {
+                    self.snapshot = Some(snapshot);
+                }
+            }
+            self.advance(now);
+            return;
+        }
+        self.provider_pending = None;
+        self.provider_ms = self
+            .provider_started
+            .map(|t| ms(now.saturating_duration_since(t)));
+        match result {
+            Ok(snapshot) => {
+                self.snapshot = Some(snapshot);
+                if self.stage == Stage::Snapshotting {
+                    self.enter_phase(now, Phase::Thaw);
+                    self.stage = Stage::Thawing {
+                        level: self.levels.len(),
+                    };
+                }
+            }
+            Err(reason) => self.fail(now, Phase::Snapshot, None, reason),
+        }
+        self.advance(now);
+    }
+
+    /// The provider answered `FinalizeSnapshot`.
+    pub fn handle_finalized(&mut self, now: Instant, result: Result<(), String>) {
+        if self.provider_pending.map(|x| x.0) != Some(ProviderOp::Finalize) {
+            return;
+        }
+        self.provider_pending = None;
+        if self.failure.is_some() {
+            // The set already failed while the provider was finalizing (a requester abort, an
+            // epoch change, a writer lost): it must end failed and the snapshot must go, even
+            // when finalizing worked. `advance` (stage Failing) deletes it and ends the set.
+            // Finishing here instead ended such a set app- or crash-consistent.
+        } else if let Err(reason) = result {
+            self.fail(now, Phase::Finalize, None, reason);
+        } else {
+            self.finish(now);
+        }
+        self.advance(now);
+    }
+
+    /// The provider answered `DeleteSnapshot`.
+    pub fn handle_deleted(&mut self, now: Instant, result: Result<(), String>) {
+        if self.provider_pending.map(|x| x.0) != Some(ProviderOp::Delete) {
+            return;
+        }
+        self.provider_pending = None;
+        self.snapshot_deleted = true;
+        if let Err(reason) = result {
+            let id = self.snapshot.as_ref().map(|s| s.id.as_str()).unwrap_or("?");
+            self.cleanup_error = Some(format!(
+                "the partial snapshot {id} could not be deleted ({reason}): delete it by hand"
+            ));
+        }
+        self.advance(now);
+    }
+
+    /// The cluster's membership epoch changed (a node or writer joined or left): the set can
+    /// no longer promise to cover every writer, so it fails.
+    pub fn handle_epoch(&mut self, now: Instant, epoch: u64) {
+        if epoch == self.epoch || self.stage == Stage::Ended {
+            return;
+        }
+        let phase = self.phase();
+        self.fail(
+            now,
+            phase,
+            None,
+            format!(
+                "membership changed during the set (epoch {} -> {epoch}): a node or writer joined or left; start a new set",
+                self.epoch
+            ),
+        );
+        self.advance(now);
+    }
+
+    /// The requester (or the driver) gives up on the set.
+    pub fn abort(&mut self, now: Instant, reason: String) {
+        if self.stage == Stage::Ended {
+            return;
+        }
+        let phase = self.phase();
+        self.fail(now, phase, None, reason);
+        self.advance(now);
+    }
+
+    /// Fires every deadline that is due at `now`. Safe to call at any time.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.stage == Stage::Ended {
+            return;
+        }
+        if self.next_lease_renewal.is_some_and(|t| t <= now) {
+            self.renew_leases(now);
+        }
+        if self.hold_deadline().is_some_and(|t| t <= now) {
+            self.hold_limit_reached(now);
+        }
+        for i in 0..self.participants.len() {
+            if let Some((kind, deadline)) = self.participants[i].pending {
+                if deadline <= now {
+                    self.participants[i].pending = None;
+                    if matches!(kind, CallKind::Thaw | CallKind::Abort)
+                        && self.participants[i].freeze_sent
+                    {
+                        self.last_release = Some(now);
+                    }
+                    let reason = format!("no answer to {} within its deadline", kind.phase());
+                    self.writer_failed(now, i, kind, FailureKind::Timeout, reason);
+                }
+            }
+        }
+        if let Some((op, deadline)) = self.provider_pending {
+            if deadline <= now {
+                self.provider_pending = None;
+                match op {
+                    ProviderOp::Take => self.fail(
+                        now,
+                        Phase::Snapshot,
+                        None,
+                        "the provider did not take the snapshot within its deadline".into(),
+                    ),
+                    ProviderOp::Finalize => self.fail(
+                        now,
+                        Phase::Finalize,
+                        None,
+                        "the provider did not make the snapshot read-only within its deadline"
+                            .into(),
+                    ),
+                    ProviderOp::Delete => {
+                        self.snapshot_deleted = true;
+                        let id = self.snapshot.as_ref().map(|s| s.id.as_str()).unwrap_or("?");
+                        self.cleanup_error = Some(format!(
+                            "deleting the partial snapshot {id} did not finish in time: check and delete it by hand"
+                        ));
+                    }
+                }
+            }
+        }
+        self.advance(now);
+    }
+
+    // ---- internals ----
+
+    fn index(&self, writer: &WriterRef) -> Option<usize> {
+        self.participants.iter().position(|p| &p.writer == writer)
+    }
+
+    fn current_call_kind(&self) -> CallKind {
+        match self.stage {
+            Stage::Preparing => CallKind::Prepare,
+            Stage::Freezing { .. } | Stage::Snapshotting => CallKind::Freeze,
+            Stage::Thawing { .. } => CallKind::Thaw,
+            Stage::PostSnapshot | Stage::Finalizing => CallKind::PostSnapshot,
+            Stage::Failing | Stage::Ended => CallKind::Abort,
+        }
+    }
+
+    /// The instant the earliest-frozen writer reaches the hold limit, while any writer that was
+    /// sent `Freeze` is still unreleased.
+    fn hold_deadline(&self) -> Option<Instant> {
+        let first = self.first_freeze?;
+        self.participants
+            .iter()
+            .any(|p| p.freeze_sent && !p.released())
+            .then_some(first + self.deadlines.hold_limit)
+    }
+
+    fn hold_limit_reached(&mut self, now: Instant) {
+        let limit = ms(self.deadlines.hold_limit);
+        match self.stage {
+            Stage::Thawing { .. } => {
+                // The snapshot is taken: thaw everyone still frozen now, order no longer matters.
+                for i in 0..self.participants.len() {
+                    let p = &self.participants[i];
+                    if p.freeze_sent && !p.released() {
+                        self.send(i, WriterCall::Thaw, now + self.deadlines.thaw);
+                    }
+                }
+            }
+            _ => {
+                let phase = self.phase();
+                self.fail(
+                    now,
+                    phase,
+                    None,
+                    format!(
+                        "the hold limit of {limit} ms was reached before the snapshot was taken; every writer was released"
+                    ),
+                );
+            }
+        }
+    }
+
+    fn send(&mut self, i: usize, call: WriterCall, deadline: Instant) {
+        let kind = call.kind();
+        let p = &mut self.participants[i];
+        if p.lost {
+            return;
+        }
+        p.touched = true;
+        match kind {
+            CallKind::Prepare => p.state = WriterState::Preparing,
+            CallKind::Freeze => {
+                p.freeze_sent = true;
+                p.state = WriterState::Freezing;
+            }
+            CallKind::Thaw => {
+                p.thaw_sent = true;
+                p.state = WriterState::Thawing;
+            }
+            CallKind::PostSnapshot => p.state = WriterState::PostSnapshotting,
+            CallKind::Abort => {
+                p.abort_sent = true;
+                if p.failure.is_none() {
+                    p.state = WriterState::Aborting;
+                }
+            }
+            CallKind::Complete => {}
+        }
+        if kind != CallKind::Complete {
+            p.pending = Some((kind, deadline));
+        }
+        self.queue.push_back(Command::Call {
+            writer: p.writer.clone(),
+            call,
+            deadline,
+        });
+    }
+
+    fn send_abort(&mut self, i: usize, now: Instant) {
+        let p = &self.participants[i];
+        if p.touched && !p.lost && !p.abort_sent {
+            self.send(i, WriterCall::Abort, now + self.deadlines.abort);
+        }
+    }
+
+    /// Records a writer's failure and decides: leave it out (best effort, before the snapshot is
+    /// final) or fail the whole set.
+    fn writer_failed(
+        &mut self,
+        now: Instant,
+        i: usize,
+        kind: CallKind,
+        failure: FailureKind,
+        reason: String,
+    ) {
+        let phase = kind.phase();
+        {
+            let p = &mut self.participants[i];
+            if p.failure.is_none() {
+                p.failure = Some(WriterFailure {
+                    phase,
+                    kind: failure,
+                    reason: reason.clone(),
+                });
+            }
+            p.state = WriterState::Failed;
+        }
+        if matches!(kind, CallKind::Abort | CallKind::Complete) || self.failure.is_some() {
+            // Already ending: the failure is on the record, nothing more to decide.
+            return;
+        }
+        if self.stage == Stage::Ended {
+            return;
+        }
+        let writer = self.participants[i].writer.clone();
+        if self.request.best_effort {
+            self.participants[i].excluded = true;
+            if !matches!(kind, CallKind::PostSnapshot) {
+                self.send_abort(i, now);
+            }
+        } else {
+            let what = match failure {
+                FailureKind::Error => reason,
+                FailureKind::Timeout => reason,
+                FailureKind::Lost => format!("lost: {reason}"),
+            };
+            self.fail(now, phase, Some(writer), what);
+        }
+    }
+
+    /// Fails the set: abort every writer (before post-snapshot only), then delete any snapshot.
+    fn fail(&mut self, now: Instant, phase: Phase, writer: Option<WriterRef>, reason: String) {
+        if self.failure.is_some() || self.stage == Stage::Ended {
+            return;
+        }
+        self.failure = Some(Outcome::Failed {
+            phase,
+            writer,
+            reason,
+        });
+        let post_snapshot_began = matches!(self.stage, Stage::PostSnapshot | Stage::Finalizing);
+        self.stage = Stage::Failing;
+        self.enter_phase(now, Phase::Abort);
+        if !post_snapshot_began {
+            for i in 0..self.participants.len() {
+                self.send_abort(i, now);
+            }
+        }
+    }
+
+    /// Moves the set forward as far as the replies received allow.
+    fn advance(&mut self, now: Instant) {
+        loop {
+            let before = self.stage;
+            self.step(now);
+            if self.stage == before {
+                break;
+            }
+        }
+    }
+
+    fn writers_pending(&self) -> bool {
+        self.participants.iter().any(|p| p.pending.is_some())
+    }
+
+    /// Active writers at `level` (or all levels) with a call still outstanding.
+    fn active_pending(&self, level: Option<Level>) -> bool {
+        self.participants.iter().any(|p| {
+            p.active() && p.pending.is_some() && level.is_none_or(|l| p.metadata.level == l)
+        })
+    }
+
+    fn step(&mut self, now: Instant) {
+        match self.stage {
+            Stage::Preparing => {
+                if !self.active_pending(None) {
+                    self.enter_phase(now, Phase::Freeze);
+                    self.stage = Stage::Freezing { level: 0 };
+                    self.send_freeze(0, now);
+                }
+            }
+            Stage::Freezing { level } => {
+                let lvl = self.levels.get(level).copied();
+                if lvl.is_some() && self.active_pending(lvl) {
+                    return;
+                }
+                if level + 1 < self.levels.len() {
+                    self.stage = Stage::Freezing { level: level + 1 };
+                    self.send_freeze(level + 1, now);
+                } else {
+                    self.enter_phase(now, Phase::Snapshot);
+                    self.stage = Stage::Snapshotting;
+                    self.provider_started = Some(now);
+                    let deadline = now + self.deadlines.provider;
+                    self.provider_pending = Some((ProviderOp::Take, deadline));
+                    self.queue.push_back(Command::TakeSnapshot { deadline });
+                }
+            }
+            Stage::Snapshotting => {}
+            Stage::Thawing { level } => {
+                // `level` counts down: levels[level - 1] is the one being thawed.
+                if level < self.levels.len() && self.active_pending(Some(self.levels[level])) {
+                    return;
+                }
+                if level > 0 {
+                    self.stage = Stage::Thawing { level: level - 1 };
+                    let lvl = self.levels[level - 1];
+                    for i in 0..self.participants.len() {
+                        let p = &self.participants[i];
+                        if p.active() && p.metadata.level == lvl && p.freeze_sent && !p.released() {
+                            self.send(i, WriterCall::Thaw, now + self.deadlines.thaw);
+                        }
+                    }
+                } else if !self.active_pending(None) {
+                    self.enter_phase(now, Phase::PostSnapshot);
+                    self.stage = Stage::PostSnapshot;
+                    let snapshot = self.snapshot.clone().expect("thawing follows a snapshot");
+                    for i in 0..self.participants.len() {
+                        let p = &self.participants[i];
+                        if p.active() && p.metadata.needs_post_snapshot {
+                            let call = WriterCall::PostSnapshot {
+                                snapshot: snapshot.clone(),
+                            };
+                            self.send(i, call, now + self.deadlines.post_snapshot);
+                        }
+                    }
+                }
+            }
+            Stage::PostSnapshot => {
+                if !self.active_pending(None) {
+                    self.enter_phase(now, Phase::Finalize);
+                    self.stage = Stage::Finalizing;
+                    let deadline = now + self.deadlines.provider;
+                    self.provider_pending = Some((ProviderOp::Finalize, deadline));
+                    let snapshot = self.snapshot.clone().expect("finalize follows a snapshot");
+                    self.queue
+                        .push_back(Command::FinalizeSnapshot { snapshot, deadline });
+                }
+            }
+            Stage::Finalizing => {}
+            Stage::Failing => {
+                if self.writers_pending() || self.provider_pending.is_some() {
+                    return;
+                }
+                if let (Some(snapshot), false) = (self.snapshot.clone(), self.snapshot_deleted) {
+                    let deadline = now + self.deadlines.provider;
+                    self.provider_pending = Some((ProviderOp::Delete, deadline));
+                    self.queue
+                        .push_back(Command::DeleteSnapshot { snapshot, deadline });
+                    return;
+                }
+                let outcome = self.failure.clone().expect("failing has a failure");
+                self.end(now, outcome);
+            }
+            Stage::Ended => {}
+        }
+    }
+
+    fn send_freeze(&mut self, level: usize, now: Instant) {
+        let Some(&lvl) = self.levels.get(level) else {
+            return;
+        };
+        let first = *self.first_freeze.get_or_insert(now);
+        let deadline = (now + self.deadlines.freeze).min(first + self.deadlines.hold_limit);
+        for i in 0..self.participants.len() {
+            let p = &self.participants[i];
+            if p.active() && p.metadata.level == lvl {
+                self.send(i, WriterCall::Freeze, deadline);
+            }
+        }
+    }
+
+    /// Finalize succeeded: the set ends with its snapshot.
+    fn finish(&mut self, now: Instant) {
+        let excluded: Vec<WriterRef> = self
+            .participants
+            .iter()
+            .filter(|p| p.excluded || p.failure.is_some())
+            .map(|p| p.writer.clone())
+            .collect();
+        let outcome = if excluded.is_empty() {
+            Outcome::AppConsistent
+        } else {
+            Outcome::CrashConsistent { excluded }
+        };
+        self.end(now, outcome);
+    }
+
+    fn end(&mut self, now: Instant, outcome: Outcome) {
+        self.enter_phase(now, Phase::Complete);
+        self.close_phase(now);
+        self.stage = Stage::Ended;
+        self.ended_at = Some(now);
+        self.next_lease_renewal = None;
+        // The set waits for nothing any more. A set may end with calls still out (the abort of
+        // a writer left out under best effort); without this, their late replies were still
+        // taken after the end (no timeout fires after it) and changed the record.
+        for p in &mut self.participants {
+            p.pending = None;
+        }
+        for i in 0..self.participants.len() {
+            if self.participants[i].touched && !self.participants[i].lost {
+                let call = WriterCall::Complete {
+                    outcome: outcome.clone(),
+                };
+                self.send(i, call, now + self.deadlines.abort);
+            }
+        }
+        for node in self.nodes() {
+            self.queue.push_back(Command::EndLease { node });
+        }
+        self.outcome = Some(outcome);
+    }
+
+    fn nodes(&self) -> BTreeSet<String> {
+        self.participants
+            .iter()
+            .filter(|p| !p.lost)
+            .map(|p| p.writer.node.clone())
+            .collect()
+    }
+
+    fn renew_leases(&mut self, now: Instant) {
+        for node in self.nodes() {
+            self.queue.push_back(Command::RenewLease {
+                node,
+                lease: self.deadlines.lease,
+            });
+        }
+        // At least 1 ms apart: with a lease under 3 ns (a zero lease from a bad configuration)
+        // the renewal was due again at once, forever, and the driver spun without the set ever
+        // moving on.
+        let every = (self.deadlines.lease / 3).max(Duration::from_millis(1));
+        self.next_lease_renewal = Some(now + every);
+    }
+
+    fn enter_phase(&mut self, now: Instant, phase: Phase) {
+        self.close_phase(now);
+        let at = ms(now.saturating_duration_since(self.started));
+        self.phases.push(PhaseTiming {
+            phase,
+            start_ms: at,
+            end_ms: at,
+        });
+    }
+
+    fn close_phase(&mut self, now: Instant) {
+        let at = ms(now.saturating_duration_since(self.started));
+        if let Some(last) = self.phases.last_mut() {
+            last.end_ms = at;
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
+}

@@ -1,0 +1,205 @@
+//! `misbehave`: a plugin whose writers fail, panic or hang where its configuration says, so that
+//! the host's tests can exercise every error path through the real ABI.
+//!
+//! ```toml
+//! events = "/path/events.log"   # optional: one line per call, "<writer-id> <call>", written
+//!                               # before the call acts, and "<writer-id> <call>-done" after a
+//!                               # call that succeeded
+//! panic_in_init = false
+//! fail_init = "message"         # optional: init fails with this message
+//!
+//! [[writers]]
+//! id = "w1"
+//! level = "back-end"            # front-end | back-end | system
+//! volume = "demo"
+//! needs_post_snapshot = false
+//! fail_in = "freeze"            # optional: that call fails with "w1 was told to fail in freeze"
+//! panic_in = "freeze"           # optional: that call panics with "w1 was told to panic in freeze"
+//! hang_in = "freeze"            # optional: that call blocks until someone opens hang_fifo for
+//! hang_fifo = "/path/fifo"      # writing (the FIFO must exist), then succeeds
+//! ```
+//!
+//! Calls are `prepare`, `freeze`, `thaw`, `post_snapshot`, `abort`, `complete`. Where one call is
+//! told several things, it panics first, else fails, else hangs.
+//!
+//! The events are written with one `write` each to a file opened for appending, so lines of
+//! writers called concurrently do not interleave, and a test can read them as soon as the call
+//! has started (no buffering).
+
+use quiesce_sdk::{Call, Component, ComponentKind, Config, Error, Level, Writer, WriterMetadata};
+use serde::Deserialize;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    events: Option<PathBuf>,
+    #[serde(default)]
+    panic_in_init: bool,
+    fail_init: Option<String>,
+    #[serde(default)]
+    writers: Vec<WriterSettings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriterSettings {
+    id: String,
+    #[serde(default = "back_end")]
+    level: Level,
+    #[serde(default = "demo")]
+    volume: String,
+    #[serde(default)]
+    needs_post_snapshot: bool,
+    fail_in: Option<CallName>,
+    panic_in: Option<CallName>,
+    hang_in: Option<CallName>,
+    hang_fifo: Option<PathBuf>,
+}
+
+fn back_end() -> Level {
+    Level::BackEnd
+}
+
+fn demo() -> String {
+    "demo".into()
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+enum CallName {
+    Prepare,
+    Freeze,
+    Thaw,
+    PostSnapshot,
+    Abort,
+    Complete,
+}
+
+impl CallName {
+    fn as_str(self) -> &'static str {
+        match self {
+            CallName::Prepare => "prepare",
+            CallName::Freeze => "freeze",
+            CallName::Thaw => "thaw",
+            CallName::PostSnapshot => "post_snapshot",
+            CallName::Abort => "abort",
+            CallName::Complete => "complete",
+        }
+    }
+}
+
+struct Misbehave {
+    settings: WriterSettings,
+    events: Option<PathBuf>,
+}
+
+impl Misbehave {
+    fn event(&self, what: &str) -> Result<(), Error> {
+        let Some(path) = &self.events else {
+            return Ok(());
+        };
+        let line = format!("{} {what}\n", self.settings.id);
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut file| file.write_all(line.as_bytes()))
+            .map_err(|e| Error::from(e).context(format!("appending to {}", path.display())))
+    }
+
+    fn act(&self, call: CallName) -> Result<(), Error> {
+        let (id, name) = (&self.settings.id, call.as_str());
+        self.event(name)?;
+        if self.settings.panic_in == Some(call) {
+            panic!("{id} was told to panic in {name}");
+        }
+        if self.settings.fail_in == Some(call) {
+            return Err(Error::new(format!("{id} was told to fail in {name}")));
+        }
+        if self.settings.hang_in == Some(call) {
+            let fifo = self.settings.hang_fifo.as_deref().unwrap_or(Path::new(""));
+            // Opening a FIFO for reading blocks until someone opens it for writing.
+            File::open(fifo)
+                .map_err(|e| Error::from(e).context(format!("{id}: opening {}", fifo.display())))?;
+        }
+        self.event(&format!("{name}-done"))
+    }
+}
+
+impl Writer for Misbehave {
+    fn metadata(&self) -> WriterMetadata {
+        let id = &self.settings.id;
+        WriterMetadata {
+            id: id.clone(),
+            name: format!("misbehave writer {id}"),
+            instance: String::new(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            level: self.settings.level,
+            components: vec![Component {
+                name: "data".into(),
+                kind: ComponentKind::Files,
+                volume: self.settings.volume.clone(),
+                paths: vec![format!("/var/lib/misbehave/{id}")],
+            }],
+            expected_freeze_ms: 1,
+            needs_post_snapshot: self.settings.needs_post_snapshot,
+        }
+    }
+
+    fn prepare(&mut self, _: &mut Call) -> Result<(), Error> {
+        self.act(CallName::Prepare)
+    }
+
+    fn freeze(&mut self, _: &mut Call) -> Result<(), Error> {
+        self.act(CallName::Freeze)
+    }
+
+    fn thaw(&mut self, _: &mut Call) -> Result<(), Error> {
+        self.act(CallName::Thaw)
+    }
+
+    fn post_snapshot(&mut self, _: &mut Call, _: &Path) -> Result<(), Error> {
+        self.act(CallName::PostSnapshot)
+    }
+
+    fn abort(&mut self, _: &mut Call) -> Result<(), Error> {
+        self.act(CallName::Abort)
+    }
+
+    fn complete(&mut self, _: &mut Call, _: &str) -> Result<(), Error> {
+        self.act(CallName::Complete)
+    }
+}
+
+/// Makes the configured writers, or fails or panics as told.
+pub fn init(config: &Config) -> Result<Vec<Box<dyn Writer>>, Error> {
+    let settings: Settings = config.deserialize()?;
+    if settings.panic_in_init {
+        panic!("misbehave was told to panic in init");
+    }
+    if let Some(message) = settings.fail_init {
+        return Err(Error::new(message));
+    }
+    let events = settings.events;
+    settings
+        .writers
+        .into_iter()
+        .map(|writer| {
+            if writer.hang_in.is_some() && writer.hang_fifo.is_none() {
+                return Err(Error::invalid_config(format!(
+                    "writer {}: hang_in needs hang_fifo, the FIFO to wait on",
+                    writer.id
+                )));
+            }
+            Ok(Box::new(Misbehave {
+                settings: writer,
+                events: events.clone(),
+            }) as Box<dyn Writer>)
+        })
+        .collect()
+}
+
+quiesce_sdk::export_plugin!(name: "misbehave", init: init);

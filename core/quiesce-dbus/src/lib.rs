@@ -136,6 +136,18 @@ pub trait Writer {
     #[zbus(property)]
     fn level(&self) -> zbus::Result<String>;
     #[zbus(property)]
+    fn instance(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn vendor_version(&self) -> zbus::Result<String>;
+    /// (name, kind, volume, paths) of each component.
+    #[zbus(property)]
+    fn components(&self) -> zbus::Result<Vec<(String, String, String, Vec<String>)>>;
+    #[zbus(property)]
+    fn expected_freeze_ms(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn needs_post_snapshot(&self) -> zbus::Result<bool>;
+    /// `plugin NAME (PATH)` or `application BUS-NAME at OBJECT`.
+    #[zbus(property)]
     fn origin(&self) -> zbus::Result<String>;
     /// `idle`, `prepared`, `frozen`, `thawed` or `failed`.
     #[zbus(property)]

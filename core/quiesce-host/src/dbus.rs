@@ -413,6 +413,44 @@ impl WriterIface {
     }
 
     #[zbus(property)]
+    async fn instance(&self) -> String {
+        self.handle.metadata.instance.clone()
+    }
+
+    #[zbus(property)]
+    async fn vendor_version(&self) -> String {
+        self.handle.metadata.vendor_version.clone()
+    }
+
+    /// (name, kind, volume, paths) of each component.
+    #[zbus(property)]
+    async fn components(&self) -> Vec<(String, String, String, Vec<String>)> {
+        self.handle
+            .metadata
+            .components
+            .iter()
+            .map(|c| {
+                let kind = serde_json::to_value(c.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                (c.name.clone(), kind, c.volume.clone(), c.paths.clone())
+            })
+            .collect()
+    }
+
+    #[zbus(property)]
+    async fn expected_freeze_ms(&self) -> u64 {
+        self.handle.metadata.expected_freeze_ms
+    }
+
+    #[zbus(property)]
+    async fn needs_post_snapshot(&self) -> bool {
+        self.handle.metadata.needs_post_snapshot
+    }
+
+    /// Where the writer comes from: `plugin NAME (PATH)` or `application BUS-NAME at OBJECT`.
+    #[zbus(property)]
     async fn origin(&self) -> String {
         self.handle.origin.clone()
     }

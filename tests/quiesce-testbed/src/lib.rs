@@ -1,0 +1,252 @@
+//! Test support shared by the integration tests of quiesce's crates: real components, no mocks.
+//!
+//! - [`BtrfsVolume`]: a real btrfs file system on a loop device, with a data subvolume and a
+//!   snapshot directory, unmounted when dropped;
+//! - [`plugin`] / [`binary`]: build a workspace package and return its `.so` / executable;
+//! - [`host_config`]: a host configuration over a volume and plugins;
+//! - [`require`] / [`require_root`]: fail loudly, naming the package, when something is missing.
+//!
+//! It deliberately depends on no quiesce crate, so any crate's tests can use it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("the test bed lives two levels below the workspace root")
+        .to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Fails loudly when a tool is missing (CI installs them all: `scripts/setup`).
+pub fn require(tool: &str, debian_package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is missing: install the Debian package {debian_package} (scripts/setup does)"
+    );
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "this test needs root (loop devices, mounts, other uids); CI runs as root"
+    );
+}
+
+/// Runs a command, failing with its output when it fails.
+pub fn run(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// One cargo build at a time; a failed build is easier to read alone.
+static BUILD: Mutex<()> = Mutex::new(());
+
+fn build(package: &str) {
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut done = built.lock().unwrap_or_else(|e| e.into_inner());
+    if done.iter().any(|p| p == package) {
+        return;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", package]));
+    done.push(package.to_string());
+}
+
+/// Builds a workspace plugin package and returns its shared library.
+pub fn plugin(package: &str) -> PathBuf {
+    build(package);
+    let lib = target_dir()
+        .join("debug")
+        .join(format!("lib{}.so", package.replace('-', "_")));
+    assert!(lib.is_file(), "{} was not built", lib.display());
+    lib
+}
+
+/// Builds a workspace binary package and returns the executable `name`.
+pub fn binary(package: &str, name: &str) -> PathBuf {
+    build(package);
+    let exe = target_dir().join("debug").join(name);
+    assert!(exe.is_file(), "{} was not built", exe.display());
+    exe
+}
+
+/// A real btrfs file system on a loop device: `data` is a subvolume (what gets snapshotted),
+/// `snapshots` the directory snapshots go to. Unmounted (and the loop device freed) on drop.
+#[derive(Debug)]
+pub struct BtrfsVolume {
+    pub mount: PathBuf,
+    pub data: PathBuf,
+    pub snapshots: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl BtrfsVolume {
+    /// Makes a sparse image of `size_mb` (btrfs needs at least 114), formats and mounts it.
+    pub fn create(size_mb: u64) -> BtrfsVolume {
+        require_root();
+        require("mkfs.btrfs", "btrfs-progs");
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("volume.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(size_mb.max(128) << 20)
+            .unwrap();
+        run(Command::new("mkfs.btrfs").arg("-q").arg(&image));
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        run(Command::new("mount").arg("-o").arg("loop").arg(&image).arg(&mount));
+        let data = mount.join("data");
+        run(Command::new("btrfs").args(["subvolume", "create"]).arg(&data));
+        let snapshots = mount.join(".snapshots");
+        std::fs::create_dir(&snapshots).unwrap();
+        // Open to other users too (databases run as their own user).
+        for p in [dir.path(), &mount, &data] {
+            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        BtrfsVolume {
+            mount,
+            data,
+            snapshots,
+            dir,
+        }
+    }
+
+    /// The snapshots on the volume now (subvolumes under `snapshots`).
+    pub fn snapshot_list(&self) -> Vec<PathBuf> {
+        let mut list: Vec<PathBuf> = std::fs::read_dir(&self.snapshots)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        list.sort();
+        list
+    }
+
+    /// Whether a path on the volume is read-only (a finalized snapshot).
+    pub fn is_read_only(path: &Path) -> bool {
+        run(Command::new("btrfs")
+            .args(["property", "get", "-ts"])
+            .arg(path)
+            .arg("ro"))
+        .trim()
+            == "ro=true"
+    }
+
+    /// The directory holding the image, for other scratch files of the test.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for BtrfsVolume {
+    fn drop(&mut self) {
+        // Lazy: a process of the test may still hold a file open; the loop device goes with it.
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+/// A host configuration (TOML text) for node `node`: the plugins copied into a plugin directory
+/// under `dir`, the btrfs `volume` as the volume `shared`, then `body` (plugin tables,
+/// `hold_limit_ms`, `[timeouts]`, ...) appended as given.
+pub fn host_config(dir: &Path, volume: &BtrfsVolume, plugins: &[&Path], body: &str) -> String {
+    let plugin_dir = dir.join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    for lib in plugins {
+        std::fs::copy(lib, plugin_dir.join(lib.file_name().unwrap())).unwrap();
+    }
+    // Top-level keys of `body` must come before any table: split them off.
+    let (top, tables): (Vec<&str>, Vec<&str>) = {
+        let at = body
+            .lines()
+            .position(|l| l.trim_start().starts_with('['))
+            .unwrap_or(body.lines().count());
+        let lines: Vec<&str> = body.lines().collect();
+        (lines[..at].to_vec(), lines[at..].to_vec())
+    };
+    format!(
+        "node = \"node1\"\nplugin_dir = {plugin_dir:?}\n{}\n\n[volumes.shared]\nprovider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n\n{}\n",
+        top.join("\n"),
+        volume.data,
+        volume.snapshots,
+        tables.join("\n"),
+        plugin_dir = plugin_dir.display().to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_config_keeps_top_level_keys_before_tables() {
+        let body = "hold_limit_ms = 500\n[plugins.x]\na = 1\n";
+        let top = "hold_limit_ms = 500";
+        let dir = tempfile::tempdir().unwrap();
+        let fake = BtrfsVolume {
+            mount: "/m".into(),
+            data: "/m/data".into(),
+            snapshots: "/m/.snapshots".into(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let text = host_config(dir.path(), &fake, &[], body);
+        std::mem::forget(fake); // nothing mounted
+        let parsed: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(parsed["hold_limit_ms"].as_integer(), Some(500));
+        assert_eq!(parsed["plugins"]["x"]["a"].as_integer(), Some(1));
+        assert_eq!(parsed["volumes"]["shared"]["provider"].as_str(), Some("btrfs"));
+        assert!(text.contains(top));
+    }
+
+    #[test]
+    fn a_btrfs_volume_snapshots_and_cleans_up() {
+        let volume = BtrfsVolume::create(256);
+        std::fs::write(volume.data.join("f"), "x").unwrap();
+        let snap = volume.snapshots.join("s1");
+        run(Command::new("btrfs")
+            .args(["subvolume", "snapshot", "-r"])
+            .arg(&volume.data)
+            .arg(&snap));
+        assert!(BtrfsVolume::is_read_only(&snap));
+        assert_eq!(volume.snapshot_list(), vec![snap.clone()]);
+        assert_eq!(std::fs::read_to_string(snap.join("f")).unwrap(), "x");
+        let mount = volume.mount.clone();
+        drop(volume);
+        assert!(!mount.exists() || std::fs::read_dir(&mount).map(|mut d| d.next().is_none()).unwrap_or(true));
+    }
+}

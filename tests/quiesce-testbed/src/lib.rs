@@ -130,9 +130,15 @@ impl BtrfsVolume {
         run(Command::new("mkfs.btrfs").arg("-q").arg(&image));
         let mount = dir.path().join("mnt");
         std::fs::create_dir(&mount).unwrap();
-        run(Command::new("mount").arg("-o").arg("loop").arg(&image).arg(&mount));
+        run(Command::new("mount")
+            .arg("-o")
+            .arg("loop")
+            .arg(&image)
+            .arg(&mount));
         let data = mount.join("data");
-        run(Command::new("btrfs").args(["subvolume", "create"]).arg(&data));
+        run(Command::new("btrfs")
+            .args(["subvolume", "create"])
+            .arg(&data));
         let snapshots = mount.join(".snapshots");
         std::fs::create_dir(&snapshots).unwrap();
         // Open to other users too (databases run as their own user).
@@ -229,7 +235,10 @@ mod tests {
         let parsed: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(parsed["hold_limit_ms"].as_integer(), Some(500));
         assert_eq!(parsed["plugins"]["x"]["a"].as_integer(), Some(1));
-        assert_eq!(parsed["volumes"]["shared"]["provider"].as_str(), Some("btrfs"));
+        assert_eq!(
+            parsed["volumes"]["shared"]["provider"].as_str(),
+            Some("btrfs")
+        );
         assert!(text.contains(top));
     }
 
@@ -247,6 +256,11 @@ mod tests {
         assert_eq!(std::fs::read_to_string(snap.join("f")).unwrap(), "x");
         let mount = volume.mount.clone();
         drop(volume);
-        assert!(!mount.exists() || std::fs::read_dir(&mount).map(|mut d| d.next().is_none()).unwrap_or(true));
+        assert!(
+            !mount.exists()
+                || std::fs::read_dir(&mount)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(true)
+        );
     }
 }

@@ -321,6 +321,23 @@ async fn an_app_writer_registers_and_really_holds_its_writes_while_frozen() {
     );
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "s \"idle\"");
+
+    // Unregistering drops the writer and its object; the application may register again.
+    host.unregister_writer("app").await.unwrap();
+    assert!(host.list_writers().await.unwrap().is_empty());
+    let (ok, _, err) = client(
+        None,
+        "busctl",
+        &[
+            &address,
+            "get-property",
+            HOST_NAME,
+            path.as_str(),
+            "org.quiesce.Writer1",
+            "State",
+        ],
+    );
+    assert!(!ok && err.contains("Unknown object"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

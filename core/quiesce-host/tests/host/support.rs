@@ -2,28 +2,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .expect("the host crate lives two levels below the workspace root")
-        .to_path_buf()
-}
-
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-}
+pub use quiesce_testbed::{binary, plugin, require, require_root, target_dir, workspace_root};
 
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// One build at a time: cargo locks the target directory anyway, and a failed build is easier
-/// to read alone.
+/// One alien build at a time: they share a target directory.
 static BUILD: Mutex<()> = Mutex::new(());
 
 fn run_build(mut command: Command, what: &str) {
@@ -36,26 +23,6 @@ fn run_build(mut command: Command, what: &str) {
         "building {what} failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-/// Builds a workspace plugin package and returns its shared library.
-pub fn plugin(package: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
-    let built = BUILT.get_or_init(Default::default);
-    let lib = target_dir()
-        .join("debug")
-        .join(format!("lib{}.so", package.replace('-', "_")));
-    let mut done = built.lock().unwrap_or_else(|e| e.into_inner());
-    if !done.iter().any(|p| p == package) {
-        let mut command = cargo();
-        command
-            .current_dir(workspace_root())
-            .args(["build", "--quiet", "-p", package]);
-        run_build(command, package);
-        done.push(package.to_string());
-    }
-    assert!(lib.is_file(), "{} was not built", lib.display());
-    lib
 }
 
 /// Builds a plugin against a modified copy of quiesce-abi, outside the workspace, as a vendor
@@ -172,53 +139,6 @@ pub fn mkfifo(path: &Path) {
         .status()
         .expect("running mkfifo");
     assert!(status.success(), "mkfifo {} failed", path.display());
-}
-
-/// Builds a workspace binary package and returns the executable.
-pub fn binary(package: &str, name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
-    let built = BUILT.get_or_init(Default::default);
-    let mut done = built.lock().unwrap_or_else(|e| e.into_inner());
-    if !done.iter().any(|p| p == package) {
-        let mut command = cargo();
-        command
-            .current_dir(workspace_root())
-            .args(["build", "--quiet", "-p", package]);
-        run_build(command, package);
-        done.push(package.to_string());
-    }
-    let exe = target_dir().join("debug").join(name);
-    assert!(exe.is_file(), "{} was not built", exe.display());
-    exe
-}
-
-/// Fails loudly when a tool the test needs is missing (CI installs them: scripts/setup).
-pub fn require(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} is missing: install the Debian package {package} (scripts/setup does)"
-    );
-}
-
-pub fn require_root() {
-    assert!(
-        nix_is_root(),
-        "this test runs processes under another uid and must run as root (CI does)"
-    );
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 /// A child process that is killed when the test ends, however it ends.

@@ -1,0 +1,50 @@
+//! The btrfs provider on a real btrfs file system on a loop device.
+
+use quiesce_provider::{Btrfs, Provider};
+use quiesce_testbed::BtrfsVolume;
+use std::path::Path;
+
+#[test]
+fn takes_a_writable_snapshot_finalizes_it_read_only_and_deletes_it() {
+    let volume = BtrfsVolume::create(256);
+    std::fs::write(volume.data.join("table"), "before").unwrap();
+    let provider = Btrfs::new(volume.data.clone(), volume.snapshots.clone());
+
+    let snapshot = provider.take("set-1").unwrap();
+    assert_eq!(snapshot.provider, "btrfs");
+    let path = Path::new(&snapshot.path);
+    assert_eq!(path, volume.snapshots.join("set-1"));
+    // Atomic copy of the moment: later writes to the volume do not reach it.
+    std::fs::write(volume.data.join("table"), "after").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(path.join("table")).unwrap(),
+        "before"
+    );
+
+    // Writable until finalized: post-snapshot work lands in it.
+    std::fs::write(path.join("label"), "set-1").unwrap();
+    assert!(!BtrfsVolume::is_read_only(path));
+    provider.finalize(&snapshot).unwrap();
+    assert!(BtrfsVolume::is_read_only(path));
+    assert!(
+        std::fs::write(path.join("late"), "x").is_err(),
+        "a finalized snapshot refuses writes"
+    );
+
+    // A read-only snapshot can still be deleted by the provider.
+    provider.delete(&snapshot).unwrap();
+    assert!(!path.exists());
+    assert!(volume.snapshot_list().is_empty());
+}
+
+#[test]
+fn a_source_that_is_not_a_subvolume_gives_the_tool_s_error() {
+    let volume = BtrfsVolume::create(256);
+    let plain = volume.data.join("plain-dir");
+    std::fs::create_dir(&plain).unwrap();
+    let provider = Btrfs::new(plain, volume.snapshots.clone());
+    let err = provider.take("set-2").unwrap_err().to_string();
+    assert!(err.starts_with("btrfs: `btrfs subvolume snapshot"), "{err}");
+    assert!(err.contains("plain-dir"), "{err}");
+    assert!(volume.snapshot_list().is_empty(), "nothing left behind");
+}

@@ -1,0 +1,71 @@
+//! The two clocks the freeze report gives: UTC for people, CLOCK_MONOTONIC for ordering.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// This node's CLOCK_MONOTONIC in nanoseconds: the clock every process of the node shares and
+/// that never steps, so the freeze can be ordered against events other local processes logged
+/// (Python's `time.monotonic_ns()`, `clock_gettime(CLOCK_MONOTONIC)`).
+pub fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given; CLOCK_MONOTONIC always exists
+    // on Linux, so it cannot fail.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    debug_assert_eq!(rc, 0);
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
+/// `2024-05-06T07:08:09.123Z`.
+pub fn utc(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn formats_utc() {
+        assert_eq!(utc(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        // 2000-02-29 (a leap day of a year divisible by 400) and 2024-12-31T23:59:59.999.
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400 + 3_723) + Duration::from_millis(45);
+        assert_eq!(utc(t), "2000-02-29T01:02:03.045Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_735_689_599_999);
+        assert_eq!(utc(t), "2024-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn monotonic_moves_forward() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
+    }
+}

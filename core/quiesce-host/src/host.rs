@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Why a set could not start. Nothing was frozen when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +51,8 @@ pub struct Host {
     /// The set running now, and where to tell it that one of its writers is gone.
     running: RunningSet,
     counter: AtomicU64,
+    /// Bumped whenever a writer is added or removed (the broker link follows it).
+    writer_list: watch::Sender<u64>,
 }
 
 impl Host {
@@ -88,6 +90,7 @@ impl Host {
             history: Mutex::new(Vec::new()),
             running: Mutex::new(None),
             counter: AtomicU64::new(0),
+            writer_list: watch::channel(0).0,
         }
     }
 
@@ -107,6 +110,11 @@ impl Host {
         self.writers.lock().unwrap().clone()
     }
 
+    /// Changes whenever a writer is added or removed; read [`Host::writers`] after it changes.
+    pub fn watch_writers(&self) -> watch::Receiver<u64> {
+        self.writer_list.subscribe()
+    }
+
     /// Adds a writer that is not a plugin (an application's, or a test's).
     pub fn add_writer(
         &self,
@@ -124,6 +132,7 @@ impl Host {
         }
         let handle = WriterHandle::spawn(metadata, origin, backend, self.config.hold_limit());
         writers.push(handle.clone());
+        self.writer_list.send_modify(|g| *g += 1);
         Ok(handle)
     }
 
@@ -131,7 +140,9 @@ impl Host {
     pub fn remove_writer(&self, id: &str) -> Option<Arc<WriterHandle>> {
         let mut writers = self.writers.lock().unwrap();
         let index = writers.iter().position(|w| w.id() == id)?;
-        Some(writers.remove(index))
+        let removed = writers.remove(index);
+        self.writer_list.send_modify(|g| *g += 1);
+        Some(removed)
     }
 
     /// A writer is gone for good (its application exited): it is removed, and a running set

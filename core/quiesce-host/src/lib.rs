@@ -4,6 +4,7 @@
 //! call runs on that writer's own thread ([`worker`]) under a deadline, and the hold-limit
 //! watchdog lives in that thread, so a writer is thawed even if every caller is gone.
 
+pub mod broker_link;
 pub mod config;
 pub mod dbus;
 pub mod host;

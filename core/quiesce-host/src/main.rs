@@ -26,6 +26,22 @@ struct Args {
     /// Serve on the D-Bus bus at this address instead of the system bus (tests, session buses).
     #[arg(long, value_name = "ADDRESS", conflicts_with = "once")]
     bus: Option<String>,
+    /// Attach to the cluster broker at this URL (https://HOST:PORT) with --ca, --cert and --key;
+    /// without it the host runs alone.
+    #[arg(long, value_name = "URL", conflicts_with = "once")]
+    broker: Option<String>,
+    /// With --broker: the cluster CA certificate (ca.pem).
+    #[arg(long, requires = "broker")]
+    ca: Option<PathBuf>,
+    /// With --broker: this node's certificate (NODE.pem; its name must be this node's).
+    #[arg(long, requires = "broker")]
+    cert: Option<PathBuf>,
+    /// With --broker: this node's private key (NODE.key).
+    #[arg(long, requires = "broker")]
+    key: Option<PathBuf>,
+    /// With --broker: plaintext and no certificates (http://), ONLY for a local demo.
+    #[arg(long, requires = "broker")]
+    insecure: bool,
 }
 
 #[tokio::main]
@@ -37,6 +53,16 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let link = match args.broker.clone() {
+        Some(url) => Some(quiesce_host::broker_link::LinkOptions::from_flags(
+            url,
+            args.ca.clone(),
+            args.cert.clone(),
+            args.key.clone(),
+            args.insecure,
+        )?),
+        None => None,
+    };
     let config = Config::load(&args.config)?;
     let host = std::sync::Arc::new(Host::start(config));
     tracing::info!(
@@ -95,6 +121,9 @@ async fn main() -> anyhow::Result<()> {
             ),
         })?;
     tracing::info!(name = quiesce_dbus::HOST_NAME, "serving on D-Bus");
+    if let Some(link) = link {
+        quiesce_host::broker_link::spawn(host.clone(), link);
+    }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("waiting for a shutdown signal")?,

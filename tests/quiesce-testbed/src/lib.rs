@@ -82,10 +82,40 @@ fn build(package: &str) {
         return;
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo)
+    let mut command = Command::new(cargo);
+    command
         .current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", package]));
+        .args(["build", "--quiet", "-p", package]);
+    // Cargo gives a test process the variables of its own package (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR, ...). Build scripts that track them (ring's does) would see them
+    // change and rebuild, and the next ordinary build would rebuild them back: leave them out.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if is_package_variable(name) {
+            command.env_remove(name);
+        }
+    }
+    run(&mut command);
     done.push(package.to_string());
+}
+
+/// A variable cargo sets for the package it runs (not one that configures cargo).
+fn is_package_variable(name: &str) -> bool {
+    [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_BIN_",
+        "CARGO_CRATE_",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+        || [
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_RUSTC_CURRENT_DIR",
+            "OUT_DIR",
+        ]
+        .contains(&name)
 }
 
 /// Builds a workspace plugin package and returns its shared library.

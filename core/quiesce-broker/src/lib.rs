@@ -1,0 +1,131 @@
+//! The quiesce cluster broker.
+//!
+//! - [`registry`]: the live nodes, their writers per volume, and the membership epoch (plain
+//!   data, no I/O);
+//! - [`service`]: the gRPC services of `quiesce.link.v1`: `Link` (hosts attach, register, send
+//!   writer changes and heartbeats) and `Catalog` (requesters list writers and nodes);
+//! - [`certs`]: the cluster CA and the broker, node and client certificates;
+//! - [`serve`]: binding and running the broker over mutual TLS (or plaintext, for demos).
+//!
+//! Not yet here (issue 4): driving snapshot sets across nodes with `quiesce_proto::SnapshotSet`
+//! (the `SetCommand` / `CommandReply` / `Lease` messages of the link are defined for it), the
+//! providers on the broker, and the catalog of sets.
+
+pub mod certs;
+pub mod registry;
+pub mod service;
+
+pub use service::{Broker, BrokerConfig};
+
+use quiesce_link::identity::Role;
+use quiesce_link::v1::{catalog_server::CatalogServer, link_server::LinkServer};
+use quiesce_link::{Security, TlsError};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
+
+/// Where the broker listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7645";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {cause}; is another broker running there? pick another --listen address")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        cause: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the certificate {path} is {who}'s, a {role} certificate; the broker needs the broker certificate (broker.pem from `quiesce-broker certs`)")]
+    NotABrokerCertificate {
+        path: std::path::PathBuf,
+        who: String,
+        role: Role,
+    },
+    #[error("the broker's gRPC server failed: {0}")]
+    Serve(String),
+}
+
+/// How to run a broker.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub security: Security,
+    pub heartbeat_timeout: Duration,
+}
+
+/// A broker bound to its address, not yet serving.
+pub struct Bound {
+    listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
+    broker: Arc<Broker>,
+}
+
+/// Checks the TLS files and binds the listening socket.
+pub async fn bind(options: ServeOptions) -> Result<Bound, ServeError> {
+    let tls = match &options.security {
+        Security::Tls(files) => {
+            let me = files.identity()?;
+            if me.role != Role::Broker {
+                return Err(ServeError::NotABrokerCertificate {
+                    path: files.cert.clone(),
+                    who: me.name,
+                    role: me.role,
+                });
+            }
+            Some(files.server_config()?)
+        }
+        Security::Insecure => None,
+    };
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .map_err(|cause| ServeError::Bind {
+            addr: options.listen,
+            cause,
+        })?;
+    let broker = Broker::new(BrokerConfig {
+        heartbeat_timeout: options.heartbeat_timeout,
+        insecure: tls.is_none(),
+    });
+    Ok(Bound {
+        listener,
+        tls,
+        broker,
+    })
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn broker(&self) -> Arc<Broker> {
+        self.broker.clone()
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let mut server = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        if let Some(tls) = self.tls {
+            server = server
+                .tls_config(tls)
+                .map_err(|e| ServeError::Serve(quiesce_link::error_chain(&e)))?;
+        }
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        server
+            .add_service(LinkServer::new(service::LinkService(self.broker.clone())))
+            .add_service(CatalogServer::new(service::CatalogService(self.broker)))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(|e| ServeError::Serve(quiesce_link::error_chain(&e)))
+    }
+}

@@ -1,0 +1,436 @@
+//! Test support: certificates, a broker, hosts with their own buses, the CLI, and waiting on
+//! conditions.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use quiesce_testbed::{binary, plugin, require};
+
+pub fn broker_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_quiesce-broker"))
+}
+
+pub fn host_exe() -> PathBuf {
+    binary("quiesce-host", "quiesce-host")
+}
+
+pub fn cli_exe() -> PathBuf {
+    binary("quiesce-cli", "quiesce")
+}
+
+/// How long any condition may take to come true.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `condition` until it returns `Some`, failing with `what` (and `context()`) at the
+/// deadline. Polling a condition is the synchronisation; the pause only spaces the polls.
+pub fn wait_for<T>(
+    what: &str,
+    mut condition: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "waited {DEADLINE:?} for {what}; never happened.\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process, killed (SIGKILL, as a crash) when dropped.
+pub struct Child {
+    pub child: std::process::Child,
+    pub stderr: PathBuf,
+}
+
+impl Child {
+    pub fn spawn(mut command: Command, stderr: PathBuf) -> Child {
+        let file = std::fs::File::create(&stderr).unwrap();
+        let child = command
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        Child { child, stderr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits until the log holds `text`.
+    pub fn wait_log(&self, text: &str) -> String {
+        wait_for(
+            &format!("{text:?} in {}", self.stderr.display()),
+            || {
+                let log = self.log();
+                log.contains(text).then_some(log)
+            },
+            || self.log(),
+        )
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A private, permissive `dbus-daemon` for one host, stopped when dropped.
+pub struct Bus {
+    pub address: String,
+    pid: i32,
+    _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    pub fn start() -> Bus {
+        require("dbus-daemon", "dbus-daemon");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>quiesce-test</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"#,
+                dir.path().join("bus").display()
+            ),
+        )
+        .unwrap();
+        let output = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .args(["--fork", "--print-address=1", "--print-pid=1", "--nosyslog"])
+            .output()
+            .expect("running dbus-daemon");
+        assert!(
+            output.status.success(),
+            "dbus-daemon failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let mut lines = stdout.lines();
+        let address = lines
+            .next()
+            .expect("dbus-daemon printed its address")
+            .to_string();
+        let pid = lines
+            .next()
+            .expect("dbus-daemon printed its pid")
+            .trim()
+            .parse()
+            .unwrap();
+        Bus {
+            address,
+            pid,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.pid.to_string()).status();
+    }
+}
+
+/// The files `quiesce-broker certs` wrote.
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    /// Runs the certificate command for these nodes, the client `admin`, broker at 127.0.0.1.
+    pub fn make(dir: &Path, nodes: &[&str]) -> Certs {
+        let output = Command::new(broker_exe())
+            .args(["certs", "--out"])
+            .arg(dir)
+            .args(["--broker-name", "broker", "--broker-host", "127.0.0.1"])
+            .args(["--nodes", &nodes.join(","), "--clients", "admin"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "quiesce-broker certs failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Certs { dir: dir.into() }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pem"))
+    }
+
+    pub fn key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.key"))
+    }
+
+    /// `--ca --cert --key` for `name`'s certificate.
+    pub fn flags(&self, name: &str) -> Vec<String> {
+        [
+            ("--ca", self.ca()),
+            ("--cert", self.cert(name)),
+            ("--key", self.key(name)),
+        ]
+        .into_iter()
+        .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
+        .collect()
+    }
+}
+
+/// A running broker.
+pub struct Broker {
+    pub process: Child,
+    pub addr: String,
+    pub url: String,
+    /// Flags for the broker's own TLS files (empty: insecure).
+    tls: Vec<String>,
+    heartbeat_ms: u64,
+    dir: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker on any free loopback port: mutual TLS with `certs`, or insecure.
+    pub fn start(dir: &Path, certs: Option<&Certs>, heartbeat_ms: u64) -> Broker {
+        let tls = match certs {
+            Some(c) => c.flags("broker"),
+            None => vec!["--insecure".into()],
+        };
+        Self::start_at(dir, "127.0.0.1:0", tls, heartbeat_ms)
+    }
+
+    fn start_at(dir: &Path, listen: &str, tls: Vec<String>, heartbeat_ms: u64) -> Broker {
+        let stderr = dir.join(format!("broker-{}.log", unique()));
+        let mut command = Command::new(broker_exe());
+        command
+            .args(["serve", "--listen", listen])
+            .args(&tls)
+            .args(["--heartbeat-timeout-ms", &heartbeat_ms.to_string()])
+            .stdout(Stdio::piped());
+        let mut process = Child::spawn(command, stderr);
+        let mut line = String::new();
+        BufReader::new(process.child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("the broker did not start: {line:?}\n{}", process.log()))
+            .to_string();
+        let scheme = if tls.contains(&"--insecure".to_string()) {
+            "http"
+        } else {
+            "https"
+        };
+        Broker {
+            url: format!("{scheme}://{addr}"),
+            addr,
+            process,
+            tls,
+            heartbeat_ms,
+            dir: dir.into(),
+        }
+    }
+
+    /// Kills the broker (SIGKILL) and starts a new one on the same address.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        let next = Self::start_at(&self.dir, &self.addr, self.tls.clone(), self.heartbeat_ms);
+        *self = next;
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A `quiesce-host` serving on its own bus, attached to a broker.
+pub struct Host {
+    pub process: Child,
+    _bus: Bus,
+}
+
+/// How a host shows itself to the broker.
+pub enum HostTls<'a> {
+    /// These certificates, presenting `name`'s certificate.
+    Cert(&'a Certs, &'a str),
+    /// The CA of one set of certificates and the certificate of another.
+    Mixed {
+        ca: &'a Certs,
+        cert: &'a Certs,
+        name: &'a str,
+    },
+    Insecure,
+}
+
+impl Host {
+    /// A host for `node` with the hello writer `writer` on `volume`; it can snapshot `volumes`.
+    pub fn start(
+        dir: &Path,
+        node: &str,
+        writer: &str,
+        volume: &str,
+        volumes: &[&str],
+        broker: &Broker,
+        tls: HostTls<'_>,
+    ) -> Host {
+        let home = dir.join(format!("host-{node}-{}", unique()));
+        let plugins = home.join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        let hello = plugin("hello-writer");
+        std::fs::copy(&hello, plugins.join(hello.file_name().unwrap())).unwrap();
+        let mut config = format!(
+            "node = {node:?}\nplugin_dir = {:?}\n\n[plugins.hello]\nid = {writer:?}\nvolume = {volume:?}\npath = \"/srv/{volume}/{writer}\"\n",
+            plugins.display().to_string()
+        );
+        for v in volumes {
+            let data = home.join(v);
+            let snapshots = home.join(format!("{v}-snapshots"));
+            std::fs::create_dir_all(&data).unwrap();
+            std::fs::create_dir_all(&snapshots).unwrap();
+            config.push_str(&format!(
+                "\n[volumes.{v}]\nprovider = \"dir-copy\"\nsource = {:?}\nsnapshots = {:?}\n",
+                data.display().to_string(),
+                snapshots.display().to_string()
+            ));
+        }
+        let config_path = home.join("host.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let bus = Bus::start();
+        let mut command = Command::new(host_exe());
+        command.arg("--config").arg(&config_path).args([
+            "--bus",
+            &bus.address,
+            "--broker",
+            &broker.url,
+        ]);
+        match tls {
+            HostTls::Cert(certs, name) => {
+                command.args(certs.flags(name));
+            }
+            HostTls::Mixed { ca, cert, name } => {
+                command
+                    .arg("--ca")
+                    .arg(ca.ca())
+                    .arg("--cert")
+                    .arg(cert.cert(name))
+                    .arg("--key")
+                    .arg(cert.key(name));
+            }
+            HostTls::Insecure => {
+                command.arg("--insecure");
+            }
+        }
+        command.stdout(Stdio::null());
+        let process = Child::spawn(command, home.join("host.log"));
+        Host { process, _bus: bus }
+    }
+
+    pub fn bus(&self) -> &str {
+        &self._bus.address
+    }
+}
+
+/// Runs `quiesce` with `auth` (e.g. `Certs::flags("admin")` or `["--insecure"]`) against
+/// `broker`: (success, stdout, stderr).
+pub fn cli(broker: &Broker, auth: &[String], args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(cli_exe())
+        .args(["--broker", &broker.url])
+        .args(auth)
+        .args(args)
+        .env_remove("QUIESCE_BROKER")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `quiesce ARGS --json`, parsed; fails the test when the command fails.
+pub fn cli_json(broker: &Broker, auth: &[String], args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let (ok, stdout, stderr) = cli(broker, auth, &args);
+    assert!(ok, "quiesce {args:?} failed: {stderr}");
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("quiesce {args:?} printed no JSON ({e}): {stdout}"))
+}
+
+/// The names of the live nodes and the epoch, from `quiesce nodes --json`.
+pub fn nodes(broker: &Broker, auth: &[String]) -> (Vec<String>, u64) {
+    let doc = cli_json(broker, auth, &["nodes"]);
+    let names = doc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect();
+    (names, doc["epoch"].as_u64().unwrap())
+}
+
+/// Waits until exactly `expected` nodes are live; returns the epoch then.
+pub fn wait_nodes(broker: &Broker, auth: &[String], expected: &[&str], logs: &[&Child]) -> u64 {
+    wait_for(
+        &format!("the live nodes to be {expected:?}"),
+        || {
+            let (names, epoch) = nodes(broker, auth);
+            (names == expected).then_some(epoch)
+        },
+        || {
+            let mut text = format!(
+                "live now: {:?}\n--- broker:\n{}",
+                nodes(broker, auth),
+                broker.process.log()
+            );
+            for l in logs {
+                text.push_str(&format!("--- {}:\n{}", l.stderr.display(), l.log()));
+            }
+            text
+        },
+    )
+}

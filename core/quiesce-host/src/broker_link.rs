@@ -1,0 +1,377 @@
+//! The host's link to the cluster broker (`quiesce-host --broker URL --ca --cert --key`).
+//!
+//! One task keeps one `Attach` stream (`quiesce.link.v1.Link`) open: it connects over mutual
+//! TLS, registers the node (name, version, volumes, every writer's metadata as JSON), then sends
+//! the writer list's changes as they happen (applications registering and leaving over D-Bus)
+//! and a heartbeat at the interval the broker asks for. When the link breaks, the broker goes
+//! silent, or the broker refuses the node, it logs why and connects again after a backoff
+//! (0.2 s doubling to 10 s, with jitter; back to 0.2 s after a successful registration). The
+//! host runs on its own meanwhile: local sets and D-Bus do not depend on the broker.
+//!
+//! Not yet here (issue 4): carrying out the broker's set commands (`SetCommand`, `Lease`) on
+//! this node's writers; they are logged and ignored.
+
+use crate::Host;
+use quiesce_link::v1::{self, broker_message, host_message, link_client::LinkClient};
+use quiesce_link::{ConnectError, Security, TlsFiles, LINK_VERSION};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Where the broker is and how to prove who we are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkOptions {
+    pub url: String,
+    pub security: Security,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkOptionsError {
+    #[error("--broker {url} needs --ca, --cert and --key (the cluster CA and this node's certificate from `quiesce-broker certs`), or --insecure for a local demo; missing: {missing}")]
+    MissingTls { url: String, missing: String },
+    #[error("--insecure cannot be combined with --ca, --cert or --key: either mutual TLS or, for a local demo, plaintext")]
+    InsecureWithTls,
+}
+
+impl LinkOptions {
+    /// From the command-line flags, checked.
+    pub fn from_flags(
+        url: String,
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        insecure: bool,
+    ) -> Result<LinkOptions, LinkOptionsError> {
+        if insecure {
+            if ca.is_some() || cert.is_some() || key.is_some() {
+                return Err(LinkOptionsError::InsecureWithTls);
+            }
+            return Ok(LinkOptions {
+                url,
+                security: Security::Insecure,
+            });
+        }
+        match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(LinkOptions {
+                url,
+                security: Security::Tls(TlsFiles { ca, cert, key }),
+            }),
+            (ca, cert, key) => {
+                let missing = [
+                    ("--ca", ca.is_none()),
+                    ("--cert", cert.is_none()),
+                    ("--key", key.is_none()),
+                ]
+                .into_iter()
+                .filter(|(_, m)| *m)
+                .map(|(f, _)| f)
+                .collect::<Vec<_>>()
+                .join(", ");
+                Err(LinkOptionsError::MissingTls { url, missing })
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("the broker at {url} refused this node: {message}")]
+    Refused { url: String, message: String },
+    #[error("the link to the broker at {url} broke: {message}")]
+    Broken { url: String, message: String },
+    #[error("the broker at {url} closed the link")]
+    Closed { url: String },
+    #[error("the broker at {url} sent nothing for {ms} ms (its heartbeat timeout)")]
+    Silent { url: String, ms: u128 },
+    #[error("the broker at {url} did not answer the registration as a quiesce broker of this release would ({got}); run the same quiesce release on the broker and the hosts")]
+    Protocol { url: String, got: String },
+}
+
+impl LinkError {
+    fn from_status(url: &str, status: tonic::Status) -> LinkError {
+        use tonic::Code;
+        let message = if status.message().is_empty() {
+            format!("{:?}", status.code())
+        } else {
+            status.message().to_string()
+        };
+        let message = match std::error::Error::source(&status) {
+            Some(cause) => format!("{message}: {}", quiesce_link::error_chain(cause)),
+            None => message,
+        };
+        let url = url.to_string();
+        match status.code() {
+            Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::InvalidArgument
+            | Code::FailedPrecondition => LinkError::Refused { url, message },
+            _ => LinkError::Broken { url, message },
+        }
+    }
+}
+
+/// Starts the link task; it runs until the process ends.
+pub fn spawn(host: Arc<Host>, options: LinkOptions) -> tokio::task::JoinHandle<()> {
+    match &options.security {
+        Security::Insecure => tracing::warn!(
+            broker = %options.url,
+            "INSECURE LINK (--insecure): plaintext, no certificate; the broker takes this node's name on trust. Use it only for a local demo."
+        ),
+        Security::Tls(files) => match files.identity() {
+            Ok(me) if me.name != host.node() || me.role != quiesce_link::Role::Node => {
+                tracing::warn!(
+                    certificate = %me,
+                    node = host.node(),
+                    "this host's certificate is not the node certificate of {:?}: the broker will refuse the registration; give the host {}.pem, or set node = {:?} in its configuration",
+                    host.node(),
+                    host.node(),
+                    me.name
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("{e}"),
+        },
+    }
+    tokio::spawn(run(host, options))
+}
+
+async fn run(host: Arc<Host>, options: LinkOptions) {
+    let mut backoff = Backoff::default();
+    loop {
+        let mut registered = false;
+        let Err(error) = session(&host, &options, &mut registered).await;
+        if registered {
+            backoff = Backoff::default();
+        }
+        let delay = backoff.next_delay();
+        match &error {
+            LinkError::Refused { .. } => tracing::error!(
+                "{error}; fix the host's certificate or configuration; trying again in {} ms",
+                delay.as_millis()
+            ),
+            _ => tracing::warn!(
+                "{error}; the host goes on alone and reconnects in {} ms",
+                delay.as_millis()
+            ),
+        }
+        // A retry delay, not a synchronisation: nothing waits on the link.
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Writer id → (metadata JSON, origin): what the broker was last told.
+type WriterList = BTreeMap<String, (String, String)>;
+
+fn writer_list(host: &Host) -> WriterList {
+    host.writers()
+        .iter()
+        .map(|w| {
+            let json = serde_json::to_string(&w.metadata)
+                .expect("writer metadata always serializes to JSON");
+            (w.id().to_string(), (json, w.origin.clone()))
+        })
+        .collect()
+}
+
+fn wire_writer((json, origin): &(String, String)) -> v1::Writer {
+    v1::Writer {
+        metadata_json: json.clone(),
+        origin: origin.clone(),
+    }
+}
+
+/// One link, from connecting until it fails.
+async fn session(
+    host: &Host,
+    options: &LinkOptions,
+    registered: &mut bool,
+) -> Result<std::convert::Infallible, LinkError> {
+    let url = options.url.as_str();
+    let channel = quiesce_link::connect(url, &options.security).await?;
+    let mut client = LinkClient::new(channel);
+
+    let mut generation = host.watch_writers();
+    generation.borrow_and_update();
+    let mut told = writer_list(host);
+    let (tx, rx) = mpsc::channel(16);
+    let mut seq = 0u64;
+    let mut message = |body| {
+        seq += 1;
+        v1::HostMessage {
+            seq,
+            body: Some(body),
+        }
+    };
+    let register = v1::Register {
+        node: host.node().to_string(),
+        host_version: env!("CARGO_PKG_VERSION").to_string(),
+        link_version: LINK_VERSION,
+        writers: told.values().map(wire_writer).collect(),
+        volumes: host.config().volumes.keys().cloned().collect(),
+    };
+    tx.try_send(message(host_message::Body::Register(register)))
+        .expect("a new channel has room for one message");
+    let response = client
+        .attach(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| match LinkError::from_status(url, s) {
+            LinkError::Broken { url, message } => LinkError::Broken {
+                message: format!("{message} (before registering; if the broker logs `tls accept error`, it refused this node's certificate: use one made by the cluster's `quiesce-broker certs`, same ca.key)"),
+                url,
+            },
+            other => other,
+        })?;
+    let mut inbound = response.into_inner();
+    let first = tokio::time::timeout(quiesce_link::tls::CONNECT_TIMEOUT, inbound.message()).await;
+    let registration = match first {
+        Err(_) => {
+            return Err(LinkError::Silent {
+                url: url.into(),
+                ms: quiesce_link::tls::CONNECT_TIMEOUT.as_millis(),
+            })
+        }
+        Ok(Err(status)) => return Err(LinkError::from_status(url, status)),
+        Ok(Ok(None)) => return Err(LinkError::Closed { url: url.into() }),
+        Ok(Ok(Some(v1::BrokerMessage {
+            body: Some(broker_message::Body::Registered(r)),
+        }))) => r,
+        Ok(Ok(Some(other))) => {
+            return Err(LinkError::Protocol {
+                url: url.into(),
+                got: format!("{other:?}"),
+            })
+        }
+    };
+    *registered = true;
+    tracing::info!(
+        broker = url,
+        node = %registration.node,
+        epoch = registration.epoch,
+        writers = told.len(),
+        broker_version = %registration.broker_version,
+        "attached to the broker"
+    );
+    let silence = Duration::from_millis(registration.heartbeat_timeout_ms.max(30) as u64);
+    let mut heartbeat = tokio::time::interval_at(
+        Instant::now() + Duration::from_millis(registration.heartbeat_interval_ms.max(10) as u64),
+        Duration::from_millis(registration.heartbeat_interval_ms.max(10) as u64),
+    );
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let broken = |_| LinkError::Broken {
+        url: url.into(),
+        message: "the request stream closed".into(),
+    };
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                tx.send(message(host_message::Body::Heartbeat(v1::Heartbeat {})))
+                    .await
+                    .map_err(broken)?;
+            }
+            Ok(()) = generation.changed() => {
+                generation.borrow_and_update();
+                let now = writer_list(host);
+                let removed: Vec<String> = told
+                    .iter()
+                    .filter(|(id, w)| now.get(*id) != Some(w))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let added: Vec<v1::Writer> = now
+                    .iter()
+                    .filter(|(id, w)| told.get(*id) != Some(w))
+                    .map(|(_, w)| wire_writer(w))
+                    .collect();
+                if removed.is_empty() && added.is_empty() {
+                    continue;
+                }
+                tracing::info!(broker = url, removed = ?removed, added = added.len(), "telling the broker of writer changes");
+                tx.send(message(host_message::Body::WritersChanged(v1::WritersChanged { removed, added })))
+                    .await
+                    .map_err(broken)?;
+                told = now;
+            }
+            next = tokio::time::timeout_at(last_heard + silence, inbound.message()) => match next {
+                Err(_) => return Err(LinkError::Silent { url: url.into(), ms: silence.as_millis() }),
+                Ok(Err(status)) => return Err(LinkError::from_status(url, status)),
+                Ok(Ok(None)) => return Err(LinkError::Closed { url: url.into() }),
+                Ok(Ok(Some(m))) => {
+                    last_heard = Instant::now();
+                    match m.body {
+                        Some(broker_message::Body::Ack(ack)) => {
+                            tracing::trace!(seq = ack.seq, epoch = ack.epoch, "acknowledged");
+                        }
+                        Some(other) => tracing::warn!(
+                            "the broker sent {other:?}, which this host does not carry out yet; ignored"
+                        ),
+                        None => {}
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Reconnection delays: 0.2 s doubling up to 10 s, each with ±25 % jitter so that a restarted
+/// broker is not hit by every node at once.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Backoff {
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        // A factor in [0.75, 1.25).
+        let factor = 0.75 + (nanos % 1000) as f64 / 2000.0;
+        base.mul_f64(factor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_with_jitter() {
+        let mut b = Backoff::default();
+        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(150) && delays[0] < Duration::from_millis(250));
+        assert!(delays[1] >= Duration::from_millis(300) && delays[1] < Duration::from_millis(500));
+        assert!(delays.iter().all(|d| *d < Backoff::MAX.mul_f64(1.25)));
+        assert!(delays[9] >= Backoff::MAX.mul_f64(0.75));
+    }
+
+    #[test]
+    fn flags_need_all_three_files_or_insecure() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        let url = || "https://b:7645".to_string();
+        let e = LinkOptions::from_flags(url(), p("ca.pem"), None, p("k"), false).unwrap_err();
+        assert!(e.to_string().contains("missing: --cert"), "{e}");
+        let e = LinkOptions::from_flags(url(), p("ca.pem"), None, None, true).unwrap_err();
+        assert!(matches!(e, LinkOptionsError::InsecureWithTls));
+        let ok = LinkOptions::from_flags(url(), None, None, None, true).unwrap();
+        assert_eq!(ok.security, Security::Insecure);
+    }
+}

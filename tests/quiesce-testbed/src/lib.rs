@@ -4,7 +4,8 @@
 //!   snapshot directory, unmounted when dropped;
 //! - [`plugin`] / [`binary`]: build a workspace package and return its `.so` / executable;
 //! - [`host_config`]: a host configuration over a volume and plugins;
-//! - [`require`] / [`require_root`]: fail loudly, naming the package, when something is missing.
+//! - [`require`] / [`require_root`]: fail loudly, naming the package, when something is missing;
+//! - [`Bus`]: a private `dbus-daemon` with a permissive or the project's system-bus policy.
 //!
 //! It deliberately depends on no quiesce crate, so any crate's tests can use it.
 
@@ -214,6 +215,118 @@ impl Drop for BtrfsVolume {
     fn drop(&mut self) {
         // Lazy: a process of the test may still hold a file open; the loop device goes with it.
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+/// Which policy a private bus runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Everything allowed: the host's own uid check is all that stands in the way.
+    Permissive,
+    /// Debian's system-bus defaults plus the project's `dbus/org.quiesce.Host1.conf`.
+    System,
+}
+
+/// A private `dbus-daemon`, stopped when dropped.
+pub struct Bus {
+    pub address: String,
+    pid: i32,
+    _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    pub fn start(policy: Policy) -> Bus {
+        require("dbus-daemon", "dbus-daemon");
+        let dir = tempfile::tempdir().unwrap();
+        // Other uids must reach the socket.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let socket = dir.path().join("bus");
+        let rules = match policy {
+            Policy::Permissive => r#"
+  <policy context="default">
+    <allow user="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>"#
+                .to_string(),
+            Policy::System => format!(
+                r#"
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
+  </policy>
+  <include>{}</include>"#,
+                crate::workspace_root()
+                    .join("dbus/org.quiesce.Host1.conf")
+                    .display()
+            ),
+        };
+        let config = dir.path().join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>quiesce-test</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>{rules}
+</busconfig>
+"#,
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let output = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .args(["--fork", "--print-address=1", "--print-pid=1", "--nosyslog"])
+            .output()
+            .expect("running dbus-daemon");
+        assert!(
+            output.status.success(),
+            "dbus-daemon failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let mut lines = stdout.lines();
+        let address = lines
+            .next()
+            .expect("dbus-daemon printed its address")
+            .to_string();
+        let pid = lines
+            .next()
+            .expect("dbus-daemon printed its pid")
+            .trim()
+            .parse()
+            .unwrap();
+        Bus {
+            address,
+            pid,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.pid.to_string()).status();
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use quiesce_testbed::{binary, plugin, require};
+pub use quiesce_testbed::{binary, plugin, Bus, Policy};
 
 pub fn broker_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_quiesce-broker"))
@@ -99,75 +99,6 @@ impl Child {
 impl Drop for Child {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// A private, permissive `dbus-daemon` for one host, stopped when dropped.
-pub struct Bus {
-    pub address: String,
-    pid: i32,
-    _dir: tempfile::TempDir,
-}
-
-impl Bus {
-    pub fn start() -> Bus {
-        require("dbus-daemon", "dbus-daemon");
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("bus.conf");
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>quiesce-test</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"#,
-                dir.path().join("bus").display()
-            ),
-        )
-        .unwrap();
-        let output = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
-            .args(["--fork", "--print-address=1", "--print-pid=1", "--nosyslog"])
-            .output()
-            .expect("running dbus-daemon");
-        assert!(
-            output.status.success(),
-            "dbus-daemon failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        let mut lines = stdout.lines();
-        let address = lines
-            .next()
-            .expect("dbus-daemon printed its address")
-            .to_string();
-        let pid = lines
-            .next()
-            .expect("dbus-daemon printed its pid")
-            .trim()
-            .parse()
-            .unwrap();
-        Bus {
-            address,
-            pid,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.pid.to_string()).status();
     }
 }
 
@@ -339,7 +270,7 @@ impl Host {
         }
         let config_path = home.join("host.toml");
         std::fs::write(&config_path, config).unwrap();
-        let bus = Bus::start();
+        let bus = Bus::start(Policy::Permissive);
         let mut command = Command::new(host_exe());
         command.arg("--config").arg(&config_path).args([
             "--bus",

@@ -30,7 +30,7 @@ async fn start_host(bus: &Bus, dir: &Path, plugins: &[&Path], extra: &str) -> Ch
         ),
     )
     .unwrap();
-    let connection = bus.connect().await;
+    let connection = support::connect(bus).await;
     let dbus = zbus::fdo::DBusProxy::new(&connection).await.unwrap();
     let mut owners = dbus.receive_name_owner_changed().await.unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_quiesce-host"));
@@ -151,7 +151,7 @@ async fn the_live_interfaces_match_the_checked_in_introspection_xml() {
     )
     .await;
     let (_app, _, _) = start_app(&bus, tmp.path(), "app");
-    let connection = bus.connect().await;
+    let connection = support::connect(&bus).await;
 
     let host_xml = introspect(&connection, HOST_NAME, quiesce_dbus::HOST_PATH).await;
     check_interface(&host_xml, "org.quiesce.Host1", "org.quiesce.Host1.xml");
@@ -241,7 +241,7 @@ async fn an_app_writer_registers_and_really_holds_its_writes_while_frozen() {
     let _host = start_host(&bus, tmp.path(), &[], "").await;
     let (_app, records_log, events) = start_app(&bus, tmp.path(), "app");
     wait_for_record_after(&records_log, 0).await;
-    let connection = bus.connect().await;
+    let connection = support::connect(&bus).await;
     let host = host_proxy(&connection).await;
 
     let (id, outcome, snapshot) = host.run_local_set("demo", false).await.unwrap();
@@ -359,7 +359,7 @@ async fn an_app_writer_killed_mid_freeze_fails_the_set_naming_it_and_the_others_
     let bus = Bus::start(Policy::Permissive);
     let _host = start_host(&bus, tmp.path(), &[&plugin("quiesce-test-plugin")], &config).await;
     let (mut app, _, _) = start_app(&bus, tmp.path(), "app");
-    let connection = bus.connect().await;
+    let connection = support::connect(&bus).await;
     let host = host_proxy(&connection).await;
     let app_writer = WriterProxy::builder(&connection)
         .path(writer_path("app"))
@@ -615,7 +615,7 @@ async fn malformed_calls_get_the_documented_errors_and_change_nothing() {
         "[plugins.hello]\nvolume = \"demo\"\n",
     )
     .await;
-    let connection = bus.connect().await;
+    let connection = support::connect(&bus).await;
     let host = host_proxy(&connection).await;
     let writers_before = host.list_writers().await.unwrap();
 

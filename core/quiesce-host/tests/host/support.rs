@@ -4,7 +4,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-pub use quiesce_testbed::{binary, plugin, require, require_root, target_dir, workspace_root};
+pub use quiesce_testbed::{
+    binary, plugin, require, require_root, target_dir, workspace_root, Bus, Policy,
+};
+
+/// A zbus connection to a private bus.
+pub async fn connect(bus: &Bus) -> zbus::Connection {
+    zbus::connection::Builder::address(bus.address.as_str())
+        .unwrap()
+        .build()
+        .await
+        .expect("connecting to the private bus")
+}
 
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
@@ -171,126 +182,6 @@ impl Child {
 impl Drop for Child {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Which policy a private bus runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// Everything allowed: the host's own uid check is all that stands in the way.
-    Permissive,
-    /// Debian's system-bus defaults plus the project's `dbus/org.quiesce.Host1.conf`.
-    System,
-}
-
-/// A private `dbus-daemon`, stopped when dropped.
-pub struct Bus {
-    pub address: String,
-    pid: i32,
-    _dir: tempfile::TempDir,
-}
-
-impl Bus {
-    pub fn start(policy: Policy) -> Bus {
-        require("dbus-daemon", "dbus-daemon");
-        let dir = tempfile::tempdir().unwrap();
-        // Other uids must reach the socket.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let socket = dir.path().join("bus");
-        let rules = match policy {
-            Policy::Permissive => r#"
-  <policy context="default">
-    <allow user="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>"#
-                .to_string(),
-            Policy::System => format!(
-                r#"
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
-  </policy>
-  <include>{}</include>"#,
-                workspace_root()
-                    .join("dbus/org.quiesce.Host1.conf")
-                    .display()
-            ),
-        };
-        let config = dir.path().join("bus.conf");
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>quiesce-test</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>{rules}
-</busconfig>
-"#,
-                socket.display()
-            ),
-        )
-        .unwrap();
-        let output = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
-            .args(["--fork", "--print-address=1", "--print-pid=1", "--nosyslog"])
-            .output()
-            .expect("running dbus-daemon");
-        assert!(
-            output.status.success(),
-            "dbus-daemon failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        let mut lines = stdout.lines();
-        let address = lines
-            .next()
-            .expect("dbus-daemon printed its address")
-            .to_string();
-        let pid = lines
-            .next()
-            .expect("dbus-daemon printed its pid")
-            .trim()
-            .parse()
-            .unwrap();
-        Bus {
-            address,
-            pid,
-            _dir: dir,
-        }
-    }
-
-    pub async fn connect(&self) -> zbus::Connection {
-        zbus::connection::Builder::address(self.address.as_str())
-            .unwrap()
-            .build()
-            .await
-            .expect("connecting to the private bus")
-    }
-}
-
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.pid.to_string()).status();
     }
 }
 

@@ -142,7 +142,7 @@ fn dispatch(
             call,
             deadline,
         } => {
-            let Some(handle) = writers.get(&writer).cloned() else {
+            let Some(handle) = writers.get(&writer) else {
                 return 0;
             };
             let kind = call.kind();
@@ -159,9 +159,11 @@ fn dispatch(
                 },
             };
             let budget = deadline.saturating_duration_since(Instant::now());
+            // Queued now, in command order; only the wait for the answer runs on a task.
+            let pending = handle.start_call(op, &id.0, budget);
             let (events, set_id) = (events.clone(), id.0.clone());
             tokio::spawn(async move {
-                let result = handle.call(op, &set_id, budget).await;
+                let result = pending.answer().await;
                 if kind == CallKind::Complete {
                     if let Err(e) = result {
                         tracing::warn!(set = %set_id, "completion notice failed: {e}");

@@ -169,12 +169,21 @@ impl State {
     }
 }
 
+/// The call a worker is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy {
+    pub op: &'static str,
+    pub since: Instant,
+    /// When its caller stops waiting: past it, the writer is stuck.
+    pub deadline: Instant,
+}
+
 /// What the worker is doing, published for callers and observers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
     pub state: State,
     /// The call running now, and since when.
-    pub busy: Option<(&'static str, Instant)>,
+    pub busy: Option<Busy>,
     /// Calls waiting behind it.
     pub queued: usize,
     /// Since when the writer has been frozen (its freeze began), if it is.
@@ -244,11 +253,13 @@ impl WriterHandle {
         self.status.subscribe()
     }
 
-    /// The call the writer has been stuck in past its deadline, if any.
+    /// The call the writer has been stuck in past its deadline, and for how long it has been
+    /// running. A call still within its deadline is not stuck: new calls queue behind it.
     pub fn stuck(&self, now: Instant) -> Option<(&'static str, Duration)> {
         let s = self.status.borrow();
         s.busy
-            .map(|(op, since)| (op, now.saturating_duration_since(since)))
+            .filter(|b| now > b.deadline)
+            .map(|b| (b.op, now.saturating_duration_since(b.since)))
     }
 
     /// Waits until the worker has nothing running or queued (for shutdown and tests).
@@ -258,20 +269,35 @@ impl WriterHandle {
     }
 
     /// Calls the writer and waits at most `budget` for its answer.
+    pub async fn call(&self, op: Op, set_id: &str, budget: Duration) -> Result<Reports, CallError> {
+        self.start_call(op, set_id, budget).answer().await
+    }
+
+    /// Queues a call at once, in the order of the calls made, and returns its pending answer.
+    ///
+    /// Queuing is synchronous so that calls reach the writer in exactly the order the driver
+    /// made them, even when their answers are awaited on different tasks: a set's closing
+    /// `complete` can never overtake the next set's `prepare`.
     ///
     /// Releasing calls (thaw, abort, complete) are always queued, even behind a call that hangs,
     /// so a writer that eventually returns from a hung freeze is still released. Other calls to a
     /// writer that is still busy with an abandoned call are refused at once.
-    pub async fn call(&self, op: Op, set_id: &str, budget: Duration) -> Result<Reports, CallError> {
+    pub fn start_call(&self, op: Op, set_id: &str, budget: Duration) -> PendingCall {
         let writer = self.metadata.id.clone();
         let name = op.name();
+        let pending = |answer| PendingCall {
+            writer: writer.clone(),
+            op: name,
+            budget,
+            answer,
+        };
         if !op.releases() {
-            if let Some((stuck_op, since)) = self.status.borrow().busy {
-                return Err(CallError::Stuck {
-                    writer,
+            if let Some((stuck_op, stuck)) = self.stuck(Instant::now()) {
+                return pending(Err(CallError::Stuck {
+                    writer: writer.clone(),
                     op: stuck_op,
-                    stuck_ms: since.elapsed().as_millis() as u64,
-                });
+                    stuck_ms: stuck.as_millis() as u64,
+                }));
             }
         }
         let (reply, answer) = oneshot::channel();
@@ -283,27 +309,52 @@ impl WriterHandle {
             reply,
         };
         if self.jobs.send(job).is_err() {
-            return Err(CallError::Gone { writer });
+            return pending(Err(CallError::Gone {
+                writer: writer.clone(),
+            }));
         }
+        pending(Ok(answer))
+    }
+}
+
+/// A call queued to a writer, whose answer is still to come.
+#[derive(Debug)]
+pub struct PendingCall {
+    writer: String,
+    op: &'static str,
+    budget: Duration,
+    answer: Result<oneshot::Receiver<Result<Reports, BackendError>>, CallError>,
+}
+
+impl PendingCall {
+    /// Waits at most the call's budget for the writer's answer.
+    pub async fn answer(self) -> Result<Reports, CallError> {
+        let PendingCall {
+            writer,
+            op,
+            budget,
+            answer,
+        } = self;
+        let answer = answer?;
         match tokio::time::timeout(budget, answer).await {
             Ok(Ok(Ok(reports))) => Ok(reports),
             Ok(Ok(Err(BackendError::Failed(message)))) => Err(CallError::Failed {
                 writer,
-                op: name,
+                op,
                 message,
             }),
             Ok(Ok(Err(BackendError::Panicked(message)))) => Err(CallError::Panicked {
                 writer,
-                op: name,
+                op,
                 message,
             }),
             Ok(Err(_)) => Err(CallError::Gone { writer }),
             Err(_) => {
-                tracing::error!(writer = %writer, op = name, budget_ms = budget.as_millis() as u64,
+                tracing::error!(writer = %writer, op, budget_ms = budget.as_millis() as u64,
                     "writer did not answer within its deadline; the call is abandoned");
                 Err(CallError::Timeout {
                     writer,
-                    op: name,
+                    op,
                     budget_ms: budget.as_millis() as u64,
                 })
             }
@@ -355,7 +406,11 @@ impl Worker {
         let name = job.op.name();
         self.status.send_modify(|s| {
             s.queued = s.queued.saturating_sub(1);
-            s.busy = Some((name, started));
+            s.busy = Some(Busy {
+                op: name,
+                since: started,
+                deadline: started + job.budget,
+            });
         });
         let result = self.call(&job.op, &job.set_id, job.budget);
         self.status.send_modify(|s| {
@@ -401,8 +456,13 @@ impl Worker {
             hold_limit_ms = self.hold_limit.as_millis() as u64,
             "hold limit reached: the host thaws the writer on its own");
         let started = Instant::now();
-        self.status
-            .send_modify(|s| s.busy = Some(("thaw (watchdog)", started)));
+        self.status.send_modify(|s| {
+            s.busy = Some(Busy {
+                op: "thaw (watchdog)",
+                since: started,
+                deadline: started + self.hold_limit,
+            })
+        });
         let set_id = self.frozen_by.clone();
         let result = self.call(&Op::Thaw, &set_id, self.hold_limit);
         if let Err(e) = &result {

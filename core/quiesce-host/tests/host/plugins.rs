@@ -563,3 +563,35 @@ async fn a_provider_slower_than_the_hold_limit_releases_writers_in_time_and_its_
         .unwrap();
     assert!(!Path::new(&path).exists(), "{path} is gone");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn back_to_back_sets_reach_each_writer_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("events.log");
+    let writers = "[[plugins.misbehave.writers]]\nid = \"a\"\nlevel = \"front-end\"\nvolume = \"demo\"\n\
+                   [[plugins.misbehave.writers]]\nid = \"b\"\nlevel = \"back-end\"\nvolume = \"demo\"\nfail_in = \"freeze\"\n";
+    let host = host(
+        tmp.path(),
+        &[&plugin("quiesce-test-plugin")],
+        &misbehave_config(&log, writers),
+    );
+    // Failed sets end as soon as every abort is answered; their closing `complete` notices
+    // must still reach each writer before the next set's `prepare`.
+    for _ in 0..20 {
+        let record = host.run_local_set(demo()).await.unwrap();
+        assert!(record.outcome.is_failed());
+    }
+    settle(&host).await;
+    for w in ["a", "b"] {
+        let calls: Vec<String> = events(&log)
+            .into_iter()
+            .filter_map(|e| e.strip_prefix(&format!("{w} ")).map(str::to_string))
+            .filter(|c| !c.ends_with("-done"))
+            .collect();
+        let one_set = ["prepare", "freeze", "abort", "complete"];
+        assert_eq!(calls.len(), 20 * one_set.len(), "{w}: {calls:?}");
+        for (i, set) in calls.chunks(one_set.len()).enumerate() {
+            assert_eq!(set, one_set, "{w}: set {i} saw {set:?}");
+        }
+    }
+}

@@ -5,7 +5,7 @@ use quiesce_host::{Config, Host};
 use quiesce_proto::{FailureKind, Outcome, Phase, SetRecord, SetRequest};
 use quiesce_sdk::harness::{Plugin, Step};
 use quiesce_sdk::ComponentKind;
-use quiesce_testbed::{host_config, plugin, BtrfsVolume};
+use quiesce_testbed::{host_config, plugin, wait_until, BtrfsVolume};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -111,14 +111,6 @@ fn gone(pid: &str) -> bool {
             .rsplit(')')
             .next()
             .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ready() {
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -327,7 +319,7 @@ async fn a_hanging_hook_is_killed_with_its_process_group_and_fails_the_set() {
             wait_until(
                 &format!("{case}: process {pid} ends"),
                 Duration::from_secs(5),
-                || gone(pid),
+                || gone(pid).then_some(()),
             );
         }
     }

@@ -12,7 +12,7 @@ use quiesce_proto::{
     ComponentKind, Level, Outcome, Phase, Reports, SetRecord, SetRequest, WriterMetadata,
     WriterState,
 };
-use quiesce_testbed::{self as testbed, BtrfsVolume};
+use quiesce_testbed::{self as testbed, wait_until, wait_until_or, BtrfsVolume};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -276,15 +276,12 @@ impl Committer {
             child,
             acks: acks.to_path_buf(),
         };
-        // Wait (a condition, with a deadline) until records are being acknowledged.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while committer.acknowledged() < 10 {
-            assert!(
-                Instant::now() < deadline,
-                "the committer acknowledged nothing in 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        // Wait until records are being acknowledged.
+        wait_until(
+            "the committer acknowledging records",
+            Duration::from_secs(30),
+            || (committer.acknowledged() >= 10).then_some(()),
+        );
         committer
     }
 
@@ -913,20 +910,19 @@ fn backup_api_mode_labels_the_snapshot_and_restores_from_the_archive() {
     ]);
     // pg_ctl -w returns once the copy is consistent (a hot standby); wait (a condition, with a
     // deadline) until archive recovery has ended and the copy is promoted.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while copy
-        .client()
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .unwrap()
-        .get::<_, bool>(0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "recovery did not end in 60 s:\n{}",
-            copy.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_or(
+        "the end of recovery",
+        Duration::from_secs(60),
+        || {
+            let recovering: bool = copy
+                .client()
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .unwrap()
+                .get(0);
+            (!recovering).then_some(())
+        },
+        || copy.log_text(),
+    );
     eprintln!(
         "restored from the archive {:?} after the set began",
         started.elapsed()

@@ -7,6 +7,7 @@ use quiesce_host::{Config, Host};
 use quiesce_proto::{Outcome, Phase, Reports, SetRecord, SetRequest};
 use quiesce_sdk::harness::{FailureKind, Plugin, Step};
 use quiesce_sdk::{Call, ComponentKind};
+use quiesce_testbed::wait_until;
 use quiesce_testbed::{host_config, plugin, BtrfsVolume};
 use rusqlite::Connection;
 use std::io::{BufRead, BufReader, Write};
@@ -188,18 +189,6 @@ fn acks(log: &Path) -> Vec<(i64, u128)> {
             (n.parse().unwrap(), t.parse().unwrap())
         })
         .collect()
-}
-
-/// Waits (polling, with a deadline) until `ready` holds.
-fn wait_until<T>(what: &str, timeout: Duration, mut ready: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = ready() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,13 +5,15 @@
 //! - [`plugin`] / [`binary`]: build a workspace package and return its `.so` / executable;
 //! - [`host_config`]: a host configuration over a volume and plugins;
 //! - [`require`] / [`require_root`]: fail loudly, naming the package, when something is missing;
-//! - [`Bus`]: a private `dbus-daemon` with a permissive or the project's system-bus policy.
+//! - [`Bus`]: a private `dbus-daemon` with a permissive or the project's system-bus policy;
+//! - [`Child`]: a process killed when the test ends; [`wait_until`]: wait on a condition.
 //!
 //! It deliberately depends on no quiesce crate, so any crate's tests can use it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -54,6 +56,86 @@ pub fn require_root() {
         is_root(),
         "this test needs root (loop devices, mounts, other uids); CI runs as root"
     );
+}
+
+/// Waits until `condition` returns `Some`, failing with `what` after `timeout`.
+///
+/// The condition is the synchronisation; the short pause between two polls only keeps the
+/// waiting from spinning. Use it for conditions nothing can notify (a file's content, another
+/// process's state).
+pub fn wait_until<T>(what: &str, timeout: Duration, condition: impl FnMut() -> Option<T>) -> T {
+    wait_until_or(what, timeout, condition, String::new)
+}
+
+/// [`wait_until`], adding `context()` (a log, say) to the failure message.
+pub fn wait_until_or<T>(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A child process with its stderr in a file, killed (SIGKILL, as a crash) when dropped, however
+/// the test ends.
+#[derive(Debug)]
+pub struct Child {
+    pub child: std::process::Child,
+    pub stderr: PathBuf,
+}
+
+impl Child {
+    pub fn spawn(mut command: Command, stderr: PathBuf) -> Child {
+        let file = std::fs::File::create(&stderr).unwrap();
+        let child = command
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        Child { child, stderr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// Runs a command, failing with its output when it fails.

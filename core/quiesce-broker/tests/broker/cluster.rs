@@ -256,7 +256,7 @@ fn dead_nodes_leave_by_heartbeat_or_closed_link_and_hosts_survive_a_broker_resta
     n2.process.signal("CONT");
     let back = wait_nodes(&broker, &admin, &["node1", "node2"], &[&n2.process]);
     assert!(back > silent);
-    n2.process.wait_log("reconnects in");
+    wait_log(&n2.process, "reconnects in");
 
     // node1's host dies: its link closes and it leaves at once.
     n1.process.kill();

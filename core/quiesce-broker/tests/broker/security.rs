@@ -24,8 +24,8 @@ fn a_host_with_a_certificate_of_another_ca_is_refused_in_the_tls_handshake() {
             name: "node1",
         },
     );
-    broker.process.wait_log("tls accept error");
-    let log = foreign.process.wait_log("refused this node's certificate");
+    wait_log(&broker.process, "tls accept error");
+    let log = wait_log(&foreign.process, "refused this node's certificate");
     assert!(!log.contains("attached to the broker"), "{log}");
     // Trusts another CA altogether: it refuses the broker itself.
     let stranger = Host::start(
@@ -37,7 +37,7 @@ fn a_host_with_a_certificate_of_another_ca_is_refused_in_the_tls_handshake() {
         &broker,
         HostTls::Cert(&other, "node1"),
     );
-    let log = stranger.process.wait_log("the TLS handshake failed");
+    let log = wait_log(&stranger.process, "the TLS handshake failed");
     assert!(log.contains("invalid peer certificate"), "{log}");
     assert!(!log.contains("attached to the broker"), "{log}");
     assert_eq!(nodes(&broker, &admin).0, Vec::<String>::new());
@@ -64,7 +64,7 @@ fn a_registration_claiming_another_node_than_its_certificate_is_refused() {
         &broker,
         HostTls::Cert(&certs, "node2"),
     );
-    let log = liar.process.wait_log("refused this node");
+    let log = wait_log(&liar.process, "refused this node");
     assert!(
         log.contains(
             r#"this host's certificate is node "node2"'s but its registration claims node "node9""#
@@ -75,9 +75,10 @@ fn a_registration_claiming_another_node_than_its_certificate_is_refused() {
         log.contains("not the node certificate of"),
         "the host warns at start: {log}"
     );
-    broker
-        .process
-        .wait_log("refused a registration: it claims another node than its certificate");
+    wait_log(
+        &broker.process,
+        "refused a registration: it claims another node than its certificate",
+    );
     // A client certificate cannot attach as a host.
     let client = Host::start(
         dir.path(),
@@ -88,7 +89,7 @@ fn a_registration_claiming_another_node_than_its_certificate_is_refused() {
         &broker,
         HostTls::Cert(&certs, "admin"),
     );
-    let log = client.process.wait_log("refused this node");
+    let log = wait_log(&client.process, "refused this node");
     assert!(
         log.contains("only node certificates may attach as hosts"),
         "{log}"
@@ -137,9 +138,10 @@ fn insecure_mode_works_for_a_demo_and_says_so_loudly() {
         "{}",
         host.process.log()
     );
-    broker
-        .process
-        .wait_log("INSECURE: trusting the node name this host claims");
+    wait_log(
+        &broker.process,
+        "INSECURE: trusting the node name this host claims",
+    );
     let (ok, stdout, stderr) = cli(&broker, &insecure, &["writers", "--json"]);
     assert!(ok, "{stderr}");
     assert!(stderr.contains("WARNING: --insecure"), "{stderr}");

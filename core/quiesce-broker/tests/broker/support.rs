@@ -5,9 +5,9 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-pub use quiesce_testbed::{binary, plugin, Bus, Policy};
+pub use quiesce_testbed::{binary, plugin, Bus, Child, Policy};
 
 pub fn broker_exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_quiesce-broker"))
@@ -24,82 +24,25 @@ pub fn cli_exe() -> PathBuf {
 /// How long any condition may take to come true.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// Polls `condition` until it returns `Some`, failing with `what` (and `context()`) at the
-/// deadline. Polling a condition is the synchronisation; the pause only spaces the polls.
+/// Waits until `condition` returns `Some` (see [`quiesce_testbed::wait_until`]).
 pub fn wait_for<T>(
     what: &str,
-    mut condition: impl FnMut() -> Option<T>,
+    condition: impl FnMut() -> Option<T>,
     context: impl Fn() -> String,
 ) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = condition() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "waited {DEADLINE:?} for {what}; never happened.\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    quiesce_testbed::wait_until_or(what, DEADLINE, condition, context)
 }
 
-/// A child process, killed (SIGKILL, as a crash) when dropped.
-pub struct Child {
-    pub child: std::process::Child,
-    pub stderr: PathBuf,
-}
-
-impl Child {
-    pub fn spawn(mut command: Command, stderr: PathBuf) -> Child {
-        let file = std::fs::File::create(&stderr).unwrap();
-        let child = command
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-        Child { child, stderr }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} {}", self.pid());
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Waits until the log holds `text`.
-    pub fn wait_log(&self, text: &str) -> String {
-        wait_for(
-            &format!("{text:?} in {}", self.stderr.display()),
-            || {
-                let log = self.log();
-                log.contains(text).then_some(log)
-            },
-            || self.log(),
-        )
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Waits until a child's log holds `text`; returns the log.
+pub fn wait_log(child: &Child, text: &str) -> String {
+    wait_for(
+        &format!("{text:?} in {}", child.stderr.display()),
+        || {
+            let log = child.log();
+            log.contains(text).then_some(log)
+        },
+        || child.log(),
+    )
 }
 
 /// The files `quiesce-broker certs` wrote.

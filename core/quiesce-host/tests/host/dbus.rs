@@ -52,7 +52,7 @@ async fn start_host(bus: &Bus, dir: &Path, plugins: &[&Path], extra: &str) -> Ch
             .await
             .is_err()
         {
-            panic!("the host did not take its bus name:\n{}", host.stderr());
+            panic!("the host did not take its bus name:\n{}", host.log());
         }
     }
     host
@@ -78,7 +78,7 @@ fn start_app(bus: &Bus, dir: &Path, id: &str) -> (Child, PathBuf, PathBuf) {
     assert!(
         line.starts_with("registered "),
         "app-writer did not register: {line:?}\n{}",
-        app.stderr()
+        app.log()
     );
     assert_eq!(
         line.trim_end().trim_start_matches("registered "),

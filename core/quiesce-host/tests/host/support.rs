@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 pub use quiesce_testbed::{
-    binary, plugin, require, require_root, target_dir, workspace_root, Bus, Policy,
+    binary, plugin, require, require_root, target_dir, workspace_root, Bus, Child, Policy,
 };
 
 /// A zbus connection to a private bus.
@@ -150,39 +150,6 @@ pub fn mkfifo(path: &Path) {
         .status()
         .expect("running mkfifo");
     assert!(status.success(), "mkfifo {} failed", path.display());
-}
-
-/// A child process that is killed when the test ends, however it ends.
-pub struct Child {
-    pub child: std::process::Child,
-    pub stderr: PathBuf,
-}
-
-impl Child {
-    pub fn spawn(mut command: Command, stderr: PathBuf) -> Child {
-        let file = std::fs::File::create(&stderr).unwrap();
-        let child = command
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
-        Child { child, stderr }
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// SIGKILL, as a crash would.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Runs a command-line D-Bus client (busctl, dbus-send) as `uid` (None: as this process),

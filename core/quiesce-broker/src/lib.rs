@@ -3,22 +3,27 @@
 //! - [`registry`]: the live nodes, their writers per volume, and the membership epoch (plain
 //!   data, no I/O);
 //! - [`service`]: the gRPC services of `quiesce.link.v1`: `Link` (hosts attach, register, send
-//!   writer changes and heartbeats) and `Catalog` (requesters list writers and nodes);
+//!   writer changes and heartbeats, answer set commands), `Catalog` (requesters list writers and
+//!   nodes) and `Sets` (requesters create, list, show and delete snapshot sets);
+//! - [`sets`]: driving a snapshot set across the nodes, with the volume's provider;
+//! - [`catalog`]: every set in an embedded SQLite file, surviving restarts;
+//! - [`config`]: the broker's configuration (volumes, deadlines, catalog);
 //! - [`certs`]: the cluster CA and the broker, node and client certificates;
-//! - [`serve`]: binding and running the broker over mutual TLS (or plaintext, for demos).
-//!
-//! Not yet here (issue 4): driving snapshot sets across nodes with `quiesce_proto::SnapshotSet`
-//! (the `SetCommand` / `CommandReply` / `Lease` messages of the link are defined for it), the
-//! providers on the broker, and the catalog of sets.
+//! - [`bind`]: binding and running the broker over mutual TLS (or plaintext, for demos).
 
+pub mod catalog;
 pub mod certs;
+pub mod config;
 pub mod registry;
 pub mod service;
+pub mod sets;
 
 pub use service::{Broker, BrokerConfig};
 
 use quiesce_link::identity::Role;
-use quiesce_link::v1::{catalog_server::CatalogServer, link_server::LinkServer};
+use quiesce_link::v1::{
+    catalog_server::CatalogServer, link_server::LinkServer, sets_server::SetsServer,
+};
 use quiesce_link::{Security, TlsError};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -49,6 +54,8 @@ pub enum ServeError {
     },
     #[error("the broker's gRPC server failed: {0}")]
     Serve(String),
+    #[error(transparent)]
+    Catalog(#[from] catalog::CatalogError),
 }
 
 /// How to run a broker.
@@ -57,6 +64,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     pub security: Security,
     pub heartbeat_timeout: Duration,
+    /// Volumes, deadlines and the catalog; without it the broker runs no sets.
+    pub config: Option<config::Config>,
 }
 
 /// A broker bound to its address, not yet serving.
@@ -64,6 +73,7 @@ pub struct Bound {
     listener: TcpListener,
     tls: Option<ServerTlsConfig>,
     broker: Arc<Broker>,
+    sets: Option<Arc<sets::Sets>>,
 }
 
 /// Checks the TLS files and binds the listening socket.
@@ -88,14 +98,33 @@ pub async fn bind(options: ServeOptions) -> Result<Bound, ServeError> {
             addr: options.listen,
             cause,
         })?;
+    let volumes = options
+        .config
+        .iter()
+        .flat_map(|c| &c.volumes)
+        .map(|(name, p)| (name.clone(), p.build().name().to_string()))
+        .collect();
     let broker = Broker::new(BrokerConfig {
         heartbeat_timeout: options.heartbeat_timeout,
         insecure: tls.is_none(),
+        volumes,
     });
+    let sets = match options.config {
+        Some(config) => {
+            let broker = broker.clone();
+            // Cleaning up after abandoned sets may run provider commands.
+            let opened = tokio::task::spawn_blocking(move || sets::Sets::open(broker, &config))
+                .await
+                .map_err(|e| ServeError::Serve(format!("opening the catalog: {e}")))??;
+            Some(opened)
+        }
+        None => None,
+    };
     Ok(Bound {
         listener,
         tls,
         broker,
+        sets,
     })
 }
 
@@ -110,8 +139,20 @@ impl Bound {
         self.broker.clone()
     }
 
-    /// Serves until `shutdown` completes.
+    pub fn sets(&self) -> Option<Arc<sets::Sets>> {
+        self.sets.clone()
+    }
+
+    /// Serves until `shutdown` completes; a set running then is aborted first, so that its
+    /// writers are released by the broker rather than by their leases.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let sets = self.sets.clone();
+        let shutdown = async move {
+            shutdown.await;
+            if let Some(sets) = sets {
+                sets.shutdown(Duration::from_secs(30)).await;
+            }
+        };
         let mut server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)));
@@ -123,7 +164,13 @@ impl Bound {
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         server
             .add_service(LinkServer::new(service::LinkService(self.broker.clone())))
-            .add_service(CatalogServer::new(service::CatalogService(self.broker)))
+            .add_service(CatalogServer::new(service::CatalogService(
+                self.broker.clone(),
+            )))
+            .add_service(SetsServer::new(service::SetsService {
+                broker: self.broker,
+                sets: self.sets,
+            }))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|e| ServeError::Serve(quiesce_link::error_chain(&e)))

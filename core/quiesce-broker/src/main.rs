@@ -54,6 +54,10 @@ struct Serve {
     /// Plaintext, no certificates, node names taken on trust: ONLY for a local demo.
     #[arg(long)]
     insecure: bool,
+    /// The broker's configuration: the volumes it snapshots, deadlines, the catalog file.
+    /// Without it the broker only knows nodes and writers and runs no sets.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// Drop a node that sends nothing for this long (hosts send a heartbeat every third of it).
     #[arg(long, value_name = "MS", default_value_t = 15_000)]
     heartbeat_timeout_ms: u64,
@@ -119,7 +123,24 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
             Security::Insecure
         }
     };
+    let config = match &serve.config {
+        Some(path) => {
+            let config = quiesce_broker::config::Config::load(path)?;
+            for (volume, provider) in &config.volumes {
+                // A provider that freezes the file system the catalog is on would deadlock.
+                provider
+                    .check(&[config.catalog.as_path()])
+                    .with_context(|| format!("{}: [volumes.{volume}]", path.display()))?;
+            }
+            Some(config)
+        }
+        None => {
+            tracing::warn!("no --config: this broker has no volumes and runs no sets");
+            None
+        }
+    };
     let bound = quiesce_broker::bind(ServeOptions {
+        config,
         listen: serve.listen,
         security: security.clone(),
         heartbeat_timeout: Duration::from_millis(serve.heartbeat_timeout_ms.max(30)),

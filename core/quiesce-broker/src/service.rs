@@ -3,24 +3,27 @@
 
 use crate::registry::{LinkId, Registration, Registry, RegistryError, Writer};
 use quiesce_link::identity::{peer_identity, PeerIdentity, Role};
-use quiesce_link::v1::{self, broker_message, host_message};
+use quiesce_link::v1::{self, broker_message, command_reply, host_message};
 use quiesce_link::LINK_VERSION;
 use quiesce_proto::WriterMetadata;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// How the broker judges its peers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BrokerConfig {
     /// A node that sends nothing for this long is dropped; hosts are told to send a heartbeat
     /// every third of it.
     pub heartbeat_timeout: Duration,
     /// No TLS: node names are taken from the registrations, unchecked (local demos only).
     pub insecure: bool,
+    /// The volumes the broker snapshots, with their provider's name.
+    pub volumes: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for BrokerConfig {
@@ -28,6 +31,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             heartbeat_timeout: Duration::from_secs(15),
             insecure: false,
+            volumes: Default::default(),
         }
     }
 }
@@ -36,6 +40,50 @@ struct State {
     registry: Registry,
     /// Closes a link when a newer link of its node replaces it.
     kicks: HashMap<LinkId, oneshot::Sender<String>>,
+    /// Each live node's current link: where its set commands and leases go.
+    outbound: HashMap<String, (LinkId, Outbound)>,
+    /// Set commands sent and not yet answered, by command id.
+    awaiting: HashMap<u64, Awaiting>,
+}
+
+/// A set command waiting for its node's reply.
+#[derive(Debug, Clone)]
+pub struct Awaiting {
+    pub writer: quiesce_proto::WriterRef,
+    pub kind: quiesce_proto::machine::CallKind,
+    pub inputs: quiesce_driver::Inputs,
+}
+
+/// A change of the cluster's membership, as running sets need to hear it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// A node attached; `replaced`: it was attached already (its host restarted or
+    /// reconnected), so the state of its writers is unknown.
+    Joined {
+        node: String,
+        epoch: u64,
+        replaced: bool,
+    },
+    Left {
+        node: String,
+        epoch: u64,
+        why: String,
+    },
+    WritersChanged {
+        node: String,
+        epoch: u64,
+        removed: Vec<String>,
+    },
+}
+
+impl Membership {
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Membership::Joined { epoch, .. }
+            | Membership::Left { epoch, .. }
+            | Membership::WritersChanged { epoch, .. } => *epoch,
+        }
+    }
 }
 
 /// The broker's shared state: the registry of live nodes and the epoch, published.
@@ -43,6 +91,8 @@ pub struct Broker {
     config: BrokerConfig,
     state: Mutex<State>,
     epoch: watch::Sender<u64>,
+    membership: broadcast::Sender<Membership>,
+    next_command: AtomicU64,
 }
 
 impl std::fmt::Debug for Broker {
@@ -61,8 +111,12 @@ impl Broker {
             state: Mutex::new(State {
                 registry: Registry::new(),
                 kicks: HashMap::new(),
+                outbound: HashMap::new(),
+                awaiting: HashMap::new(),
             }),
             epoch: watch::channel(0).0,
+            membership: broadcast::channel(1024).0,
+            next_command: AtomicU64::new(1),
         })
     }
 
@@ -70,10 +124,62 @@ impl Broker {
         &self.config
     }
 
-    /// The membership epoch, as it changes (the set driver will feed it to
-    /// `SnapshotSet::handle_epoch`).
+    /// The membership epoch, as it changes.
     pub fn subscribe_epoch(&self) -> watch::Receiver<u64> {
         self.epoch.subscribe()
+    }
+
+    /// Every membership change from now on, with what changed (running sets follow it).
+    pub fn subscribe_membership(&self) -> broadcast::Receiver<Membership> {
+        self.membership.subscribe()
+    }
+
+    /// Sends a message to `node`'s current link, without waiting; `false` when the node has no
+    /// link or its link's queue is full (a node that stopped reading).
+    pub fn send_to(&self, node: &str, message: broker_message::Body) -> bool {
+        let Some((_, tx)) = self.lock().outbound.get(node).cloned() else {
+            return false;
+        };
+        tx.try_send(Ok(v1::BrokerMessage {
+            body: Some(message),
+        }))
+        .is_ok()
+    }
+
+    /// Sends a set command to the writer's node; its reply will go to `inputs`, unless the call
+    /// is a `Complete`, whose reply nobody waits for. Returns the command id, or `None` when the
+    /// node cannot be reached.
+    pub fn send_command(
+        &self,
+        awaiting: Awaiting,
+        command: impl FnOnce(u64) -> v1::SetCommand,
+    ) -> Option<u64> {
+        let id = self.next_command.fetch_add(1, Ordering::Relaxed);
+        let node = awaiting.writer.node.clone();
+        let wants_reply = awaiting.kind != quiesce_proto::machine::CallKind::Complete;
+        if wants_reply {
+            self.lock().awaiting.insert(id, awaiting);
+        }
+        if self.send_to(&node, broker_message::Body::Command(command(id))) {
+            Some(id)
+        } else {
+            self.forget_commands(&[id]);
+            None
+        }
+    }
+
+    /// Stops waiting for the replies to these commands (their set ended).
+    pub fn forget_commands(&self, ids: &[u64]) {
+        let mut state = self.lock();
+        for id in ids {
+            state.awaiting.remove(id);
+        }
+    }
+
+    fn announce(&self, change: Membership) {
+        self.publish(change.epoch());
+        // No receiver (no set running) is fine.
+        let _ = self.membership.send(change);
     }
 
     /// The registry now. Hold the guard briefly: every link waits on it.
@@ -114,11 +220,18 @@ impl Broker {
         let epoch = {
             let mut state = self.lock();
             state.kicks.remove(&link);
+            if state.outbound.get(node).is_some_and(|(l, _)| *l == link) {
+                state.outbound.remove(node);
+            }
             state.registry.detach(node, link)
         };
         if let Some(epoch) = epoch {
-            self.publish(epoch);
             tracing::warn!(node, epoch, "node left: {why}");
+            self.announce(Membership::Left {
+                node: node.into(),
+                epoch,
+                why: why.into(),
+            });
         }
     }
 }
@@ -262,6 +375,8 @@ impl v1::link_server::Link for LinkService {
         let writer_count = writers.len();
         let volumes = register.volumes.clone();
         let (kick_tx, kick) = oneshot::channel();
+        // Room for every command of a set at once: commands are sent without waiting.
+        let (tx, rx) = mpsc::channel(1024);
         let attached = {
             let mut state = broker.lock();
             let attached = state.registry.attach(
@@ -283,9 +398,16 @@ impl v1::link_server::Link for LinkService {
                 }
             }
             state.kicks.insert(attached.link, kick_tx);
+            state
+                .outbound
+                .insert(node.clone(), (attached.link, tx.clone()));
             attached
         };
-        broker.publish(attached.epoch);
+        broker.announce(Membership::Joined {
+            node: node.clone(),
+            epoch: attached.epoch,
+            replaced: attached.replaced.is_some(),
+        });
         tracing::info!(
             %node,
             %address,
@@ -296,7 +418,6 @@ impl v1::link_server::Link for LinkService {
             replaced_link = attached.replaced.is_some(),
             "node attached"
         );
-        let (tx, rx) = mpsc::channel(32);
         let registered = v1::BrokerMessage {
             body: Some(broker_message::Body::Registered(v1::Registered {
                 node: node.clone(),
@@ -306,6 +427,7 @@ impl v1::link_server::Link for LinkService {
                 broker_version: env!("CARGO_PKG_VERSION").into(),
             })),
         };
+        // The first message on the stream: the channel is new and nothing else has used it yet.
         tx.try_send(Ok(registered))
             .expect("a new channel has room for one message");
         tokio::spawn(run_link(
@@ -394,8 +516,12 @@ fn handle(
                 .lock()
                 .registry
                 .change_writers(node, link, &change.removed, added, now);
-            if let Ok(epoch) = result {
-                broker.publish(epoch);
+            if let Ok(epoch) = result.clone() {
+                broker.announce(Membership::WritersChanged {
+                    node: node.into(),
+                    epoch,
+                    removed: ids_removed.clone(),
+                });
                 tracing::info!(
                     node,
                     added = ?ids_added,
@@ -412,12 +538,38 @@ fn handle(
             ))
         }
         Some(host_message::Body::CommandReply(reply)) => {
-            tracing::warn!(
-                node,
-                command = reply.command_id,
-                "a command reply arrived, but this broker sends no set commands yet; ignored"
-            );
-            broker.lock().registry.seen(node, link, now)
+            let mut state = broker.lock();
+            let seen = state.registry.seen(node, link, now);
+            let awaiting = match state.awaiting.get(&reply.command_id) {
+                // A node answers only for its own writers.
+                Some(a) if a.writer.node == node && a.writer.writer == reply.writer => {
+                    state.awaiting.remove(&reply.command_id)
+                }
+                _ => None,
+            };
+            drop(state);
+            match awaiting {
+                Some(a) => {
+                    let result = match reply.result {
+                        Some(command_reply::Result::Ok(ok)) => Ok(ok.reports.into_iter().collect()),
+                        Some(command_reply::Result::Failed(f)) => Err(f.reason),
+                        None => Err(format!(
+                            "node {node} answered with an empty result (a newer host?)"
+                        )),
+                    };
+                    let _ = a.inputs.send(quiesce_driver::Input::Reply {
+                        writer: a.writer,
+                        kind: a.kind,
+                        result,
+                    });
+                }
+                None => tracing::debug!(
+                    node,
+                    command = reply.command_id,
+                    "a reply nobody waits for (late, for an ended set, or a completion notice)"
+                ),
+            }
+            seen
         }
         None => {
             return Err(Status::invalid_argument(
@@ -445,12 +597,24 @@ impl v1::catalog_server::Catalog for CatalogService {
         request: Request<v1::ListWritersRequest>,
     ) -> Result<Response<v1::ListWritersReply>, Status> {
         self.0.authenticate(&request)?;
-        let filter = request.into_inner().volumes;
+        let mut filter = request.into_inner().volumes;
         let registry = self.0.registry();
+        let snapshotted = &self.0.config.volumes;
+        if filter.is_empty() && !snapshotted.is_empty() {
+            // Every volume: the broker's own as well as those the nodes know.
+            let mut all: BTreeSet<String> = registry
+                .writers_by_volume(&[])
+                .into_iter()
+                .map(|v| v.volume)
+                .collect();
+            all.extend(snapshotted.keys().cloned());
+            filter = all.into_iter().collect();
+        }
         let volumes = registry
             .writers_by_volume(&filter)
             .into_iter()
             .map(|v| v1::VolumeWriters {
+                broker_provider: snapshotted.get(&v.volume).cloned().unwrap_or_default(),
                 volume: v.volume,
                 nodes: v.nodes,
                 writers: v
@@ -499,6 +663,115 @@ impl v1::catalog_server::Catalog for CatalogService {
         Ok(Response::new(v1::ListNodesReply {
             epoch: registry.epoch(),
             nodes,
+        }))
+    }
+}
+
+/// The `Sets` service: requesters (`quiesce snapshot ...` through a host, backup software with a
+/// client certificate) create, list, show and delete sets.
+#[derive(Debug, Clone)]
+pub struct SetsService {
+    pub broker: Arc<Broker>,
+    /// `None`: the broker was started without a configuration, so it has no volumes.
+    pub sets: Option<Arc<crate::sets::Sets>>,
+}
+
+impl SetsService {
+    fn sets<T>(&self, request: &Request<T>) -> Result<Arc<crate::sets::Sets>, Status> {
+        self.broker.authenticate(request)?;
+        self.sets.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "this broker was started without --config, so it has no volumes and no catalog: start it with --config broker.toml ([volumes.NAME] and catalog = PATH)",
+            )
+        })
+    }
+}
+
+fn record_json(record: &quiesce_proto::SetRecord) -> String {
+    serde_json::to_string(record).expect("records always serialize to JSON")
+}
+
+fn catalog_status(e: crate::catalog::CatalogError) -> Status {
+    tracing::error!("{e}");
+    Status::internal(e.to_string())
+}
+
+#[tonic::async_trait]
+impl v1::sets_server::Sets for SetsService {
+    async fn create(
+        &self,
+        request: Request<v1::CreateSetRequest>,
+    ) -> Result<Response<v1::SetReply>, Status> {
+        let sets = self.sets(&request)?;
+        let v1::CreateSetRequest {
+            volumes,
+            best_effort,
+        } = request.into_inner();
+        let record = sets
+            .create(quiesce_proto::SetRequest {
+                volumes,
+                best_effort,
+            })
+            .await
+            .map_err(|e| match e {
+                crate::sets::CreateError::Catalog(e) => catalog_status(e),
+                e => Status::failed_precondition(e.to_string()),
+            })?;
+        Ok(Response::new(v1::SetReply {
+            record_json: record_json(&record),
+        }))
+    }
+
+    async fn list(
+        &self,
+        request: Request<v1::ListSetsRequest>,
+    ) -> Result<Response<v1::ListSetsReply>, Status> {
+        let sets = self.sets(&request)?;
+        let records = sets.list().map_err(catalog_status)?;
+        Ok(Response::new(v1::ListSetsReply {
+            records_json: records.iter().map(record_json).collect(),
+        }))
+    }
+
+    async fn show(
+        &self,
+        request: Request<v1::ShowSetRequest>,
+    ) -> Result<Response<v1::SetReply>, Status> {
+        let sets = self.sets(&request)?;
+        let id = request.into_inner().id;
+        match sets.show(&id).map_err(catalog_status)? {
+            None => Err(Status::not_found(format!(
+                "no set {id} in the catalog (`quiesce snapshot list` shows them)"
+            ))),
+            Some((record, true)) => Err(Status::failed_precondition(format!(
+                "set {id} is still running (in {}); ask again when it has ended",
+                match record.outcome {
+                    quiesce_proto::Outcome::Failed { phase, .. } => phase.to_string(),
+                    _ => "progress".into(),
+                }
+            ))),
+            Some((record, false)) => Ok(Response::new(v1::SetReply {
+                record_json: record_json(&record),
+            })),
+        }
+    }
+
+    async fn delete(
+        &self,
+        request: Request<v1::DeleteSetRequest>,
+    ) -> Result<Response<v1::SetReply>, Status> {
+        let sets = self.sets(&request)?;
+        let id = request.into_inner().id;
+        let record = tokio::task::spawn_blocking(move || sets.delete(&id))
+            .await
+            .map_err(|e| Status::internal(format!("the deletion task failed: {e}")))?
+            .map_err(|e| match e {
+                crate::sets::DeleteError::Unknown(_) => Status::not_found(e.to_string()),
+                crate::sets::DeleteError::Catalog(e) => catalog_status(e),
+                e => Status::failed_precondition(e.to_string()),
+            })?;
+        Ok(Response::new(v1::SetReply {
+            record_json: record_json(&record),
         }))
     }
 }

@@ -1,57 +1,126 @@
 //! `quiesce`: the cluster's command-line requester.
 //!
 //! ```text
+//! quiesce snapshot create --volume NAME... [--best-effort] [--json]   run one set across the cluster
+//! quiesce snapshot list [--json]                                     the cluster's sets, oldest first
+//! quiesce snapshot show ID [--json]                                  one set's record
+//! quiesce snapshot delete ID [--json]                                delete the snapshot a set kept
 //! quiesce writers [--volume NAME]... [--json]   per volume, which writers on which nodes use it
 //! quiesce nodes [--json]                        the live nodes
 //! ```
 //!
-//! It asks the broker's `Catalog` over mutual TLS: `--broker https://HOST:PORT --ca ca.pem
+//! ## `quiesce snapshot`: through the host on this node
+//!
+//! `snapshot` asks the local `quiesce-host` over D-Bus (`org.quiesce.Host1` on the system bus,
+//! which follows `DBUS_SYSTEM_BUS_ADDRESS`; `--bus ADDRESS` or `QUIESCE_BUS` for another bus).
+//! The host forwards to the broker with its own node certificate, so the caller needs no
+//! certificate — this is the path for backup software that knows nothing about the cluster.
+//! `create` and `delete` need root or the `quiesce` group; `list` and `show` are open to all.
+//! `create` waits until the set ended.
+//!
+//! Output: the set's id and outcome (with the phase, writer and reason when it failed), its
+//! volumes, the snapshot's path, provider and id (or that none was kept, or when it was
+//! deleted), the freeze window, the provider's and the total time, and one line per writer
+//! (node, writer, state, failure); `list` prints one line per set. With `--json`, stdout holds
+//! exactly one document: the record in the `SetRecord` form of `core/quiesce-proto/JSON.md`
+//! (`list`: a JSON array of them, oldest first).
+//!
+//! Exit status of `snapshot`:
+//!
+//! - **0** — `create`: the set kept a snapshot (`app-consistent`, or `crash-consistent` with
+//!   `--best-effort`); `list`, `show`, `delete`: the command succeeded;
+//! - **2** — `create`: the set ran and failed; its record is printed as for a success;
+//! - **1** — the request could not be made or was refused (no host on the bus, a host started
+//!   without `--broker`, the broker unreachable, not authorised, an unknown volume or set,
+//!   another set running, a bad command line): the message is on stderr, nothing on stdout.
+//!
+//! ## `quiesce writers`, `quiesce nodes`: the broker directly
+//!
+//! They ask the broker's `Catalog` over mutual TLS: `--broker https://HOST:PORT --ca ca.pem
 //! --cert admin.pem --key admin.key`, or the environment variables `QUIESCE_BROKER`,
 //! `QUIESCE_CA`, `QUIESCE_CERT`, `QUIESCE_KEY` (`--insecure` / `QUIESCE_INSECURE=1` for a
-//! plaintext demo broker). Any certificate of the cluster (client or node) will do.
+//! plaintext demo broker). Any certificate of the cluster (client or node) will do. They exit 0
+//! on success and 1 with a message on stderr otherwise.
 //!
 //! `--json` prints one document on stdout; its form is stable in the sense of quiesce-proto's
 //! JSON.md (fields are only added): `writers` prints
-//! `{"epoch": N, "volumes": [{"volume", "nodes", "writers": [{"node", "writer", "name", "level",
+//! `{"epoch": N, "volumes": [{"volume", "broker_provider", "nodes", "writers": [{"node", "writer", "name", "level",
 //! "origin", "components", "metadata"}]}]}` where `metadata` is the writer's WriterMetadata and
 //! `components` the names of its components on that volume; `nodes` prints
 //! `{"epoch": N, "nodes": [{"name", "host_version", "address", "volumes", "writers",
 //! "attached_unix_ms", "last_seen_ms_ago", "joined_epoch"}]}`.
 
+mod snapshot;
+
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use quiesce_link::v1::catalog_client::CatalogClient;
 use quiesce_link::v1::{ListNodesRequest, ListWritersRequest};
 use quiesce_link::{Security, TlsFiles};
 use quiesce_proto::WriterMetadata;
 use serde::Serialize;
+use snapshot::SnapshotCommand;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-/// Ask the quiesce cluster broker.
+/// The flags that reach the broker directly (`writers`, `nodes`); `snapshot` goes through the
+/// host, which has its own.
+const BROKER_FLAGS: [&str; 5] = ["broker", "ca", "cert", "key", "insecure"];
+
+/// Ask the quiesce cluster for snapshot sets (through this node's host) or about its writers
+/// and nodes (from the broker).
 #[derive(Debug, Parser)]
 #[command(name = "quiesce", version)]
 struct Cli {
-    /// The broker's URL: https://HOST:PORT (http:// with --insecure).
-    #[arg(long, global = true, env = "QUIESCE_BROKER", value_name = "URL")]
-    broker: Option<String>,
-    /// The cluster CA certificate (ca.pem).
-    #[arg(long, global = true, env = "QUIESCE_CA")]
-    ca: Option<PathBuf>,
-    /// This client's certificate (e.g. admin.pem from `quiesce-broker certs --clients admin`).
-    #[arg(long, global = true, env = "QUIESCE_CERT")]
-    cert: Option<PathBuf>,
-    /// This client's private key (admin.key).
-    #[arg(long, global = true, env = "QUIESCE_KEY")]
-    key: Option<PathBuf>,
-    /// Plaintext and no certificates, for a broker started with --insecure (local demos only).
-    #[arg(long, global = true, env = "QUIESCE_INSECURE")]
-    insecure: bool,
+    #[command(flatten)]
+    broker: BrokerArgs,
     #[command(subcommand)]
     command: Command,
 }
 
+/// How `writers` and `nodes` reach the broker.
+#[derive(Debug, clap::Args)]
+struct BrokerArgs {
+    /// For writers and nodes: the broker's URL, https://HOST:PORT (http:// with --insecure).
+    #[arg(long, global = true, env = "QUIESCE_BROKER", value_name = "URL")]
+    broker: Option<String>,
+    /// For writers and nodes: the cluster CA certificate (ca.pem).
+    #[arg(long, global = true, env = "QUIESCE_CA")]
+    ca: Option<PathBuf>,
+    /// For writers and nodes: this client's certificate (e.g. admin.pem from
+    /// `quiesce-broker certs --clients admin`).
+    #[arg(long, global = true, env = "QUIESCE_CERT")]
+    cert: Option<PathBuf>,
+    /// For writers and nodes: this client's private key (admin.key).
+    #[arg(long, global = true, env = "QUIESCE_KEY")]
+    key: Option<PathBuf>,
+    /// For writers and nodes: plaintext and no certificates, for a broker started with
+    /// --insecure (local demos only).
+    #[arg(long, global = true, env = "QUIESCE_INSECURE")]
+    insecure: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Snapshot sets across the cluster, through the quiesce-host on this node over D-Bus (no
+    /// certificates needed).
+    #[command(after_help = snapshot::EXIT_STATUS)]
+    Snapshot {
+        /// The D-Bus bus the host serves on (default: the system bus, which follows
+        /// DBUS_SYSTEM_BUS_ADDRESS).
+        #[arg(long, global = true, env = "QUIESCE_BUS", value_name = "ADDRESS")]
+        bus: Option<String>,
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+    #[command(flatten)]
+    Catalog(CatalogCommand),
+}
+
+/// What the broker's `Catalog` answers.
+#[derive(Debug, Subcommand)]
+enum CatalogCommand {
     /// Per volume, which writers on which live nodes have components on it.
     Writers {
         /// Only this volume (repeatable).
@@ -78,6 +147,8 @@ struct WritersDoc {
 #[derive(Serialize)]
 struct VolumeDoc {
     volume: String,
+    /// The broker's provider for the volume; empty: the broker cannot snapshot it.
+    broker_provider: String,
     nodes: Vec<String>,
     writers: Vec<WriterDoc>,
 }
@@ -111,7 +182,7 @@ struct NodeDoc {
     joined_epoch: u64,
 }
 
-fn security(cli: &Cli) -> anyhow::Result<Security> {
+fn security(cli: &BrokerArgs) -> anyhow::Result<Security> {
     if cli.insecure {
         eprintln!("quiesce: WARNING: --insecure: plaintext, no certificates; only for a local demo broker");
         return Ok(Security::Insecure);
@@ -142,25 +213,70 @@ fn refused(url: &str, status: tonic::Status) -> anyhow::Error {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> std::process::ExitCode {
-    match run(Cli::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+async fn main() -> ExitCode {
+    let matches = match Cli::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(e) => {
+            let _ = e.print();
+            // clap's own status for a usage error is 2, which `snapshot create` uses for a set
+            // that ran and failed: a request that could not be made is 1.
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => run(cli, &matches).await,
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("quiesce: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let Some(url) = cli.broker.clone() else {
+async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Snapshot { bus, command } => snapshot(matches, bus, command).await,
+        Command::Catalog(command) => catalog(&cli.broker, command).await,
+    }
+}
+
+async fn snapshot(
+    matches: &clap::ArgMatches,
+    bus: Option<String>,
+    command: SnapshotCommand,
+) -> anyhow::Result<ExitCode> {
+    // Flags from the environment (a shell that also runs `quiesce writers`) are fine to ignore;
+    // the same flags typed on this command line mean a misunderstanding.
+    let typed: Vec<String> = BROKER_FLAGS
+        .iter()
+        .filter(|flag| matches.value_source(flag) == Some(ValueSource::CommandLine))
+        .map(|flag| format!("--{flag}"))
+        .collect();
+    if !typed.is_empty() {
+        bail!(
+            "`quiesce snapshot` asks the quiesce-host on this node, which reaches the broker with its own certificate: drop {} (they are for `quiesce writers` and `quiesce nodes`)",
+            typed.join(", ")
+        );
+    }
+    snapshot::run(bus.as_deref(), command).await
+}
+
+async fn catalog(broker: &BrokerArgs, command: CatalogCommand) -> anyhow::Result<ExitCode> {
+    let Some(url) = broker.broker.clone() else {
         bail!("which broker? pass --broker https://HOST:PORT or set QUIESCE_BROKER");
     };
-    let security = security(&cli)?;
+    let security = security(broker)?;
     let channel = quiesce_link::connect(&url, &security).await?;
     let mut catalog = CatalogClient::new(channel);
-    match cli.command {
-        Command::Writers { volume, json } => {
+    match command {
+        CatalogCommand::Writers { volume, json } => {
             let reply = catalog
                 .list_writers(ListWritersRequest { volumes: volume })
                 .await
@@ -197,6 +313,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             })
                             .collect::<anyhow::Result<Vec<_>>>()?;
                         Ok(VolumeDoc {
+                            broker_provider: v.broker_provider,
                             volume: v.volume,
                             nodes: v.nodes,
                             writers,
@@ -210,7 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_writers(&doc);
             }
         }
-        Command::Nodes { json } => {
+        CatalogCommand::Nodes { json } => {
             let reply = catalog
                 .list_nodes(ListNodesRequest {})
                 .await
@@ -240,7 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_writers(doc: &WritersDoc) {
@@ -250,12 +367,17 @@ fn print_writers(doc: &WritersDoc) {
         );
     }
     for v in &doc.volumes {
-        let nodes = if v.nodes.is_empty() {
-            "no live node has it configured".to_string()
+        let broker = if v.broker_provider.is_empty() {
+            "the broker cannot snapshot it: no [volumes.NAME] in its configuration".to_string()
         } else {
-            format!("configured on {}", v.nodes.join(", "))
+            format!("snapshotted by the broker with {}", v.broker_provider)
         };
-        println!("volume {} ({nodes})", v.volume);
+        let nodes = if v.nodes.is_empty() {
+            String::new()
+        } else {
+            format!("; configured on {}", v.nodes.join(", "))
+        };
+        println!("volume {} ({broker}{nodes})", v.volume);
         if v.writers.is_empty() {
             println!("  no writers");
             continue;
@@ -307,6 +429,11 @@ fn print_nodes(doc: &NodesDoc) {
 }
 
 fn print_table<const N: usize>(header: &[String; N], rows: &[[String; N]]) {
+    print_table_indented("  ", header, rows)
+}
+
+/// Left-aligned columns as wide as their widest cell, each line starting with `indent`.
+fn print_table_indented<const N: usize>(indent: &str, header: &[String; N], rows: &[[String; N]]) {
     let mut widths = header.each_ref().map(|h| h.len());
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -319,6 +446,6 @@ fn print_table<const N: usize>(header: &[String; N], rows: &[[String; N]]) {
             .zip(widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
-        println!("  {}", line.join("  ").trim_end());
+        println!("{indent}{}", line.join("  ").trim_end());
     }
 }

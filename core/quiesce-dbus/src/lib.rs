@@ -12,7 +12,15 @@
 //!
 //! The introspection XML of each interface is checked in under `interfaces/`; a test compares it
 //! with the live service.
+//!
+//! [`requester::HostClient`] is what a requester on the node (the `quiesce snapshot` command, a
+//! backup tool written in Rust) uses to ask the local host, with every failure between it and the
+//! host (no bus, no host on it, a bus policy refusal, an older host) put in words that say what to
+//! do; it keeps zbus out of the requester's code.
 
+pub mod requester;
+
+pub use requester::{CallError, HostClient};
 pub use zbus;
 
 use zbus::zvariant::OwnedObjectPath;
@@ -70,6 +78,19 @@ pub enum Error {
     InvalidRequest(String),
     /// A writer call failed.
     CallFailed(String),
+    /// A cluster snapshot request reached a host that was started without `--broker`: it cannot
+    /// forward to the cluster.
+    NoBroker(String),
+    /// The host could not reach the broker (connection refused or timed out, TLS handshake
+    /// refused, the broker unavailable or the link broken mid-call).
+    BrokerUnreachable(String),
+    /// The broker would not start the set (unknown volume, no live node, another set running)
+    /// or delete it (still running, no snapshot kept): nothing was frozen or deleted.
+    SetRefused(String),
+    /// The broker answered with an unexpected error (it refused this node's certificate for
+    /// requests, does not serve snapshot sets, failed internally) or with an answer that is not
+    /// a set record.
+    BrokerFailed(String),
 }
 
 impl From<zbus::fdo::Error> for Error {
@@ -114,6 +135,16 @@ pub trait Host {
         object: &zbus::zvariant::ObjectPath<'_>,
     ) -> zbus::Result<OwnedObjectPath>;
     fn unregister_writer(&self, id: &str) -> zbus::Result<()>;
+    /// Runs one snapshot set of `volumes` across the cluster (forwarded to the broker) and
+    /// returns its record as JSON (`SetRecord`, `core/quiesce-proto/JSON.md`) once it ended,
+    /// whatever its outcome: a failed set is an answer, not an error.
+    fn create_snapshot(&self, volumes: &[&str], best_effort: bool) -> Result<String, Error>;
+    /// The cluster's set records as JSON, oldest first.
+    fn list_snapshots(&self) -> Result<Vec<String>, Error>;
+    /// The record of one cluster set as JSON.
+    fn show_snapshot(&self, id: &str) -> Result<String, Error>;
+    /// Deletes the snapshot a cluster set kept; returns the record after the deletion.
+    fn delete_snapshot(&self, id: &str) -> Result<String, Error>;
     #[zbus(property)]
     fn node(&self) -> zbus::Result<String>;
     #[zbus(signal)]

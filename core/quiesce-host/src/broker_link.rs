@@ -8,9 +8,11 @@
 //! (0.2 s doubling to 10 s, with jitter; back to 0.2 s after a successful registration). The
 //! host runs on its own meanwhile: local sets and D-Bus do not depend on the broker.
 //!
-//! Not yet here (issue 4): carrying out the broker's set commands (`SetCommand`, `Lease`) on
-//! this node's writers; they are logged and ignored.
+//! The broker's set commands arriving on the link are carried out by [`crate::remote_sets`]; the
+//! node's leases outlive any one link, so a broker that dies or a link that is cut mid-set leaves
+//! no writer frozen past the lease.
 
+use crate::remote_sets::{self, Leases};
 use crate::Host;
 use quiesce_link::v1::{self, broker_message, host_message, link_client::LinkClient};
 use quiesce_link::{ConnectError, Security, TlsFiles, LINK_VERSION};
@@ -143,9 +145,10 @@ pub fn spawn(host: Arc<Host>, options: LinkOptions) -> tokio::task::JoinHandle<(
 
 async fn run(host: Arc<Host>, options: LinkOptions) {
     let mut backoff = Backoff::default();
+    let leases = Leases::start(host.clone());
     loop {
         let mut registered = false;
-        let Err(error) = session(&host, &options, &mut registered).await;
+        let Err(error) = session(&host, &leases, &options, &mut registered).await;
         if registered {
             backoff = Backoff::default();
         }
@@ -189,6 +192,7 @@ fn wire_writer((json, origin): &(String, String)) -> v1::Writer {
 /// One link, from connecting until it fails.
 async fn session(
     host: &Host,
+    leases: &Leases,
     options: &LinkOptions,
     registered: &mut bool,
 ) -> Result<std::convert::Infallible, LinkError> {
@@ -264,12 +268,16 @@ async fn session(
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    let (replies, mut outgoing) = mpsc::unbounded_channel();
     let broken = |_| LinkError::Broken {
         url: url.into(),
         message: "the request stream closed".into(),
     };
     loop {
         tokio::select! {
+            Some(body) = outgoing.recv() => {
+                tx.send(message(body)).await.map_err(broken)?;
+            }
             _ = heartbeat.tick() => {
                 tx.send(message(host_message::Body::Heartbeat(v1::Heartbeat {})))
                     .await
@@ -307,10 +315,19 @@ async fn session(
                         Some(broker_message::Body::Ack(ack)) => {
                             tracing::trace!(seq = ack.seq, epoch = ack.epoch, "acknowledged");
                         }
-                        Some(other) => tracing::warn!(
-                            "the broker sent {other:?}, which this host does not carry out yet; ignored"
+                        Some(broker_message::Body::Command(command)) => {
+                            remote_sets::carry_out(host, leases, command, &replies);
+                        }
+                        Some(broker_message::Body::Lease(lease)) => {
+                            leases.renew(&lease.set_id, Duration::from_millis(lease.lease_ms.into()));
+                        }
+                        Some(broker_message::Body::EndLease(end)) => leases.end(&end.set_id),
+                        Some(broker_message::Body::Registered(_)) => tracing::warn!(
+                            "the broker sent a second registration answer on one link; ignored"
                         ),
-                        None => {}
+                        None => tracing::warn!(
+                            "the broker sent a message this host does not know (a newer broker?); ignored"
+                        ),
                     }
                 }
             },

@@ -22,7 +22,7 @@
 //! volume = "shared"
 //! ```
 
-use quiesce_proto::Deadlines;
+use quiesce_proto::{Deadlines, Timeouts};
 use quiesce_provider::ProviderConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -46,32 +46,6 @@ pub struct Config {
     /// Per-plugin configuration tables, by plugin name.
     #[serde(default)]
     pub plugins: BTreeMap<String, toml::Table>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Timeouts {
-    pub prepare_ms: u64,
-    pub freeze_ms: u64,
-    pub thaw_ms: u64,
-    pub post_snapshot_ms: u64,
-    pub abort_ms: u64,
-    pub provider_ms: u64,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        let d = Deadlines::default();
-        let ms = |d: Duration| d.as_millis() as u64;
-        Timeouts {
-            prepare_ms: ms(d.prepare),
-            freeze_ms: ms(d.freeze),
-            thaw_ms: ms(d.thaw),
-            post_snapshot_ms: ms(d.post_snapshot),
-            abort_ms: ms(d.abort),
-            provider_ms: ms(d.provider),
-        }
-    }
 }
 
 fn default_hold_limit() -> u64 {
@@ -136,17 +110,9 @@ impl Config {
 
     /// The deadlines every set on this node runs under.
     pub fn deadlines(&self) -> Deadlines {
-        let t = &self.timeouts;
-        Deadlines {
-            prepare: Duration::from_millis(t.prepare_ms),
-            freeze: Duration::from_millis(t.freeze_ms),
-            thaw: Duration::from_millis(t.thaw_ms),
-            post_snapshot: Duration::from_millis(t.post_snapshot_ms),
-            abort: Duration::from_millis(t.abort_ms),
-            provider: Duration::from_millis(t.provider_ms),
-            hold_limit: Duration::from_millis(self.hold_limit_ms),
-            lease: Deadlines::default().lease,
-        }
+        // Local sets need no lease: the driver is this process.
+        self.timeouts
+            .deadlines(self.hold_limit(), Deadlines::default().lease)
     }
 
     pub fn hold_limit(&self) -> Duration {

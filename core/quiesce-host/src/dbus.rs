@@ -5,8 +5,16 @@
 //! root and the `quiesce` group call the methods that freeze, thaw, register or start a set; and
 //! the host itself asks the bus for the caller's uid and refuses everyone else, because a bus
 //! may run a permissive policy. Reading metadata is open to all.
+//!
+//! `CreateSnapshot`, `ListSnapshots`, `ShowSnapshot` and `DeleteSnapshot` forward to the broker
+//! ([`crate::set_requests`]) and may wait for a whole cluster set. They must not hold up other
+//! calls, and do not: zbus runs each method call of an interface in a task of its own
+//! (`spawn_tasks_for_methods`, on by default) under a *read* lock of the interface object, so
+//! calls wait for one another only if a method takes `&mut self` (a write lock). Keep every
+//! method of `HostIface` and `WriterIface` on `&self`, and hold no `std` mutex across an await.
 
 use crate::host::{Host, SetError};
+use crate::set_requests::{SetRequestError, SetRequests};
 use crate::worker::{Backend, BackendError, Op, WriterHandle};
 use futures_util::StreamExt;
 use quiesce_dbus::{writer_path, AppWriterProxy, Error, SetRow, WriterRow, HOST_NAME, HOST_PATH};
@@ -23,8 +31,13 @@ use zbus::{fdo, Connection};
 pub const OPERATOR_GROUP: &str = "quiesce";
 
 /// Serves the host on the bus at `address` (the system bus when `None`) and takes the name
-/// `org.quiesce.Host1` last, once every object is in place.
-pub async fn serve(host: Arc<Host>, address: Option<&str>) -> zbus::Result<Connection> {
+/// `org.quiesce.Host1` last, once every object is in place. `set_requests` forwards the
+/// cluster snapshot methods to the broker the host was started with (if any).
+pub async fn serve(
+    host: Arc<Host>,
+    address: Option<&str>,
+    set_requests: SetRequests,
+) -> zbus::Result<Connection> {
     let builder = match address {
         Some(address) => zbus::connection::Builder::address(address)?,
         None => zbus::connection::Builder::system()?,
@@ -35,6 +48,7 @@ pub async fn serve(host: Arc<Host>, address: Option<&str>) -> zbus::Result<Conne
         HostIface {
             host: host.clone(),
             apps: apps.clone(),
+            set_requests,
         },
     )?;
     let writers = host.writers();
@@ -69,7 +83,7 @@ async fn authorize(
         return Ok(());
     }
     Err(Error::NotAuthorized(format!(
-        "uid {uid} may not {action}: only root and members of the {OPERATOR_GROUP:?} group may freeze, thaw, register writers or start sets; reading metadata is open to everyone"
+        "uid {uid} may not {action}: only root and members of the {OPERATOR_GROUP:?} group may freeze, thaw, register writers, start sets or delete snapshots; reading metadata and records is open to everyone"
     )))
 }
 
@@ -94,9 +108,30 @@ fn set_error(e: SetError) -> Error {
     }
 }
 
+fn set_request_error(e: SetRequestError) -> Error {
+    let message = e.to_string();
+    // The requester gets the message too, but a backup tool may not show it: the operator
+    // should find what is wrong between host and broker in the host's log.
+    if matches!(
+        e,
+        SetRequestError::Unreachable { .. } | SetRequestError::Failed { .. }
+    ) {
+        tracing::warn!("a snapshot request got no answer from the broker: {message}");
+    }
+    match e {
+        SetRequestError::NoBroker => Error::NoBroker(message),
+        SetRequestError::InvalidRequest(_) => Error::InvalidRequest(message),
+        SetRequestError::Unreachable { .. } => Error::BrokerUnreachable(message),
+        SetRequestError::Refused { .. } => Error::SetRefused(message),
+        SetRequestError::UnknownSet { .. } => Error::UnknownSet(message),
+        SetRequestError::Failed { .. } => Error::BrokerFailed(message),
+    }
+}
+
 struct HostIface {
     host: Arc<Host>,
     apps: Apps,
+    set_requests: SetRequests,
 }
 
 #[zbus::interface(name = "org.quiesce.Host1")]
@@ -164,6 +199,49 @@ impl HostIface {
             ))
         })?;
         serde_json::to_string_pretty(&record).map_err(|e| Error::CallFailed(e.to_string()))
+    }
+
+    /// Runs one snapshot set of `volumes` across the cluster, through the broker this host was
+    /// started with (`--broker`), and returns its record as JSON (SetRecord,
+    /// `core/quiesce-proto/JSON.md`) once it ended. A failed set is an answer, not an error:
+    /// read its `outcome`.
+    async fn create_snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        volumes: Vec<String>,
+        best_effort: bool,
+    ) -> Result<String, Error> {
+        authorize(connection, &header, "start a snapshot set").await?;
+        self.set_requests
+            .create(volumes, best_effort)
+            .await
+            .map_err(set_request_error)
+    }
+
+    /// The cluster's snapshot sets as JSON records (SetRecord), oldest first.
+    async fn list_snapshots(&self) -> Result<Vec<String>, Error> {
+        self.set_requests.list().await.map_err(set_request_error)
+    }
+
+    /// The record of one cluster snapshot set as JSON (SetRecord).
+    async fn show_snapshot(&self, id: String) -> Result<String, Error> {
+        self.set_requests.show(id).await.map_err(set_request_error)
+    }
+
+    /// Deletes the snapshot a cluster set kept; returns the set's record after the deletion
+    /// (it stays in the catalog, marked deleted).
+    async fn delete_snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        id: String,
+    ) -> Result<String, Error> {
+        authorize(connection, &header, "delete a snapshot").await?;
+        self.set_requests
+            .delete(id)
+            .await
+            .map_err(set_request_error)
     }
 
     /// Registers the `org.quiesce.AppWriter1` object the caller exports at `object`; returns the

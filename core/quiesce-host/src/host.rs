@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// Why a set could not start. Nothing was frozen when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,9 +149,12 @@ impl Host {
     /// that includes it is told, so that set fails naming it and releases everyone else.
     pub fn writer_lost(&self, id: &str, reason: &str) {
         self.remove_writer(id);
-        if let Some((set, lost)) = self.running.lock().unwrap().as_ref() {
+        if let Some((set, inputs)) = self.running.lock().unwrap().as_ref() {
             tracing::warn!(set = %set, writer = id, "writer lost during the set: {reason}");
-            let _ = lost.send((id.to_string(), reason.to_string()));
+            let _ = inputs.send(quiesce_driver::Input::WriterLost {
+                writer: quiesce_proto::WriterRef::new(self.node(), id),
+                reason: reason.to_string(),
+            });
         }
     }
 
@@ -230,7 +233,7 @@ impl Host {
             });
         }
         let id = self.new_set_id();
-        let (lost_tx, lost) = mpsc::unbounded_channel();
+        let (inputs, inbox) = quiesce_driver::inputs();
         {
             let mut running = self.running.lock().unwrap();
             if let Some((running, _)) = running.as_ref() {
@@ -239,7 +242,7 @@ impl Host {
                     running: running.0.clone(),
                 });
             }
-            *running = Some((id.clone(), lost_tx));
+            *running = Some((id.clone(), inputs.clone()));
         }
         // Cleared however this future ends, even if the caller drops it midway.
         let _running = ClearOnDrop(&self.running);
@@ -250,7 +253,7 @@ impl Host {
             &writers,
             self.config.deadlines(),
             provider,
-            lost,
+            (inputs, inbox),
         )
         .await;
         self.history.lock().unwrap().push(record.clone());
@@ -258,7 +261,7 @@ impl Host {
     }
 }
 
-type RunningSet = Mutex<Option<(SetId, mpsc::UnboundedSender<(String, String)>)>>;
+type RunningSet = Mutex<Option<(SetId, quiesce_driver::Inputs)>>;
 
 struct ClearOnDrop<'a>(&'a RunningSet);
 

@@ -10,6 +10,8 @@ pub mod dbus;
 pub mod host;
 pub mod local_set;
 pub mod plugins;
+pub mod remote_sets;
+pub mod set_requests;
 pub mod worker;
 
 pub use config::Config;

@@ -64,6 +64,12 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let config = Config::load(&args.config)?;
+    for (volume, provider) in &config.volumes {
+        // The host writes nothing of its own on a volume it snapshots.
+        provider
+            .check(&[])
+            .with_context(|| format!("{}: [volumes.{volume}]", args.config.display()))?;
+    }
     let host = std::sync::Arc::new(Host::start(config));
     tracing::info!(
         node = host.node(),
@@ -111,7 +117,9 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(if record.outcome.is_failed() { 1 } else { 0 });
     }
 
-    let _connection = quiesce_host::dbus::serve(host.clone(), args.bus.as_deref())
+    // The cluster snapshot methods of Host1 reach the broker with the host's own link options.
+    let set_requests = quiesce_host::set_requests::SetRequests::new(link.clone());
+    let _connection = quiesce_host::dbus::serve(host.clone(), args.bus.as_deref(), set_requests)
         .await
         .with_context(|| match &args.bus {
             Some(a) => format!("serving {} on the bus at {a}", quiesce_dbus::HOST_NAME),

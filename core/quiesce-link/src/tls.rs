@@ -164,10 +164,21 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A channel to the broker at `url` (`https://HOST:PORT`, or `http://` with
 /// [`Security::Insecure`]). Connects eagerly so that an unreachable broker or a refused
-/// certificate shows here.
+/// certificate shows here. The whole connection — TCP, TLS handshake, HTTP/2 — is bounded by
+/// [`CONNECT_TIMEOUT`]: a peer that accepts and then never answers is unreachable too.
 pub async fn connect(url: &str, security: &Security) -> Result<Channel, ConnectError> {
     let endpoint = endpoint(url, security)?;
-    endpoint.connect().await.map_err(|e| {
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
+        .await
+        .map_err(|_| ConnectError::Connect {
+            url: url.to_string(),
+            cause: format!(
+                "no answer within {} ms",
+                CONNECT_TIMEOUT.as_millis()
+            ),
+            hint: "something accepts connections there but does not answer as a quiesce broker would: is it the broker's address and port?",
+        })?;
+    connected.map_err(|e| {
         let cause = crate::error_chain(&e);
         let hint = if cause.contains("certificate") || cause.contains("alert") {
             "the TLS handshake failed: the broker's certificate and this one must both come from the cluster's CA (`quiesce-broker certs`, same ca.key), and --ca must be that CA's ca.pem"

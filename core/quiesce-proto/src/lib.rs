@@ -16,7 +16,7 @@ pub mod set;
 #[cfg(test)]
 mod json_doc;
 
-pub use machine::{Command, Deadlines, SnapshotSet, WriterCall};
+pub use machine::{Command, Deadlines, SnapshotSet, Timeouts, WriterCall};
 pub use metadata::{Component, ComponentKind, Level, MetadataError, WriterMetadata};
 pub use set::{
     FailureKind, Outcome, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,

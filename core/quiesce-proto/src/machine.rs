@@ -113,6 +113,50 @@ impl WriterCall {
     }
 }
 
+/// The per-call timeouts as daemons' configurations write them (`[timeouts]`, milliseconds);
+/// any left out take the default of [`Deadlines`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub prepare_ms: u64,
+    pub freeze_ms: u64,
+    pub thaw_ms: u64,
+    pub post_snapshot_ms: u64,
+    pub abort_ms: u64,
+    pub provider_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let d = Deadlines::default();
+        Timeouts {
+            prepare_ms: ms(d.prepare),
+            freeze_ms: ms(d.freeze),
+            thaw_ms: ms(d.thaw),
+            post_snapshot_ms: ms(d.post_snapshot),
+            abort_ms: ms(d.abort),
+            provider_ms: ms(d.provider),
+        }
+    }
+}
+
+impl Timeouts {
+    /// The deadlines of a set under these timeouts, a hold limit and a lease.
+    pub fn deadlines(&self, hold_limit: Duration, lease: Duration) -> Deadlines {
+        let d = Duration::from_millis;
+        Deadlines {
+            prepare: d(self.prepare_ms),
+            freeze: d(self.freeze_ms),
+            thaw: d(self.thaw_ms),
+            post_snapshot: d(self.post_snapshot_ms),
+            abort: d(self.abort_ms),
+            provider: d(self.provider_ms),
+            hold_limit,
+            lease,
+        }
+    }
+}
+
 /// What the driver must do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -332,6 +376,12 @@ impl SnapshotSet {
         self.participants.iter().map(|p| (&p.writer, p.state))
     }
 
+    /// The snapshot the provider took, while the set still holds it (not yet deleted). A durable
+    /// driver records it as soon as it appears, to clean it up after a crash.
+    pub fn snapshot(&self) -> Option<&SnapshotInfo> {
+        self.snapshot.as_ref().filter(|_| !self.snapshot_deleted)
+    }
+
     /// The current phase, for display.
     pub fn phase(&self) -> Phase {
         match self.stage {
@@ -349,8 +399,26 @@ impl SnapshotSet {
     /// The full record, once the set has ended.
     pub fn record(&self) -> Option<SetRecord> {
         let outcome = self.outcome.clone()?;
-        let ended = self.ended_at.unwrap_or(self.started);
-        Some(SetRecord {
+        Some(self.build_record(outcome, self.ended_at.unwrap_or(self.started)))
+    }
+
+    /// What the record would be if the driver died now: the set failed in its current phase
+    /// for `reason`, every writer as last seen. A durable driver (the broker) keeps this as a
+    /// checkpoint, so that after a crash the set is on record as failed, not forgotten.
+    pub fn record_if_abandoned(&self, now: Instant, reason: String) -> SetRecord {
+        if let Some(record) = self.record() {
+            return record;
+        }
+        let outcome = Outcome::Failed {
+            phase: self.phase(),
+            writer: None,
+            reason,
+        };
+        self.build_record(outcome, now)
+    }
+
+    fn build_record(&self, outcome: Outcome, ended: Instant) -> SetRecord {
+        SetRecord {
             id: self.id.clone(),
             request: self.request.clone(),
             epoch: self.epoch,
@@ -380,7 +448,8 @@ impl SnapshotSet {
             provider_ms: self.provider_ms,
             cleanup_error: self.cleanup_error.clone(),
             total_ms: ms(ended.saturating_duration_since(self.started)),
-        })
+            deleted_unix_ms: None,
+        }
     }
 
     /// A writer answered `kind`. Replies to calls the machine no longer waits for (late,

@@ -237,4 +237,8 @@ pub struct SetRecord {
     /// A cleanup that did not work (a partial snapshot that could not be deleted): what to do.
     pub cleanup_error: Option<String>,
     pub total_ms: u64,
+    /// When the kept snapshot was deleted on request (`quiesce snapshot delete`), in
+    /// milliseconds since the Unix epoch; absent while it is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_unix_ms: Option<u64>,
 }

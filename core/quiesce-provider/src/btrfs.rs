@@ -1,6 +1,6 @@
-use crate::{run, snapshot_path, Provider, ProviderError, SnapshotInfo};
+use crate::{mounts, run, snapshot_path, Provider, ProviderError, SnapshotInfo};
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Snapshots one btrfs subvolume with `btrfs subvolume snapshot` (atomic, flushes the
 /// subvolume's dirty data itself, needs no fsfreeze). Nested subvolumes are not included.
@@ -26,6 +26,18 @@ impl Provider for Btrfs {
 
     fn take(&self, set_id: &str) -> Result<SnapshotInfo, ProviderError> {
         let target = snapshot_path("btrfs", &self.snapshots, set_id)?;
+        // Into an existing directory, `btrfs subvolume snapshot` would put the snapshot inside
+        // it (as `cp` does) and succeed, and the path returned would not be the snapshot.
+        if std::fs::symlink_metadata(&target).is_ok() {
+            return Err(ProviderError::Refused {
+                provider: "btrfs",
+                reason: format!(
+                    "{} exists already (left by an earlier set with this id?): delete it, or \
+                     use another set id",
+                    target.display()
+                ),
+            });
+        }
         // Writable: writers may still write their part (a backup label) in post-snapshot.
         run(
             "btrfs",
@@ -69,5 +81,88 @@ impl Provider for Btrfs {
                 OsStr::new(&snapshot.path),
             ],
         )
+    }
+
+    fn find(&self, set_id: &str) -> Result<Option<SnapshotInfo>, ProviderError> {
+        let target = snapshot_path("btrfs", &self.snapshots, set_id)?;
+        // `btrfs subvolume snapshot` makes the subvolume appear at once, complete: there is no
+        // partial btrfs snapshot, only none or one.
+        match mounts::is_btrfs_subvolume(&target) {
+            Ok(true) => Ok(Some(SnapshotInfo {
+                id: set_id.to_string(),
+                path: target.to_string_lossy().into_owned(),
+                provider: "btrfs".into(),
+            })),
+            Ok(false) => Err(ProviderError::Refused {
+                provider: "btrfs",
+                reason: format!(
+                    "{} exists but is not a btrfs subvolume, so quiesce did not make it; move it \
+                     out of {}",
+                    target.display(),
+                    self.snapshots.display()
+                ),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(cause) => Err(ProviderError::Io {
+                provider: "btrfs",
+                what: format!("inspecting {}", target.display()),
+                cause,
+            }),
+        }
+    }
+}
+
+/// [`crate::ProviderConfig::check`] for btrfs: the subvolume is one, and `snapshots` is a
+/// directory on the same btrfs file system (a snapshot cannot cross file systems).
+pub(crate) fn check(subvolume: &Path, snapshots: &Path) -> Result<(), ProviderError> {
+    let refuse = |reason: String| {
+        Err(ProviderError::Refused {
+            provider: "btrfs",
+            reason,
+        })
+    };
+    match mounts::is_btrfs_subvolume(subvolume) {
+        Ok(true) => {}
+        Ok(false) => {
+            return refuse(format!(
+                "subvolume = {:?} is not a btrfs subvolume (a plain directory, or not on btrfs): \
+                 point it at a subvolume, or make one with `btrfs subvolume create`",
+                subvolume.display().to_string()
+            ))
+        }
+        Err(e) => {
+            return refuse(format!(
+                "subvolume = {:?} cannot be inspected ({e}): create it with `btrfs subvolume \
+                 create`, or fix the path",
+                subvolume.display().to_string()
+            ))
+        }
+    }
+    if !snapshots.is_dir() {
+        return refuse(format!(
+            "snapshots = {:?} is not a directory: create it on the subvolume's file system",
+            snapshots.display().to_string()
+        ));
+    }
+    let same = mounts::read_mounts().and_then(|m| {
+        mounts::same_file_system(&m, &subvolume.canonicalize()?, &snapshots.canonicalize()?)
+    });
+    match same {
+        Ok(true) => Ok(()),
+        Ok(false) => refuse(format!(
+            "snapshots = {:?} is on another file system than subvolume = {:?}; a btrfs snapshot \
+             stays on its file system: choose a directory on the same one",
+            snapshots.display().to_string(),
+            subvolume.display().to_string()
+        )),
+        Err(cause) => Err(ProviderError::Io {
+            provider: "btrfs",
+            what: format!(
+                "comparing the file systems of {} and {}",
+                subvolume.display(),
+                snapshots.display()
+            ),
+            cause,
+        }),
     }
 }

@@ -112,6 +112,35 @@ impl Provider for DirCopy {
             .and_then(|()| fs::remove_dir_all(path))
             .map_err(io(format!("deleting {}", path.display())))
     }
+
+    fn find(&self, set_id: &str) -> Result<Option<SnapshotInfo>, ProviderError> {
+        let target = snapshot_path("dir-copy", &self.snapshots, set_id)?;
+        // Also a partial copy: the daemon may have died in the middle of one.
+        match fs::symlink_metadata(&target) {
+            Ok(_) => Ok(Some(SnapshotInfo {
+                id: set_id.to_string(),
+                path: target.to_string_lossy().into_owned(),
+                provider: "dir-copy".into(),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(format!("inspecting {}", target.display()))(e)),
+        }
+    }
+}
+
+/// [`crate::ProviderConfig::check`] for dir-copy: the source is a directory.
+pub(crate) fn check(source: &Path) -> Result<(), ProviderError> {
+    if source.is_dir() {
+        Ok(())
+    } else {
+        Err(ProviderError::Refused {
+            provider: "dir-copy",
+            reason: format!(
+                "source = {:?} is not a directory: create it, or fix `source`",
+                source.display().to_string()
+            ),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -139,8 +168,30 @@ mod tests {
             .permissions()
             .readonly());
 
+        assert_eq!(provider.find("set-1").unwrap(), Some(snap.clone()));
         provider.delete(&snap).unwrap();
         assert!(!copy.exists());
+        assert_eq!(provider.find("set-1").unwrap(), None);
+    }
+
+    #[test]
+    fn find_reports_a_partial_copy_so_that_it_gets_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let provider = DirCopy::new(tmp.path().join("data"), tmp.path().join("snaps"));
+        // What a daemon that died in the middle of a copy leaves.
+        fs::create_dir_all(tmp.path().join("snaps/set-9/half")).unwrap();
+        let found = provider.find("set-9").unwrap().unwrap();
+        assert_eq!(Path::new(&found.path), tmp.path().join("snaps/set-9"));
+        provider.delete(&found).unwrap();
+        assert_eq!(provider.find("set-9").unwrap(), None);
+    }
+
+    #[test]
+    fn check_wants_an_existing_source_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        check(tmp.path()).unwrap();
+        let err = check(&tmp.path().join("nope")).unwrap_err().to_string();
+        assert!(err.contains("is not a directory: create it"), "{err}");
     }
 
     #[test]

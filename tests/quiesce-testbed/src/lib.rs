@@ -6,9 +6,14 @@
 //! - [`host_config`]: a host configuration over a volume and plugins;
 //! - [`require`] / [`require_root`]: fail loudly, naming the package, when something is missing;
 //! - [`Bus`]: a private `dbus-daemon` with a permissive or the project's system-bus policy;
-//! - [`Child`]: a process killed when the test ends; [`wait_until`]: wait on a condition.
+//! - [`Child`]: a process killed when the test ends; [`wait_until`]: wait on a condition;
+//! - [`Netns`]: a network namespace whose link to the test can be cut and restored.
 //!
 //! It deliberately depends on no quiesce crate, so any crate's tests can use it.
+
+mod netns;
+
+pub use netns::Netns;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -126,7 +126,9 @@ fn three_nodes_writers_are_grouped_per_volume_and_follow_app_writers() {
     let (ok, table, stderr) = cli(&broker, &admin, &["writers", "--volume", "shared"]);
     assert!(ok, "{stderr}");
     assert!(
-        table.contains("volume shared (configured on node1, node2)"),
+        table.contains(
+            "volume shared (the broker cannot snapshot it: no [volumes.NAME] in its configuration; configured on node1, node2)"
+        ),
         "{table}"
     );
     assert!(

@@ -5,4 +5,5 @@
 
 mod cluster;
 mod security;
+mod sets;
 mod support;

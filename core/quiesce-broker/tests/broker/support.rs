@@ -53,10 +53,20 @@ pub struct Certs {
 impl Certs {
     /// Runs the certificate command for these nodes, the client `admin`, broker at 127.0.0.1.
     pub fn make(dir: &Path, nodes: &[&str]) -> Certs {
+        Self::make_for(dir, nodes, &["127.0.0.1"])
+    }
+
+    /// The same, with the broker reachable at each of `broker_hosts`.
+    pub fn make_for(dir: &Path, nodes: &[&str], broker_hosts: &[&str]) -> Certs {
         let output = Command::new(broker_exe())
             .args(["certs", "--out"])
             .arg(dir)
-            .args(["--broker-name", "broker", "--broker-host", "127.0.0.1"])
+            .args([
+                "--broker-name",
+                "broker",
+                "--broker-host",
+                &broker_hosts.join(","),
+            ])
             .args(["--nodes", &nodes.join(","), "--clients", "admin"])
             .output()
             .unwrap();
@@ -102,6 +112,8 @@ pub struct Broker {
     tls: Vec<String>,
     heartbeat_ms: u64,
     dir: PathBuf,
+    /// More `serve` arguments (`--config PATH`), kept for restarts.
+    extra: Vec<String>,
 }
 
 impl Broker {
@@ -111,16 +123,34 @@ impl Broker {
             Some(c) => c.flags("broker"),
             None => vec!["--insecure".into()],
         };
-        Self::start_at(dir, "127.0.0.1:0", tls, heartbeat_ms)
+        Self::start_at(dir, "127.0.0.1:0", tls, heartbeat_ms, vec![])
     }
 
-    fn start_at(dir: &Path, listen: &str, tls: Vec<String>, heartbeat_ms: u64) -> Broker {
+    /// Starts a broker with mutual TLS, listening on `listen`, with more `serve` arguments.
+    pub fn start_with(
+        dir: &Path,
+        certs: &Certs,
+        heartbeat_ms: u64,
+        listen: &str,
+        extra: Vec<String>,
+    ) -> Broker {
+        Self::start_at(dir, listen, certs.flags("broker"), heartbeat_ms, extra)
+    }
+
+    fn start_at(
+        dir: &Path,
+        listen: &str,
+        tls: Vec<String>,
+        heartbeat_ms: u64,
+        extra: Vec<String>,
+    ) -> Broker {
         let stderr = dir.join(format!("broker-{}.log", unique()));
         let mut command = Command::new(broker_exe());
         command
             .args(["serve", "--listen", listen])
             .args(&tls)
             .args(["--heartbeat-timeout-ms", &heartbeat_ms.to_string()])
+            .args(&extra)
             .stdout(Stdio::piped());
         let mut process = Child::spawn(command, stderr);
         let mut line = String::new();
@@ -137,20 +167,39 @@ impl Broker {
         } else {
             "https"
         };
+        // A broker on every address is reached here on loopback.
+        let reach = addr.replace("0.0.0.0:", "127.0.0.1:");
         Broker {
-            url: format!("{scheme}://{addr}"),
+            url: format!("{scheme}://{reach}"),
             addr,
             process,
             tls,
             heartbeat_ms,
             dir: dir.into(),
+            extra,
         }
+    }
+
+    /// The broker's port.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().unwrap().parse().unwrap()
     }
 
     /// Kills the broker (SIGKILL) and starts a new one on the same address.
     pub fn restart(&mut self) {
         self.process.kill();
-        let next = Self::start_at(&self.dir, &self.addr, self.tls.clone(), self.heartbeat_ms);
+        self.start_again();
+    }
+
+    /// Starts the broker again on the same address (after it was killed).
+    pub fn start_again(&mut self) {
+        let next = Self::start_at(
+            &self.dir,
+            &self.addr,
+            self.tls.clone(),
+            self.heartbeat_ms,
+            self.extra.clone(),
+        );
         *self = next;
     }
 }

@@ -15,6 +15,17 @@ const NOBODY: u32 = 65534;
 /// Writes a host config into `dir` and starts `quiesce-host` on `bus`; returns when the host owns
 /// its bus name.
 async fn start_host(bus: &Bus, dir: &Path, plugins: &[&Path], extra: &str) -> Child {
+    start_host_with_args(bus, dir, plugins, extra, &[]).await
+}
+
+/// [`start_host`] with more command-line arguments (`--broker ...`).
+async fn start_host_with_args(
+    bus: &Bus,
+    dir: &Path,
+    plugins: &[&Path],
+    extra: &str,
+    args: &[&str],
+) -> Child {
     let plugin_dir = plugin_dir(dir, plugins);
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -37,6 +48,7 @@ async fn start_host(bus: &Bus, dir: &Path, plugins: &[&Path], extra: &str) -> Ch
     command
         .args(["--config".as_ref(), config.as_os_str()])
         .args(["--bus", &bus.address])
+        .args(args)
         .env("RUST_LOG", "info");
     let host = Child::spawn(command, dir.join("host.stderr"));
     let name = HOST_NAME.try_into().unwrap();
@@ -505,6 +517,18 @@ async fn callers_under_another_uid_are_refused_for_freeze_and_register_and_may_r
             "RegisterWriter",
             host_call(Some(NOBODY), "RegisterWriter", &["objpath:/x"]),
         ),
+        (
+            "CreateSnapshot",
+            host_call(
+                Some(NOBODY),
+                "CreateSnapshot",
+                &["array:string:demo", "boolean:false"],
+            ),
+        ),
+        (
+            "DeleteSnapshot",
+            host_call(Some(NOBODY), "DeleteSnapshot", &["string:set-1"]),
+        ),
         ("Freeze", writer_call(Some(NOBODY), "Freeze")),
         ("Thaw", writer_call(Some(NOBODY), "Thaw")),
     ] {
@@ -522,6 +546,18 @@ async fn callers_under_another_uid_are_refused_for_freeze_and_register_and_may_r
     );
     let (ok, out, err) = host_call(Some(NOBODY), "ListWriters", &[]);
     assert!(ok && out.contains("\"w\""), "{out}{err}");
+    // Reading the cluster's sets is open to all: past the uid check, this host (started
+    // without --broker) says what it lacks.
+    for (member, args) in [
+        ("ListSnapshots", &[][..]),
+        ("ShowSnapshot", &["string:set-1"][..]),
+    ] {
+        let (ok, _, err) = host_call(Some(NOBODY), member, args);
+        assert!(
+            !ok && err.contains("org.quiesce.Error.NoBroker"),
+            "{member}: {err}"
+        );
+    }
     let address = format!("--address={}", bus.address);
     let (ok, out, err) = client(
         Some(NOBODY),
@@ -701,4 +737,235 @@ async fn malformed_calls_get_the_documented_errors_and_change_nothing() {
         "nothing changed"
     );
     assert!(host.list_sets().await.unwrap().is_empty(), "no set ran");
+}
+
+/// The `quiesce` command, run with `args`: (exit status, stdout, stderr).
+fn quiesce_cli(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let output = Command::new(binary("quiesce-cli", "quiesce"))
+        .args(args)
+        // Whatever the machine running the tests has set must not decide where it goes.
+        .env_remove("QUIESCE_BUS")
+        .env_remove("QUIESCE_BROKER")
+        .envs(env.iter().copied())
+        .output()
+        .expect("running quiesce");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_snapshot_requests_to_a_host_without_broker_name_the_missing_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bus = Bus::start(Policy::Permissive);
+    let _host = start_host(&bus, tmp.path(), &[], "").await;
+    let connection = support::connect(&bus).await;
+    let host = host_proxy(&connection).await;
+
+    let no_broker = |what: &str, result: Result<String, quiesce_dbus::Error>| match result {
+        Err(quiesce_dbus::Error::NoBroker(message)) => {
+            assert!(
+                message.contains("started without --broker")
+                    && message.contains("--broker https://BROKER:PORT"),
+                "{what}: {message}"
+            )
+        }
+        other => panic!("{what}: expected NoBroker, got {other:?}"),
+    };
+    no_broker(
+        "CreateSnapshot",
+        host.create_snapshot(&["demo"], false).await,
+    );
+    no_broker("ShowSnapshot", host.show_snapshot("set-1").await);
+    no_broker("DeleteSnapshot", host.delete_snapshot("set-1").await);
+    match host.list_snapshots().await {
+        Err(quiesce_dbus::Error::NoBroker(_)) => {}
+        other => panic!("ListSnapshots: expected NoBroker, got {other:?}"),
+    }
+
+    // The command a backup tool runs: status 1, the host's message on stderr, nothing on
+    // stdout (so a script never mistakes it for a record).
+    let (status, out, err) = quiesce_cli(
+        &[
+            "snapshot",
+            "create",
+            "--volume",
+            "demo",
+            "--bus",
+            &bus.address,
+        ],
+        &[],
+    );
+    assert_eq!(status, Some(1), "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.starts_with("quiesce: this host was started without --broker")
+            && err.contains("(org.quiesce.Error.NoBroker)"),
+        "{err}"
+    );
+    let (status, out, err) = quiesce_cli(
+        &["snapshot", "list", "--json"],
+        &[("QUIESCE_BUS", &bus.address)],
+    );
+    assert_eq!(status, Some(1), "{out}{err}");
+    assert!(out.is_empty() && err.contains("NoBroker"), "{out}{err}");
+    // A command-line mistake is 1 too, not clap's usual 2 (2 means "the set ran and failed").
+    let (status, _, err) = quiesce_cli(&["snapshot", "create", "--bus", &bus.address], &[]);
+    assert_eq!(status, Some(1), "{err}");
+    assert!(err.contains("--volume"), "{err}");
+    // Broker flags belong to `writers`/`nodes`: typed on `snapshot`, they are a misunderstanding.
+    let (status, _, err) = quiesce_cli(
+        &[
+            "snapshot",
+            "list",
+            "--bus",
+            &bus.address,
+            "--broker",
+            "https://b:7645",
+        ],
+        &[],
+    );
+    assert_eq!(status, Some(1), "{err}");
+    assert!(err.contains("drop --broker"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_on_a_closed_port_is_reported_unreachable_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let bus = Bus::start(Policy::Permissive);
+    let _host = start_host_with_args(
+        &bus,
+        tmp.path(),
+        &[&plugin("hello-writer")],
+        "[plugins.hello]\nvolume = \"demo\"\n",
+        &["--broker", &url, "--insecure"],
+    )
+    .await;
+    let connection = support::connect(&bus).await;
+    let host = host_proxy(&connection).await;
+
+    let started = std::time::Instant::now();
+    let (created, writers) =
+        tokio::join!(host.create_snapshot(&["demo"], false), host.list_writers());
+    assert!(
+        started.elapsed() < quiesce_link::tls::CONNECT_TIMEOUT,
+        "a refused connection took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(writers.unwrap().len(), 1);
+    match created {
+        Err(quiesce_dbus::Error::BrokerUnreachable(message)) => assert!(
+            message.contains(&format!("cannot reach the broker at {url}"))
+                && message.contains("is quiesce-broker running"),
+            "{message}"
+        ),
+        other => panic!("expected BrokerUnreachable, got {other:?}"),
+    }
+    match host.list_snapshots().await {
+        Err(quiesce_dbus::Error::BrokerUnreachable(_)) => {}
+        other => panic!("ListSnapshots: expected BrokerUnreachable, got {other:?}"),
+    }
+
+    let (status, out, err) = quiesce_cli(
+        &["snapshot", "show", "set-1", "--json", "--bus", &bus.address],
+        &[],
+    );
+    assert_eq!(status, Some(1), "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains(&url) && err.contains("(org.quiesce.Error.BrokerUnreachable)"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_that_never_answers_holds_up_neither_other_calls_nor_the_request_for_long() {
+    support::require("openssl", "openssl");
+    let tmp = tempfile::tempdir().unwrap();
+    // A node certificate that loads (the handshake never gets far enough to check it).
+    let (cert, key) = (tmp.path().join("node1.pem"), tmp.path().join("node1.key"));
+    quiesce_testbed::run(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=node1/OU=node", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    // Listening, never accepting: the kernel completes the TCP handshake, then nothing answers
+    // the TLS ClientHello.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", silent.local_addr().unwrap());
+    let bus = Bus::start(Policy::Permissive);
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let host_process = start_host_with_args(
+        &bus,
+        tmp.path(),
+        &[&plugin("hello-writer")],
+        "[plugins.hello]\nvolume = \"demo\"\n",
+        &["--broker", &url, "--ca", cert, "--cert", cert, "--key", key],
+    )
+    .await;
+    let connection = support::connect(&bus).await;
+    let host = host_proxy(&connection).await;
+
+    let started = std::time::Instant::now();
+    let create = tokio::spawn({
+        let host = host.clone();
+        async move { host.create_snapshot(&["demo"], false).await }
+    });
+    // The host logs the request before it connects: from then on it waits on the broker.
+    quiesce_testbed::wait_until_or(
+        "the host forwarded the request",
+        Duration::from_secs(10),
+        || {
+            host_process
+                .log()
+                .contains("forwarding a snapshot set request to the broker")
+                .then_some(())
+        },
+        || host_process.log(),
+    );
+    let writers = tokio::time::timeout(Duration::from_secs(2), host.list_writers())
+        .await
+        .expect("ListWriters answered while CreateSnapshot waited on the broker")
+        .unwrap();
+    assert_eq!(writers.len(), 1);
+    assert!(
+        !create.is_finished(),
+        "CreateSnapshot was still waiting on the silent broker"
+    );
+
+    let bound = quiesce_link::tls::CONNECT_TIMEOUT;
+    let created = tokio::time::timeout(bound + Duration::from_secs(5), create)
+        .await
+        .expect("CreateSnapshot gave up on the silent broker")
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= bound && waited < bound + Duration::from_secs(5),
+        "CreateSnapshot answered after {waited:?}, expected just past {bound:?}"
+    );
+    match created {
+        Err(quiesce_dbus::Error::BrokerUnreachable(message)) => assert!(
+            message.contains(&url)
+                && message.contains(&format!(
+                    "no TLS or HTTP/2 answer within {} ms",
+                    bound.as_millis()
+                )),
+            "{message}"
+        ),
+        other => panic!("expected BrokerUnreachable, got {other:?}"),
+    }
+    drop(silent);
 }

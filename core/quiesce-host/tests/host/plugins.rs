@@ -488,6 +488,12 @@ impl quiesce_provider::Provider for GatedProvider {
     ) -> Result<(), quiesce_provider::ProviderError> {
         self.inner.finalize(s)
     }
+    fn find(
+        &self,
+        set_id: &str,
+    ) -> Result<Option<quiesce_proto::SnapshotInfo>, quiesce_provider::ProviderError> {
+        self.inner.find(set_id)
+    }
     fn delete(
         &self,
         s: &quiesce_proto::SnapshotInfo,
@@ -519,7 +525,7 @@ async fn a_provider_slower_than_the_hold_limit_releases_writers_in_time_and_its_
         gate: std::sync::Mutex::new(gate),
         deleted: deleted_tx,
     });
-    let (_lost_tx, lost) = tokio::sync::mpsc::unbounded_channel();
+    let inputs = quiesce_driver::inputs();
     let mut deadlines = host.config().deadlines();
     deadlines.provider = Duration::from_millis(600);
 
@@ -531,7 +537,7 @@ async fn a_provider_slower_than_the_hold_limit_releases_writers_in_time_and_its_
         std::slice::from_ref(&w),
         deadlines,
         provider,
-        lost,
+        inputs,
     )
     .await;
     // The set gave up on the provider at its deadline, with the writer long released.

@@ -1,0 +1,383 @@
+//! The catalog: every set the broker ran, in an embedded SQLite file that survives restarts.
+//!
+//! One row per set. While a set runs, its row holds a checkpoint — the record the set would have
+//! if the broker died at that moment (failed, in its current phase) — and the snapshot the set
+//! holds, if any; both are rewritten as the set moves on. When the set ends, the row holds its
+//! final record. A broker that starts and finds rows still `running` therefore knows exactly
+//! which sets it abandoned and which snapshots to clean up ([`Catalog::abandoned`]).
+//!
+//! Checkpoints are written by one writer thread in the order they are made, so a set's progress
+//! never waits on the disk (nothing slow inside the freeze window); the final record is written
+//! before `Create` answers. Reads use their own connection (WAL mode lets them run beside
+//! writes).
+
+use quiesce_proto::{SetRecord, SnapshotInfo};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex};
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("the catalog {path}: {cause}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        cause: rusqlite::Error,
+    },
+    #[error("the catalog {path} was written by a newer broker (schema {found}, this broker knows {SCHEMA}); run the newer broker or use another catalog file")]
+    Newer { path: PathBuf, found: i64 },
+    #[error("the catalog {path}: the record of set {id} is not JSON.md's SetRecord: {cause}")]
+    Corrupt {
+        path: PathBuf,
+        id: String,
+        cause: serde_json::Error,
+    },
+    #[error("the catalog's writer thread stopped; the broker must restart")]
+    WriterGone,
+}
+
+/// The schema version, in SQLite's `user_version`.
+const SCHEMA: i64 = 1;
+
+/// A set found `running` in the catalog at start: the broker died during it.
+#[derive(Debug, Clone)]
+pub struct Abandoned {
+    pub checkpoint: SetRecord,
+    pub snapshot: Option<SnapshotInfo>,
+}
+
+enum Write {
+    Checkpoint {
+        record: SetRecord,
+        snapshot: Option<SnapshotInfo>,
+    },
+    Final {
+        record: SetRecord,
+        done: oneshot::Sender<Result<(), CatalogError>>,
+    },
+}
+
+pub struct Catalog {
+    path: PathBuf,
+    reader: Mutex<Connection>,
+    writes: mpsc::Sender<Write>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("path", &self.path).finish()
+    }
+}
+
+fn open(path: &Path) -> Result<Connection, CatalogError> {
+    let sqlite = |cause| CatalogError::Sqlite {
+        path: path.into(),
+        cause,
+    };
+    let conn = Connection::open(path).map_err(sqlite)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(sqlite)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(sqlite)?;
+    // FULL: a set's final record is on disk when `Create` answers, even across a power cut.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(sqlite)?;
+    Ok(conn)
+}
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog at `path`.
+    pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| CatalogError::Sqlite {
+                path: path.into(),
+                cause: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let writer = open(path)?;
+        let sqlite = |cause| CatalogError::Sqlite {
+            path: path.into(),
+            cause,
+        };
+        let version: i64 = writer
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sqlite)?;
+        if version > SCHEMA {
+            return Err(CatalogError::Newer {
+                path: path.into(),
+                found: version,
+            });
+        }
+        writer
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS sets (
+                    id TEXT PRIMARY KEY,
+                    started_unix_ms INTEGER NOT NULL,
+                    state TEXT NOT NULL CHECK (state IN ('running', 'ended')),
+                    record_json TEXT NOT NULL,
+                    snapshot_json TEXT
+                );
+                PRAGMA user_version = 1;",
+            )
+            .map_err(sqlite)?;
+        let reader = open(path)?;
+        let (writes, inbox) = mpsc::channel();
+        let thread_path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("catalog-writer".into())
+            .spawn(move || write_loop(writer, &thread_path, inbox))
+            .map_err(|e| CatalogError::Sqlite {
+                path: path.into(),
+                cause: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        Ok(Catalog {
+            path: path.into(),
+            reader: Mutex::new(reader),
+            writes,
+        })
+    }
+
+    fn sqlite(&self, cause: rusqlite::Error) -> CatalogError {
+        CatalogError::Sqlite {
+            path: self.path.clone(),
+            cause,
+        }
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a set that starts, synchronously (before anything is frozen).
+    pub fn start(&self, checkpoint: &SetRecord, started_unix_ms: u64) -> Result<(), CatalogError> {
+        self.reader()
+            .execute(
+                "INSERT INTO sets (id, started_unix_ms, state, record_json) VALUES (?1, ?2, 'running', ?3)",
+                params![checkpoint.id.0, started_unix_ms as i64, json(checkpoint)],
+            )
+            .map_err(|e| self.sqlite(e))?;
+        Ok(())
+    }
+
+    /// Queues a running set's new checkpoint; it does not wait for the disk.
+    pub fn checkpoint(&self, record: SetRecord, snapshot: Option<SnapshotInfo>) {
+        if self
+            .writes
+            .send(Write::Checkpoint { record, snapshot })
+            .is_err()
+        {
+            tracing::error!("the catalog's writer thread stopped; checkpoints are lost");
+        }
+    }
+
+    /// Writes a set's final record (after every checkpoint queued before it) and waits for it.
+    pub async fn finish(&self, record: SetRecord) -> Result<(), CatalogError> {
+        let (done, wait) = oneshot::channel();
+        self.writes
+            .send(Write::Final { record, done })
+            .map_err(|_| CatalogError::WriterGone)?;
+        wait.await.map_err(|_| CatalogError::WriterGone)?
+    }
+
+    /// Replaces an ended set's record (a deleted snapshot, a recovered set), synchronously.
+    pub fn update(&self, record: &SetRecord) -> Result<(), CatalogError> {
+        write_final(&self.reader(), &self.path, record)
+    }
+
+    /// The sets that were running when the broker last stopped.
+    pub fn abandoned(&self) -> Result<Vec<Abandoned>, CatalogError> {
+        let conn = self.reader();
+        let mut statement = conn
+            .prepare("SELECT id, record_json, snapshot_json FROM sets WHERE state = 'running' ORDER BY started_unix_ms")
+            .map_err(|e| self.sqlite(e))?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })
+            .map_err(|e| self.sqlite(e))?;
+        let mut abandoned = vec![];
+        for row in rows {
+            let (id, record, snapshot) = row.map_err(|e| self.sqlite(e))?;
+            abandoned.push(Abandoned {
+                checkpoint: self.parse(&id, &record)?,
+                snapshot: match snapshot {
+                    Some(s) => {
+                        Some(
+                            serde_json::from_str(&s).map_err(|cause| CatalogError::Corrupt {
+                                path: self.path.clone(),
+                                id: id.clone(),
+                                cause,
+                            })?,
+                        )
+                    }
+                    None => None,
+                },
+            });
+        }
+        Ok(abandoned)
+    }
+
+    fn parse(&self, id: &str, json: &str) -> Result<SetRecord, CatalogError> {
+        serde_json::from_str(json).map_err(|cause| CatalogError::Corrupt {
+            path: self.path.clone(),
+            id: id.into(),
+            cause,
+        })
+    }
+
+    /// Every ended set, oldest first.
+    pub fn list(&self) -> Result<Vec<SetRecord>, CatalogError> {
+        let conn = self.reader();
+        let mut statement = conn
+            .prepare("SELECT id, record_json FROM sets WHERE state = 'ended' ORDER BY started_unix_ms, id")
+            .map_err(|e| self.sqlite(e))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.sqlite(e))?;
+        rows.map(|row| {
+            let (id, json) = row.map_err(|e| self.sqlite(e))?;
+            self.parse(&id, &json)
+        })
+        .collect()
+    }
+
+    /// One set: its record and whether it is still running.
+    pub fn get(&self, id: &str) -> Result<Option<(SetRecord, bool)>, CatalogError> {
+        let row = self
+            .reader()
+            .query_row(
+                "SELECT record_json, state FROM sets WHERE id = ?1",
+                [id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.sqlite(e))?;
+        row.map(|(json, state)| Ok((self.parse(id, &json)?, state == "running")))
+            .transpose()
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("records always serialize to JSON")
+}
+
+fn write_final(conn: &Connection, path: &Path, record: &SetRecord) -> Result<(), CatalogError> {
+    conn.execute(
+        "UPDATE sets SET state = 'ended', record_json = ?2, snapshot_json = NULL WHERE id = ?1",
+        params![record.id.0, json(record)],
+    )
+    .map(drop)
+    .map_err(|cause| CatalogError::Sqlite {
+        path: path.into(),
+        cause,
+    })
+}
+
+fn write_loop(conn: Connection, path: &Path, inbox: mpsc::Receiver<Write>) {
+    for write in inbox {
+        match write {
+            Write::Checkpoint { record, snapshot } => {
+                let result = conn.execute(
+                    "UPDATE sets SET record_json = ?2, snapshot_json = ?3 WHERE id = ?1 AND state = 'running'",
+                    params![record.id.0, json(&record), snapshot.as_ref().map(json)],
+                );
+                if let Err(e) = result {
+                    tracing::error!(set = %record.id, "catalog {}: checkpoint not written: {e}", path.display());
+                }
+            }
+            Write::Final { record, done } => {
+                let _ = done.send(write_final(&conn, path, &record));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiesce_proto::{Deadlines, Outcome, SetId, SetRequest, SnapshotSet};
+    use std::time::Instant;
+
+    fn running_set(id: &str) -> SnapshotSet {
+        SnapshotSet::new(
+            SetId(id.into()),
+            SetRequest {
+                volumes: vec!["shared".into()],
+                best_effort: false,
+            },
+            7,
+            vec![],
+            Deadlines::default(),
+            Instant::now(),
+        )
+    }
+
+    fn snapshot(id: &str) -> SnapshotInfo {
+        SnapshotInfo {
+            id: id.into(),
+            path: format!("/snap/{id}"),
+            provider: "btrfs".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_set_running_when_the_broker_stops_is_found_again_with_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        {
+            let catalog = Catalog::open(&path).unwrap();
+            let set = running_set("set-1");
+            let now = Instant::now();
+            catalog
+                .start(&set.record_if_abandoned(now, "gone".into()), 1)
+                .unwrap();
+            catalog.checkpoint(
+                set.record_if_abandoned(now, "gone".into()),
+                Some(snapshot("set-1")),
+            );
+            // A second set that ends: it must not come back as abandoned.
+            let other = running_set("set-2");
+            catalog
+                .start(&other.record_if_abandoned(now, "gone".into()), 2)
+                .unwrap();
+            let mut ended = other.record_if_abandoned(now, "gone".into());
+            ended.outcome = Outcome::AppConsistent;
+            ended.snapshot = Some(snapshot("set-2"));
+            catalog.finish(ended.clone()).await.unwrap();
+            assert_eq!(catalog.list().unwrap(), vec![ended.clone()]);
+            assert_eq!(catalog.get("set-2").unwrap(), Some((ended, false)));
+            assert!(catalog.get("set-1").unwrap().unwrap().1, "still running");
+            assert_eq!(catalog.get("nope").unwrap(), None);
+        }
+        // The broker "restarts": a new catalog on the same file.
+        let catalog = Catalog::open(&path).unwrap();
+        let abandoned = catalog.abandoned().unwrap();
+        assert_eq!(abandoned.len(), 1);
+        assert_eq!(abandoned[0].checkpoint.id.0, "set-1");
+        assert_eq!(abandoned[0].snapshot, Some(snapshot("set-1")));
+        assert!(matches!(
+            &abandoned[0].checkpoint.outcome,
+            Outcome::Failed { reason, .. } if reason == "gone"
+        ));
+        catalog.update(&abandoned[0].checkpoint).unwrap();
+        assert!(catalog.abandoned().unwrap().is_empty());
+        assert_eq!(catalog.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_catalog_of_a_newer_broker_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 9)
+            .unwrap();
+        let e = Catalog::open(&path).unwrap_err();
+        assert!(e.to_string().contains("newer broker (schema 9"), "{e}");
+    }
+}

@@ -1,0 +1,146 @@
+//! The broker's TOML configuration (`quiesce-broker serve --config broker.toml`).
+//!
+//! ```toml
+//! catalog = "/var/lib/quiesce/catalog.sqlite"   # every set, kept across restarts
+//! hold_limit_ms = 10000     # longest any writer is held frozen in a set
+//! lease_ms = 15000          # each node's lease on a running set, renewed every third of it
+//!
+//! [timeouts]                # per call, in milliseconds (as in the host's configuration)
+//! freeze_ms = 10000
+//!
+//! [volumes.shared]          # a volume the broker snapshots, with its provider
+//! provider = "btrfs"
+//! subvolume = "/mnt/shared/data"
+//! snapshots = "/mnt/shared/.snapshots"
+//! ```
+//!
+//! The providers are those of `quiesce-provider` (btrfs, command, lvm, zfs, dir-copy); the
+//! broker runs on a machine that reaches the shared volume (or the storage's API).
+
+use quiesce_proto::{Deadlines, Timeouts};
+use quiesce_provider::ProviderConfig;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The SQLite file of the catalog of sets.
+    pub catalog: PathBuf,
+    #[serde(default = "default_hold_limit")]
+    pub hold_limit_ms: u64,
+    #[serde(default = "default_lease")]
+    pub lease_ms: u64,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub volumes: BTreeMap<String, ProviderConfig>,
+}
+
+fn default_hold_limit() -> u64 {
+    Deadlines::default().hold_limit.as_millis() as u64
+}
+
+fn default_lease() -> u64 {
+    Deadlines::default().lease.as_millis() as u64
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the broker configuration {path}: {cause}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        cause: std::io::Error,
+    },
+    #[error("the broker configuration {path} is not valid: {cause}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        cause: toml::de::Error,
+    },
+    #[error("the broker configuration {path} is not valid: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.into(),
+            cause,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|cause| ConfigError::Parse {
+            path: path.into(),
+            cause,
+        })?;
+        let invalid = |reason: &str| ConfigError::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        };
+        if config.hold_limit_ms == 0 {
+            return Err(invalid("hold_limit_ms must be more than 0"));
+        }
+        // Renewed every third of the lease: under 30 ms the renewals would be the whole traffic.
+        if config.lease_ms < 30 {
+            return Err(invalid("lease_ms must be at least 30"));
+        }
+        if config.catalog.as_os_str().is_empty() {
+            return Err(invalid("catalog must name a file"));
+        }
+        Ok(config)
+    }
+
+    /// The deadlines every set runs under.
+    pub fn deadlines(&self) -> Deadlines {
+        self.timeouts.deadlines(
+            Duration::from_millis(self.hold_limit_ms),
+            Duration::from_millis(self.lease_ms),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_volumes_and_deadlines() {
+        let text = r#"
+            catalog = "/tmp/c.sqlite"
+            hold_limit_ms = 3000
+            lease_ms = 1500
+            [timeouts]
+            freeze_ms = 700
+            [volumes.shared]
+            provider = "btrfs"
+            subvolume = "/mnt/s/data"
+            snapshots = "/mnt/s/.snapshots"
+        "#;
+        let c = Config::parse(text, Path::new("b.toml")).unwrap();
+        let d = c.deadlines();
+        assert_eq!(d.hold_limit, Duration::from_millis(3000));
+        assert_eq!(d.lease, Duration::from_millis(1500));
+        assert_eq!(d.freeze, Duration::from_millis(700));
+        assert_eq!(d.prepare, Deadlines::default().prepare);
+        assert!(matches!(c.volumes["shared"], ProviderConfig::Btrfs { .. }));
+    }
+
+    #[test]
+    fn refuses_what_cannot_work() {
+        let e = Config::parse("hold_limit_ms = 5", Path::new("b.toml")).unwrap_err();
+        assert!(e.to_string().contains("missing field `catalog`"), "{e}");
+        let e = Config::parse("catalog = \"c\"\nlease_ms = 3", Path::new("b.toml")).unwrap_err();
+        assert!(
+            e.to_string().contains("lease_ms must be at least 30"),
+            "{e}"
+        );
+        let e = Config::parse("catalog = \"c\"\nbogus = 1", Path::new("b.toml")).unwrap_err();
+        assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
+    }
+}

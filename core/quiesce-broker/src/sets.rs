@@ -1,0 +1,490 @@
+//! Snapshot sets across the cluster: the broker drives `quiesce_proto::SnapshotSet` over the
+//! nodes' links, takes the snapshot with the volume's provider, and keeps every set in the
+//! [`Catalog`].
+//!
+//! - **Identify**: the writers of live nodes with components on the volume, and the membership
+//!   epoch, read together under the registry's lock.
+//! - **Transport**: each of the machine's calls becomes one `SetCommand` on the writer's node's
+//!   link, sent without waiting (the calls of a level go out together); each `CommandReply`
+//!   comes back through [`crate::service`] to the set's inputs. Leases become `Lease` /
+//!   `EndLease` messages.
+//! - **Membership**: a node leaving, re-attaching, or a writer of the set going away mid-set is
+//!   fed to the set as that writer lost (so the failure names the node and the writer), then as
+//!   the new epoch.
+//! - **Durability**: the set runs on a task of its own, so a requester that hangs up does not
+//!   stop it halfway; its checkpoints go to the catalog as it moves; a broker that restarts finds
+//!   the sets it abandoned, records them failed and deletes their snapshots ([`Sets::open`]).
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::config::Config;
+use crate::service::{Awaiting, Broker, Membership};
+use quiesce_driver::{Input, Inputs, Transport};
+use quiesce_link::v1::{self, broker_message, set_command};
+use quiesce_proto::{
+    Deadlines, SetId, SetRecord, SetRequest, SnapshotInfo, SnapshotSet, WriterCall, WriterMetadata,
+    WriterRef,
+};
+use quiesce_provider::Provider;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::broadcast;
+
+/// Why a set could not start. Nothing was frozen when one of these is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("a set takes exactly one volume, {0} were asked for; run one set per volume")]
+    OneVolume(usize),
+    #[error("the broker has no volume {volume:?} (it has: {known}); add [volumes.{volume}] to the broker's configuration")]
+    UnknownVolume { volume: String, known: String },
+    #[error(
+        "set {running} is still running; the broker runs one set at a time — retry when it ends"
+    )]
+    Busy { running: String },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// Why a kept snapshot could not be deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    #[error("no set {0} in the catalog (`quiesce snapshot list` shows them)")]
+    Unknown(String),
+    #[error("set {0} is still running; delete its snapshot when it has ended")]
+    Running(String),
+    #[error("set {id} kept no snapshot (its outcome: {outcome})")]
+    NoSnapshot { id: String, outcome: String },
+    #[error("the snapshot of set {id} was already deleted")]
+    AlreadyDeleted { id: String },
+    #[error(
+        "set {id} was of volume {volume:?}, which the broker no longer has; delete {path} by hand"
+    )]
+    NoProvider {
+        id: String,
+        volume: String,
+        path: String,
+    },
+    #[error("deleting the snapshot of set {id} failed: {reason}")]
+    Provider { id: String, reason: String },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// The sets of a broker.
+pub struct Sets {
+    broker: Arc<Broker>,
+    deadlines: Deadlines,
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    catalog: Catalog,
+    running: Mutex<Option<(SetId, Inputs)>>,
+    counter: AtomicU64,
+}
+
+impl std::fmt::Debug for Sets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sets")
+            .field("volumes", &self.providers.keys())
+            .field("catalog", &self.catalog)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a restarted broker wrote down about a set it had abandoned.
+const ABANDONED: &str = "the broker stopped during the set (it was killed or crashed); the restarted broker recorded the set as failed and deleted its snapshot, if it had one";
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Sets {
+    /// Opens the catalog and cleans up after the sets a previous run abandoned: each is recorded
+    /// as failed, and its snapshot (recorded, or found by the provider under the set's name) is
+    /// deleted. Blocking: it may run provider commands.
+    pub fn open(broker: Arc<Broker>, config: &Config) -> Result<Arc<Sets>, CatalogError> {
+        let providers: BTreeMap<String, Arc<dyn Provider>> = config
+            .volumes
+            .iter()
+            .map(|(name, p)| (name.clone(), Arc::from(p.build())))
+            .collect();
+        let catalog = Catalog::open(&config.catalog)?;
+        for abandoned in catalog.abandoned()? {
+            let mut record = abandoned.checkpoint;
+            let id = record.id.0.clone();
+            let volume = record.request.volumes.first().cloned().unwrap_or_default();
+            match providers.get(&volume) {
+                Some(provider) => {
+                    let snapshot = match abandoned.snapshot {
+                        Some(s) => Ok(Some(s)),
+                        None => provider.find(&id).map_err(|e| e.to_string()),
+                    };
+                    let cleaned = snapshot.and_then(|s| match s {
+                        Some(s) => provider
+                            .delete(&s)
+                            .map(|()| Some(s))
+                            .map_err(|e| e.to_string()),
+                        None => Ok(None),
+                    });
+                    match cleaned {
+                        Ok(Some(s)) => {
+                            tracing::warn!(set = %id, snapshot = %s.path, "deleted the snapshot of an abandoned set")
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            record.cleanup_error = Some(format!("the snapshot of this abandoned set could not be cleaned up ({e}): check the volume's snapshots and delete it by hand"));
+                        }
+                    }
+                }
+                None => {
+                    record.cleanup_error = Some(format!("the broker has no volume {volume:?} any more: check its snapshots for {id} by hand"));
+                }
+            }
+            record.snapshot = None;
+            catalog.update(&record)?;
+            tracing::warn!(set = %id, outcome = %record.outcome, "a set the broker abandoned when it stopped is now recorded as failed");
+        }
+        Ok(Arc::new(Sets {
+            broker,
+            deadlines: config.deadlines(),
+            providers,
+            catalog,
+            running: Mutex::new(None),
+            counter: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<(SetId, Inputs)>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one set across the cluster and returns its record, whatever its outcome. The set
+    /// runs on a task of its own: dropping this future does not stop it.
+    pub async fn create(self: &Arc<Self>, request: SetRequest) -> Result<SetRecord, CreateError> {
+        let [volume] = request.volumes.as_slice() else {
+            return Err(CreateError::OneVolume(request.volumes.len()));
+        };
+        let volume = volume.clone();
+        let provider =
+            self.providers
+                .get(&volume)
+                .cloned()
+                .ok_or_else(|| CreateError::UnknownVolume {
+                    volume: volume.clone(),
+                    known: self
+                        .providers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+        // Subscribed before the registry is read: no change after the read can be missed.
+        let membership = self.broker.subscribe_membership();
+        let (epoch, participants) = {
+            let registry = self.broker.registry();
+            let writers = registry
+                .writers_by_volume(std::slice::from_ref(&volume))
+                .into_iter()
+                .flat_map(|v| v.writers)
+                .map(|(node, w, _)| (WriterRef::new(node, &w.metadata.id), w.metadata))
+                .collect::<Vec<(WriterRef, WriterMetadata)>>();
+            (registry.epoch(), writers)
+        };
+        let started = unix_ms();
+        let id = SetId(format!(
+            "set-{started}-{}",
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let (inputs, inbox) = quiesce_driver::inputs();
+        {
+            let mut running = self.running();
+            if let Some((running, _)) = running.as_ref() {
+                return Err(CreateError::Busy {
+                    running: running.0.clone(),
+                });
+            }
+            *running = Some((id.clone(), inputs.clone()));
+        }
+        let now = Instant::now();
+        let set = SnapshotSet::new(
+            id.clone(),
+            request,
+            epoch,
+            participants.clone(),
+            self.deadlines,
+            now,
+        );
+        if let Err(e) = self
+            .catalog
+            .start(&set.record_if_abandoned(now, ABANDONED.into()), started)
+        {
+            *self.running() = None;
+            return Err(e.into());
+        }
+        tracing::info!(set = %id, epoch, writers = participants.len(), volume = %volume, "cluster set started");
+        let sets = self.clone();
+        let task = tokio::spawn(async move {
+            let follower = tokio::spawn(follow_membership(
+                membership,
+                epoch,
+                participants.into_iter().map(|(w, _)| w).collect(),
+                inputs.clone(),
+            ));
+            let transport = LinkTransport {
+                broker: sets.broker.clone(),
+                epoch,
+                hold_limit_ms: millis(sets.deadlines.hold_limit),
+                sent: Vec::new(),
+            };
+            let mut last: Option<(quiesce_proto::Phase, Option<SnapshotInfo>)> = None;
+            let record =
+                quiesce_driver::run(set, transport, provider, (inputs, inbox), |set, now| {
+                    let now_at = (set.phase(), set.snapshot().cloned());
+                    if !set.is_ended() && last.as_ref() != Some(&now_at) {
+                        sets.catalog.checkpoint(
+                            set.record_if_abandoned(now, ABANDONED.into()),
+                            now_at.1.clone(),
+                        );
+                        last = Some(now_at);
+                    }
+                })
+                .await;
+            follower.abort();
+            if let Err(e) = sets.catalog.finish(record.clone()).await {
+                tracing::error!(set = %record.id, "the set's record could not be written: {e}");
+            }
+            *sets.running() = None;
+            tracing::info!(set = %record.id, outcome = %record.outcome, freeze_window_ms = ?record.freeze_window_ms, provider_ms = ?record.provider_ms, "cluster set ended");
+            record
+        });
+        Ok(task.await.expect("a set's task does not panic"))
+    }
+
+    /// Aborts the running set, if any, and waits (at most `patience`) for it to end: a broker
+    /// that stops on purpose releases every writer first.
+    pub async fn shutdown(&self, patience: Duration) {
+        let Some((id, inputs)) = self.running().clone() else {
+            return;
+        };
+        tracing::warn!(set = %id, "the broker is stopping: aborting the running set");
+        let _ = inputs.send(Input::Abort("the broker is stopping".into()));
+        // The set's inbox closes when it ends.
+        if tokio::time::timeout(patience, inputs.closed())
+            .await
+            .is_err()
+        {
+            tracing::error!(set = %id, "the set did not end within {} ms of its abort; its nodes' leases will release its writers", patience.as_millis());
+        }
+    }
+
+    /// Every ended set, oldest first.
+    pub fn list(&self) -> Result<Vec<SetRecord>, CatalogError> {
+        self.catalog.list()
+    }
+
+    /// One set, running or ended.
+    pub fn show(&self, id: &str) -> Result<Option<(SetRecord, bool)>, CatalogError> {
+        self.catalog.get(id)
+    }
+
+    /// Deletes the snapshot an ended set kept; the record stays, marked deleted. Blocking.
+    pub fn delete(&self, id: &str) -> Result<SetRecord, DeleteError> {
+        let (mut record, running) = self
+            .catalog
+            .get(id)?
+            .ok_or_else(|| DeleteError::Unknown(id.into()))?;
+        if running {
+            return Err(DeleteError::Running(id.into()));
+        }
+        let Some(snapshot) = record.snapshot.clone() else {
+            return Err(DeleteError::NoSnapshot {
+                id: id.into(),
+                outcome: record.outcome.to_string(),
+            });
+        };
+        if record.deleted_unix_ms.is_some() {
+            return Err(DeleteError::AlreadyDeleted { id: id.into() });
+        }
+        let volume = record.request.volumes.first().cloned().unwrap_or_default();
+        let provider = self
+            .providers
+            .get(&volume)
+            .ok_or_else(|| DeleteError::NoProvider {
+                id: id.into(),
+                volume: volume.clone(),
+                path: snapshot.path.clone(),
+            })?;
+        provider
+            .delete(&snapshot)
+            .map_err(|e| DeleteError::Provider {
+                id: id.into(),
+                reason: e.to_string(),
+            })?;
+        record.deleted_unix_ms = Some(unix_ms());
+        self.catalog.update(&record)?;
+        tracing::info!(set = id, snapshot = %snapshot.path, "snapshot deleted on request");
+        Ok(record)
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    d.as_millis().min(u32::MAX as u128) as u32
+}
+
+/// The machine's calls as set commands on the nodes' links.
+struct LinkTransport {
+    broker: Arc<Broker>,
+    epoch: u64,
+    hold_limit_ms: u32,
+    /// Every command sent, to stop waiting for their replies when the set is over.
+    sent: Vec<u64>,
+}
+
+impl Transport for LinkTransport {
+    fn call(
+        &mut self,
+        set: &SetId,
+        writer: WriterRef,
+        call: WriterCall,
+        deadline: Instant,
+        inputs: &Inputs,
+    ) {
+        let kind = call.kind();
+        let budget_ms = millis(deadline.saturating_duration_since(Instant::now()));
+        let wire = match call {
+            WriterCall::Prepare => set_command::Call::Prepare(v1::Prepare {}),
+            WriterCall::Freeze => set_command::Call::Freeze(v1::Freeze {
+                hold_limit_ms: self.hold_limit_ms,
+            }),
+            WriterCall::Thaw => set_command::Call::Thaw(v1::Thaw {}),
+            WriterCall::PostSnapshot { snapshot } => {
+                set_command::Call::PostSnapshot(v1::PostSnapshot {
+                    snapshot_json: serde_json::to_string(&snapshot)
+                        .expect("snapshot info always serializes"),
+                })
+            }
+            WriterCall::Abort => set_command::Call::Abort(v1::Abort {}),
+            WriterCall::Complete { outcome } => set_command::Call::Complete(v1::Complete {
+                outcome: outcome.label().into(),
+            }),
+        };
+        let awaiting = Awaiting {
+            writer: writer.clone(),
+            kind,
+            inputs: inputs.clone(),
+        };
+        let sent = self
+            .broker
+            .send_command(awaiting, |command_id| v1::SetCommand {
+                command_id,
+                set_id: set.0.clone(),
+                epoch: self.epoch,
+                writer: writer.writer.clone(),
+                budget_ms,
+                call: Some(wire),
+            });
+        match sent {
+            Some(id) => self.sent.push(id),
+            None if kind == quiesce_proto::machine::CallKind::Complete => {}
+            None => {
+                let reason = format!(
+                    "node {} cannot be reached: it is not attached to the broker, or it stopped reading its link",
+                    writer.node
+                );
+                let _ = inputs.send(Input::WriterLost { writer, reason });
+            }
+        }
+    }
+
+    fn lease(&mut self, set: &SetId, node: &str, lease: Option<Duration>) {
+        let message = match lease {
+            Some(lease) => broker_message::Body::Lease(v1::Lease {
+                set_id: set.0.clone(),
+                lease_ms: millis(lease),
+            }),
+            None => broker_message::Body::EndLease(v1::EndLease {
+                set_id: set.0.clone(),
+            }),
+        };
+        // A node that cannot be reached is covered by its lease lapsing on its side.
+        if !self.broker.send_to(node, message) {
+            tracing::warn!(set = %set, node, "could not send the node its lease message");
+        }
+    }
+}
+
+impl Drop for LinkTransport {
+    fn drop(&mut self) {
+        self.broker.forget_commands(&self.sent);
+    }
+}
+
+/// Feeds membership changes to a running set: first the set's writers that the change takes
+/// away (so the failure names them), then the new epoch.
+async fn follow_membership(
+    mut changes: broadcast::Receiver<Membership>,
+    epoch: u64,
+    writers: Vec<WriterRef>,
+    inputs: Inputs,
+) {
+    fn on<'a>(writers: &'a [WriterRef], node: &'a str) -> impl Iterator<Item = &'a WriterRef> {
+        writers.iter().filter(move |w| w.node == node)
+    }
+    loop {
+        let change = match changes.recv().await {
+            Ok(change) => change,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                let _ = inputs.send(Input::Abort(format!(
+                    "the broker missed {n} membership changes during the set; start a new set"
+                )));
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if change.epoch() <= epoch {
+            continue;
+        }
+        let lost: Vec<(WriterRef, String)> = match &change {
+            Membership::Left { node, why, .. } => on(&writers, node)
+                .map(|w| (w.clone(), format!("node {node} left the cluster mid-set: {why}")))
+                .collect(),
+            Membership::Joined {
+                node,
+                replaced: true,
+                ..
+            } => on(&writers, node)
+                .map(|w| {
+                    (
+                        w.clone(),
+                        format!("node {node} attached again mid-set (its host restarted or reconnected): its writers' state is unknown"),
+                    )
+                })
+                .collect(),
+            Membership::Joined { .. } => vec![],
+            Membership::WritersChanged { node, removed, .. } => {
+                let removed: BTreeSet<&str> = removed.iter().map(String::as_str).collect();
+                on(&writers, node)
+                    .filter(|w| removed.contains(w.writer.as_str()))
+                    .map(|w| {
+                        (
+                            w.clone(),
+                            format!("node {node} removed the writer mid-set (its application unregistered it or exited)"),
+                        )
+                    })
+                    .collect()
+            }
+        };
+        for (writer, reason) in lost {
+            let _ = inputs.send(Input::WriterLost { writer, reason });
+        }
+        if inputs.send(Input::Epoch(change.epoch())).is_err() {
+            return;
+        }
+    }
+}

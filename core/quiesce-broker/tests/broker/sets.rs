@@ -1,0 +1,692 @@
+//! Cluster snapshot sets: one broker and three hosts as separate processes over one real btrfs
+//! file system on a loop device. Each host has its own private dbus-daemon, a plugin writer
+//! (`db`, from the `misbehave` test plugin, told per test where to fail or hang) and the example
+//! application writer (`app`) registered over D-Bus, writing numbered records into its own
+//! directory of the shared volume. Requests go the way backup software sends them: `quiesce
+//! snapshot create` against the local host's bus, which forwards to the broker.
+
+use crate::support::*;
+use quiesce_proto::{Outcome, Phase, SetRecord};
+use quiesce_testbed::{BtrfsVolume, Netns};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Each node's lease on a running set: the broker renews it every third.
+const LEASE_MS: u64 = 1500;
+/// Far above the lease, so a writer released in time was released by its lease, not by the
+/// hold-limit watchdog.
+const HOLD_LIMIT_MS: u64 = 20_000;
+/// The broker drops a silent node after this long.
+const HEARTBEAT_MS: u64 = 1500;
+
+/// How a node is set up.
+#[derive(Clone, Copy, Default)]
+struct Spec {
+    /// More keys for the `db` writer of the misbehave plugin (`fail_in = "freeze"`, ...).
+    db: &'static str,
+    /// Run the host in a network namespace of its own, to cut its link.
+    netns: bool,
+}
+
+struct Node {
+    name: String,
+    host: Child,
+    app: Child,
+    bus: Bus,
+    /// The misbehave plugin's calls: `db <call>` before, `db <call>-done` after success.
+    events: PathBuf,
+    /// The app writer's `frozen <ns> <seq>` / `thawed <ns>` lines.
+    app_events: PathBuf,
+    records: PathBuf,
+    fifo: PathBuf,
+    netns: Option<Netns>,
+}
+
+/// Fields drop in order: the nodes' processes first, then the broker, then the volume.
+struct Cluster {
+    nodes: Vec<Node>,
+    broker: Broker,
+    certs: Certs,
+    volume: BtrfsVolume,
+    _dir: tempfile::TempDir,
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+impl Cluster {
+    fn start(specs: &[Spec]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = BtrfsVolume::create(256);
+        let names: Vec<String> = (1..=specs.len()).map(|i| format!("node{i}")).collect();
+        let mut netns: Vec<Option<Netns>> =
+            specs.iter().map(|s| s.netns.then(Netns::create)).collect();
+        let mut broker_hosts = vec!["127.0.0.1".to_string()];
+        broker_hosts.extend(netns.iter().flatten().map(|n| n.outside_ip.clone()));
+        let certs = Certs::make_for(
+            &dir.path().join("certs"),
+            &names.iter().map(String::as_str).collect::<Vec<_>>(),
+            &broker_hosts.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let config = dir.path().join("broker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "catalog = {:?}\nhold_limit_ms = {HOLD_LIMIT_MS}\nlease_ms = {LEASE_MS}\n\n[timeouts]\nfreeze_ms = 10000\nabort_ms = 5000\n\n[volumes.shared]\nprovider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n",
+                dir.path().join("catalog.sqlite"),
+                volume.data,
+                volume.snapshots
+            ),
+        )
+        .unwrap();
+        let listen = if netns.iter().any(Option::is_some) {
+            "0.0.0.0:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let broker = Broker::start_with(
+            dir.path(),
+            &certs,
+            HEARTBEAT_MS,
+            listen,
+            vec!["--config".into(), config.display().to_string()],
+        );
+        let nodes: Vec<Node> = specs
+            .iter()
+            .zip(&names)
+            .zip(netns.iter_mut())
+            .map(|((spec, name), netns)| {
+                start_node(
+                    dir.path(),
+                    &volume,
+                    &certs,
+                    &broker,
+                    name,
+                    spec,
+                    netns.take(),
+                )
+            })
+            .collect();
+        let cluster = Cluster {
+            nodes,
+            broker,
+            certs,
+            volume,
+            _dir: dir,
+        };
+        cluster.wait_attached(specs.len());
+        cluster
+    }
+
+    /// Waits until the broker knows every node with both its writers.
+    fn wait_attached(&self, nodes: usize) {
+        let admin = self.certs.flags("admin");
+        wait_for(
+            "every node attached with its two writers",
+            || {
+                let doc = cli_json(&self.broker, &admin, &["writers", "--volume", "shared"]);
+                let count = doc["volumes"][0]["writers"].as_array().map_or(0, Vec::len);
+                (count == 2 * nodes).then_some(())
+            },
+            || self.logs(),
+        );
+    }
+
+    fn logs(&self) -> String {
+        let mut text = format!("--- broker:\n{}", self.broker.process.log());
+        for n in &self.nodes {
+            text.push_str(&format!(
+                "--- {} host:\n{}--- {} app:\n{}",
+                n.name,
+                n.host.log(),
+                n.name,
+                n.app.log()
+            ));
+        }
+        text
+    }
+
+    /// `quiesce snapshot create --volume shared --json` on node `i`, started.
+    fn spawn_create(&self, i: usize) -> std::process::Child {
+        self.nodes[i]
+            .cli(&["snapshot", "create", "--volume", "shared", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The same, to its end: (exit code, the record when one was printed, stderr).
+    fn create(&self, i: usize) -> (i32, Option<SetRecord>, String) {
+        finish(self.spawn_create(i))
+    }
+}
+
+/// Waits for a `quiesce snapshot create` to end: (exit code, record, stderr).
+fn finish(child: std::process::Child) -> (i32, Option<SetRecord>, String) {
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let record = serde_json::from_str(&stdout).ok();
+    (
+        output.status.code().unwrap_or(-1),
+        record,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn start_node(
+    dir: &Path,
+    volume: &BtrfsVolume,
+    certs: &Certs,
+    broker: &Broker,
+    name: &str,
+    spec: &Spec,
+    netns: Option<Netns>,
+) -> Node {
+    let home = dir.join(name);
+    let plugins = home.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let lib = plugin("quiesce-test-plugin");
+    std::fs::copy(&lib, plugins.join(lib.file_name().unwrap())).unwrap();
+    let fifo = home.join("hang.fifo");
+    quiesce_testbed::run(Command::new("mkfifo").arg(&fifo));
+    let events = home.join("db.events");
+    let config = home.join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node = {name:?}\nplugin_dir = {:?}\nhold_limit_ms = {HOLD_LIMIT_MS}\n\n[plugins.misbehave]\nevents = {:?}\n\n[[plugins.misbehave.writers]]\nid = \"db\"\nvolume = \"shared\"\nhang_fifo = {:?}\n{}\n",
+            plugins.display().to_string(),
+            events,
+            fifo,
+            spec.db
+        ),
+    )
+    .unwrap();
+    let bus = Bus::start(Policy::Permissive);
+    let url = match &netns {
+        Some(ns) => format!("https://{}:{}", ns.outside_ip, broker.port()),
+        None => format!("https://127.0.0.1:{}", broker.port()),
+    };
+    let mut command = match &netns {
+        Some(ns) => ns.command(host_exe()),
+        None => Command::new(host_exe()),
+    };
+    command
+        .arg("--config")
+        .arg(&config)
+        .args(["--bus", &bus.address, "--broker", &url])
+        .args(certs.flags(name))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null());
+    let host = Child::spawn(command, home.join("host.log"));
+    wait_log(&host, "serving on D-Bus");
+
+    let data = volume.data.join(name);
+    let app_events = home.join("app.events");
+    let mut command = Command::new(binary("quiesce-example-app-writer", "app-writer"));
+    command
+        .args(["--bus", &bus.address, "--id", "app", "--volume", "shared"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--events")
+        .arg(&app_events)
+        .stdout(Stdio::piped());
+    let mut app = Child::spawn(command, home.join("app.log"));
+    let mut line = String::new();
+    BufReader::new(app.child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("registered "),
+        "{name}: app-writer did not register: {line:?}\n{}",
+        app.log()
+    );
+    let records = data.join("records.log");
+    wait_for(
+        &format!("{name}: the app writes records"),
+        || (!read(&records).is_empty()).then_some(()),
+        || app.log(),
+    );
+    Node {
+        name: name.into(),
+        host,
+        app,
+        bus,
+        events,
+        app_events,
+        records,
+        fifo,
+        netns,
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+impl Node {
+    fn cli(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(cli_exe());
+        command
+            .args(args)
+            .args(["--bus", &self.bus.address])
+            .env_remove("QUIESCE_BROKER");
+        command
+    }
+
+    /// `quiesce ARGS --json` through this node's host, parsed; fails the test if it fails.
+    fn cli_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let output = self.cli(args).arg("--json").output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}: quiesce {args:?} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{}: quiesce {args:?} printed no JSON ({e}): {}",
+                self.name,
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
+    /// The misbehave writer's calls so far.
+    fn calls(&self) -> Vec<String> {
+        read(&self.events)
+            .lines()
+            .filter_map(|l| l.strip_prefix("db ").map(str::to_string))
+            .collect()
+    }
+
+    fn called(&self, call: &str) -> bool {
+        self.calls().iter().any(|c| c == call)
+    }
+
+    /// The app writer's freezes `(ns, last record)` and thaws `ns`.
+    fn app_holds(&self) -> (Vec<(u128, u64)>, Vec<u128>) {
+        let text = read(&self.app_events);
+        let mut frozen = vec![];
+        let mut thawed = vec![];
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            match parts.as_slice() {
+                ["frozen", ns, seq, ..] => frozen.push((ns.parse().unwrap(), seq.parse().unwrap())),
+                ["thawed", ns, ..] => thawed.push(ns.parse().unwrap()),
+                _ => {}
+            }
+        }
+        (frozen, thawed)
+    }
+
+    /// Whether the app writer is frozen now.
+    fn app_frozen(&self) -> bool {
+        let (frozen, thawed) = self.app_holds();
+        frozen.len() > thawed.len()
+    }
+
+    /// Lets the misbehave writer's hanging call return.
+    fn release_hang(&self) {
+        // Opening the FIFO for writing lets the writer's blocked open for reading return.
+        // The writer only opens it, so nothing is written (it would meet a closed pipe).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.fifo)
+            .unwrap();
+    }
+}
+
+/// The records `(seq, ns)` of an app writer's log.
+fn records(path: &Path) -> Vec<(u64, u128)> {
+    let text = read(path);
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "a record is cut short in {}",
+        path.display()
+    );
+    text.lines()
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            (
+                parts.next().unwrap().parse().unwrap(),
+                parts.next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn failed(record: &SetRecord) -> (Phase, Option<(String, String)>, String) {
+    match &record.outcome {
+        Outcome::Failed {
+            phase,
+            writer,
+            reason,
+        } => (
+            *phase,
+            writer.as_ref().map(|w| (w.node.clone(), w.writer.clone())),
+            reason.clone(),
+        ),
+        other => panic!("the set did not fail: {other}"),
+    }
+}
+
+#[test]
+fn a_snapshot_asked_for_on_node3_is_app_consistent_read_only_and_holds_what_every_writer_flushed() {
+    let cluster = Cluster::start(&[Spec::default(); 3]);
+    let admin = cluster.certs.flags("admin");
+    let writers = cli_json(&cluster.broker, &admin, &["writers", "--volume", "shared"]);
+    assert_eq!(
+        writers["volumes"][0]["broker_provider"], "btrfs",
+        "{writers:#}"
+    );
+    let (code, record, stderr) = cluster.create(2);
+    let record =
+        record.unwrap_or_else(|| panic!("no record ({code}): {stderr}\n{}", cluster.logs()));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(record.outcome, Outcome::AppConsistent, "{}", cluster.logs());
+    let writers: BTreeSet<(String, String)> = record
+        .writers
+        .iter()
+        .map(|w| (w.writer.node.clone(), w.writer.writer.clone()))
+        .collect();
+    let expected: BTreeSet<(String, String)> = ["node1", "node2", "node3"]
+        .iter()
+        .flat_map(|n| [(n.to_string(), "app".into()), (n.to_string(), "db".into())])
+        .collect();
+    assert_eq!(writers, expected, "every writer of every node took part");
+    assert!(record.writers.iter().all(|w| w.failure.is_none()));
+    assert!(record.freeze_window_ms.is_some() && record.provider_ms.is_some());
+
+    let snapshot = record
+        .snapshot
+        .clone()
+        .expect("an app-consistent set keeps its snapshot");
+    let path = PathBuf::from(&snapshot.path);
+    assert_eq!(snapshot.provider, "btrfs");
+    assert!(
+        BtrfsVolume::is_read_only(&path),
+        "{} is read-only",
+        path.display()
+    );
+
+    for node in &cluster.nodes {
+        // Each application's records in the snapshot end exactly at the record it reported when
+        // it froze, none cut short, and match what it wrote.
+        let (frozen, thawed) = node.app_holds();
+        assert_eq!(
+            (frozen.len(), thawed.len()),
+            (1, 1),
+            "{}: one freeze, one thaw",
+            node.name
+        );
+        let last = frozen[0].1;
+        let snapped = records(&path.join(&node.name).join("records.log"));
+        assert_eq!(snapped.last().map(|r| r.0), Some(last), "{}", node.name);
+        let live = records(&node.records);
+        assert_eq!(snapped[..], live[..snapped.len()], "{}", node.name);
+        // The plugin writer was frozen and thawed.
+        let calls = node.calls();
+        assert!(
+            calls.contains(&"freeze-done".into()) && calls.contains(&"thaw-done".into()),
+            "{}: {calls:?}",
+            node.name
+        );
+    }
+
+    // Post-snapshot ran on the writable snapshot before it was made read-only (the app writers
+    // write their label at the snapshot's root, so the last one's is there).
+    let label = read(&path.join("app-writer.label"));
+    assert!(
+        label.contains(&record.id.0),
+        "post-snapshot label {label:?}"
+    );
+
+    // The catalog, asked through other nodes' hosts.
+    let shown: SetRecord = cluster.nodes[0].cli_json(&["snapshot", "show", &record.id.0]);
+    assert_eq!(shown, record);
+    let listed: Vec<SetRecord> = cluster.nodes[1].cli_json(&["snapshot", "list"]);
+    assert_eq!(listed, vec![record.clone()]);
+    let deleted: SetRecord = cluster.nodes[0].cli_json(&["snapshot", "delete", &record.id.0]);
+    assert!(deleted.deleted_unix_ms.is_some());
+    assert!(!path.exists(), "the snapshot is gone");
+    assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn a_writer_failing_freeze_on_node2_aborts_the_set_everywhere_and_leaves_no_snapshot() {
+    let cluster = Cluster::start(&[
+        Spec::default(),
+        Spec {
+            db: "fail_in = \"freeze\"",
+            ..Spec::default()
+        },
+        Spec::default(),
+    ]);
+    let (code, record, stderr) = cluster.create(2);
+    let record = record.unwrap_or_else(|| panic!("no record ({code}): {stderr}"));
+    assert_eq!(code, 2, "a failed set exits 2");
+    let (phase, writer, reason) = failed(&record);
+    assert_eq!(phase, Phase::Freeze);
+    assert_eq!(writer, Some(("node2".into(), "db".into())));
+    assert!(reason.contains("told to fail in freeze"), "{reason}");
+    for node in &cluster.nodes {
+        assert!(
+            !node.app_frozen(),
+            "{}: the app writer is released",
+            node.name
+        );
+        let calls = node.calls();
+        if calls.contains(&"freeze-done".into()) {
+            assert!(
+                calls.contains(&"abort-done".into()),
+                "{}: frozen, so aborted: {calls:?}",
+                node.name
+            );
+        }
+    }
+    assert_eq!(
+        cluster.volume.snapshot_list(),
+        Vec::<PathBuf>::new(),
+        "no snapshot remains"
+    );
+}
+
+/// Waits until every node's writers that froze in the set are released, and returns when.
+fn wait_released(cluster: &Cluster, nodes: &[usize], what: &str) {
+    wait_for(
+        what,
+        || {
+            nodes
+                .iter()
+                .all(|&i| {
+                    let n = &cluster.nodes[i];
+                    !n.app_frozen() && (!n.called("freeze-done") || n.called("abort-done"))
+                })
+                .then_some(())
+        },
+        || cluster.logs(),
+    );
+}
+
+/// Asserts that each app writer of `nodes` was held no longer than the lease (plus one second
+/// for scheduling) after `fault_ns`.
+fn assert_released_within_the_lease(cluster: &Cluster, nodes: &[usize], fault_ns: u128) {
+    for &i in nodes {
+        let node = &cluster.nodes[i];
+        let (frozen, thawed) = node.app_holds();
+        let (frozen_ns, _) = *frozen.last().unwrap();
+        let thawed_ns = *thawed.last().unwrap();
+        assert!(
+            thawed_ns > fault_ns,
+            "{}: released after the fault",
+            node.name
+        );
+        let after_fault_ms = (thawed_ns - fault_ns) / 1_000_000;
+        assert!(
+            after_fault_ms <= (LEASE_MS + 1000) as u128,
+            "{}: released {after_fault_ms} ms after the fault; the lease is {LEASE_MS} ms",
+            node.name
+        );
+        assert!(
+            (thawed_ns - frozen_ns) / 1_000_000 < HOLD_LIMIT_MS as u128,
+            "{}: released by its lease, before the hold limit",
+            node.name
+        );
+        let calls = node.calls();
+        if calls.contains(&"freeze-done".into()) {
+            assert!(
+                calls.contains(&"abort".into()) && !calls.contains(&"thaw".into()),
+                "{}: the lease aborted the plugin writer (not the watchdog's thaw): {calls:?}",
+                node.name
+            );
+        }
+    }
+}
+
+#[test]
+fn the_broker_killed_mid_freeze_leaves_no_writer_frozen_past_the_lease_and_its_restart_records_the_set_failed(
+) {
+    let hang = Spec {
+        db: "hang_in = \"freeze\"",
+        ..Spec::default()
+    };
+    let mut cluster = Cluster::start(&[Spec::default(), hang, Spec::default()]);
+    let create = cluster.spawn_create(2);
+    // Mid-freeze: every app writer frozen, node1's and node3's db frozen, node2's db hanging.
+    wait_for(
+        "the set to be mid-freeze",
+        || {
+            let n = &cluster.nodes;
+            (n.iter().all(Node::app_frozen)
+                && n[0].called("freeze-done")
+                && n[2].called("freeze-done")
+                && n[1].called("freeze"))
+            .then_some(())
+        },
+        || cluster.logs(),
+    );
+    let killed_ns = now_ns();
+    cluster.broker.process.kill();
+    wait_released(
+        &cluster,
+        &[0, 1, 2],
+        "every frozen writer released after the broker died",
+    );
+    assert_released_within_the_lease(&cluster, &[0, 1, 2], killed_ns);
+    // The writer that hung in freeze gets its abort as soon as it returns.
+    cluster.nodes[1].release_hang();
+    wait_for(
+        "node2's db aborted once its freeze returned",
+        || cluster.nodes[1].called("abort-done").then_some(()),
+        || cluster.logs(),
+    );
+    let (code, _, stderr) = finish(create);
+    assert_eq!(code, 1, "the request could not be answered: {stderr}");
+
+    cluster.broker.start_again();
+    let listed: Vec<SetRecord> = cluster.nodes[0].cli_json(&["snapshot", "list"]);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let (phase, writer, reason) = failed(&listed[0]);
+    assert_eq!(phase, Phase::Freeze);
+    assert_eq!(writer, None);
+    assert!(
+        reason.contains("the broker stopped during the set"),
+        "{reason}"
+    );
+    assert!(listed[0].snapshot.is_none());
+    assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn a_node_cut_off_mid_freeze_releases_its_writers_at_the_lease_and_the_set_fails_naming_it() {
+    let cluster = Cluster::start(&[
+        Spec {
+            db: "hang_in = \"freeze\"",
+            ..Spec::default()
+        },
+        Spec {
+            netns: true,
+            ..Spec::default()
+        },
+        Spec::default(),
+    ]);
+    let create = cluster.spawn_create(2);
+    wait_for(
+        "node2 frozen while node1's db hangs in freeze",
+        || {
+            let n = &cluster.nodes;
+            (n[1].app_frozen() && n[1].called("freeze-done") && n[0].called("freeze")).then_some(())
+        },
+        || cluster.logs(),
+    );
+    let cut_ns = now_ns();
+    cluster.nodes[1].netns.as_ref().unwrap().cut();
+    wait_released(
+        &cluster,
+        &[1],
+        "node2's writers released after its link was cut",
+    );
+    assert_released_within_the_lease(&cluster, &[1], cut_ns);
+
+    cluster.nodes[0].release_hang();
+    let (code, record, stderr) = finish(create);
+    let record = record.unwrap_or_else(|| panic!("no record ({code}): {stderr}"));
+    assert_eq!(code, 2);
+    let (_, writer, reason) = failed(&record);
+    let (node, _) = writer.expect("the failure names a writer");
+    assert_eq!(node, "node2");
+    assert!(reason.contains("node node2 left the cluster"), "{reason}");
+    wait_released(&cluster, &[0, 2], "the other nodes' writers released");
+    assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
+
+    // The node comes back when its link does.
+    cluster.nodes[1].netns.as_ref().unwrap().restore();
+    cluster.wait_attached(3);
+}
+
+#[test]
+fn a_broker_killed_after_taking_the_snapshot_deletes_it_when_it_restarts() {
+    let mut cluster = Cluster::start(&[Spec {
+        db: "needs_post_snapshot = true\nhang_in = \"post_snapshot\"",
+        ..Spec::default()
+    }]);
+    let create = cluster.spawn_create(0);
+    wait_for(
+        "the set to hang in post-snapshot",
+        || cluster.nodes[0].called("post_snapshot").then_some(()),
+        || cluster.logs(),
+    );
+    assert_eq!(
+        cluster.volume.snapshot_list().len(),
+        1,
+        "the snapshot was taken"
+    );
+    cluster.broker.process.kill();
+    let (code, _, _) = finish(create);
+    assert_eq!(code, 1);
+    cluster.broker.start_again();
+    let listed: Vec<SetRecord> = cluster.nodes[0].cli_json(&["snapshot", "list"]);
+    let (phase, _, reason) = failed(&listed[0]);
+    assert_eq!(phase, Phase::PostSnapshot);
+    assert!(reason.contains("deleted its snapshot"), "{reason}");
+    assert_eq!(
+        cluster.volume.snapshot_list(),
+        Vec::<PathBuf>::new(),
+        "the restarted broker deleted the abandoned snapshot"
+    );
+    cluster.nodes[0].release_hang();
+    wait_for(
+        "the hung writer aborted (its lease lapsed) once it returned",
+        || cluster.nodes[0].called("abort-done").then_some(()),
+        || cluster.logs(),
+    );
+}

@@ -1,0 +1,160 @@
+//! A requester's side of `org.quiesce.Host1`: reach the host on this node and ask it for
+//! snapshot sets across the cluster.
+//!
+//! The host forwards these requests to the broker with its own node certificate, so a requester
+//! needs no certificate: only the right to call the host (root or the `quiesce` group for
+//! creating and deleting, anyone for reading, as the bus policy and the host both check).
+//!
+//! Every failure comes back as a [`CallError`] whose message says what to do. The host's own
+//! refusals ([`CallError::Host`]) keep their documented `org.quiesce.Error.*` name; failures
+//! before the host is reached (no bus, no host on it, a bus policy refusal, a host of an older
+//! release) get a variant of their own.
+
+use crate::{Error, HostProxy};
+use zbus::proxy::CacheProperties;
+
+/// Why a call to the host gave no answer from it, or which documented error it answered.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The host refused with one of its documented errors (never [`Error::ZBus`]).
+    #[error("{} ({})", host_message(.0), zbus::DBusError::name(.0))]
+    Host(Error),
+    #[error("cannot connect to {bus}: {cause}; is the D-Bus daemon running there? Point --bus (or QUIESCE_BUS) at the bus quiesce-host serves on")]
+    NoBus { bus: String, cause: String },
+    #[error("no quiesce-host serves {name} on {bus}: start it (quiesce-host --config /etc/quiesce/host.toml), or point --bus (or QUIESCE_BUS) at the bus it serves on", name = crate::HOST_NAME)]
+    NoHost { bus: String },
+    #[error("{bus} refused the call to {method} ({cause}): its policy (/usr/share/dbus-1/system.d/org.quiesce.Host1.conf) lets only root and members of the quiesce group start or delete sets; run as one of them, or install the policy of this release")]
+    Denied {
+        bus: String,
+        method: &'static str,
+        cause: String,
+    },
+    #[error("the quiesce-host on {bus} does not know {method} ({cause}): it is older than this requester; install the same quiesce release on the host and restart it")]
+    OldHost {
+        bus: String,
+        method: &'static str,
+        cause: String,
+    },
+    #[error("calling {method} on the quiesce-host on {bus} failed: {cause}; check the host's log (journalctl -u quiesce-host)")]
+    Bus {
+        bus: String,
+        method: &'static str,
+        cause: String,
+    },
+}
+
+fn host_message(error: &Error) -> &str {
+    zbus::DBusError::description(error).unwrap_or("no description")
+}
+
+/// A connection to the host on this node (`org.quiesce.Host1`).
+pub struct HostClient {
+    proxy: HostProxy<'static>,
+    bus: String,
+}
+
+impl HostClient {
+    /// Connects to the bus at `address`, or to the system bus when `None` (which follows
+    /// `DBUS_SYSTEM_BUS_ADDRESS` when it is set). Whether a host serves there shows at the
+    /// first call ([`CallError::NoHost`]).
+    pub async fn connect(address: Option<&str>) -> Result<HostClient, CallError> {
+        let bus = describe_bus(address);
+        let no_bus = |cause: zbus::Error| CallError::NoBus {
+            bus: bus.clone(),
+            cause: cause.to_string(),
+        };
+        let builder = match address {
+            Some(address) => zbus::connection::Builder::address(address).map_err(no_bus)?,
+            None => zbus::connection::Builder::system().map_err(no_bus)?,
+        };
+        let connection = builder.build().await.map_err(no_bus)?;
+        // Nothing here reads properties: caching them would only add calls (and match rules)
+        // a restrictive bus policy might refuse.
+        let proxy = HostProxy::builder(&connection)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(no_bus)?;
+        Ok(HostClient { proxy, bus })
+    }
+
+    /// The bus this client talks to, as messages name it.
+    pub fn bus(&self) -> &str {
+        &self.bus
+    }
+
+    /// `CreateSnapshot`: runs one set of `volumes` across the cluster and returns its record as
+    /// JSON once it ended, whatever its outcome.
+    pub async fn create_snapshot(
+        &self,
+        volumes: &[String],
+        best_effort: bool,
+    ) -> Result<String, CallError> {
+        let volumes: Vec<&str> = volumes.iter().map(String::as_str).collect();
+        self.proxy
+            .create_snapshot(&volumes, best_effort)
+            .await
+            .map_err(|e| self.call_error("CreateSnapshot", e))
+    }
+
+    /// `ListSnapshots`: every set record of the cluster as JSON, oldest first.
+    pub async fn list_snapshots(&self) -> Result<Vec<String>, CallError> {
+        self.proxy
+            .list_snapshots()
+            .await
+            .map_err(|e| self.call_error("ListSnapshots", e))
+    }
+
+    /// `ShowSnapshot`: the record of one set as JSON.
+    pub async fn show_snapshot(&self, id: &str) -> Result<String, CallError> {
+        self.proxy
+            .show_snapshot(id)
+            .await
+            .map_err(|e| self.call_error("ShowSnapshot", e))
+    }
+
+    /// `DeleteSnapshot`: deletes the snapshot a set kept; returns the record after deletion.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<String, CallError> {
+        self.proxy
+            .delete_snapshot(id)
+            .await
+            .map_err(|e| self.call_error("DeleteSnapshot", e))
+    }
+
+    /// Tells the host's documented errors from failures on the way to it.
+    fn call_error(&self, method: &'static str, error: Error) -> CallError {
+        let Error::ZBus(error) = error else {
+            return CallError::Host(error);
+        };
+        let (name, cause) = match &error {
+            zbus::Error::MethodError(name, description, _) => (
+                name.as_str().to_string(),
+                description.clone().unwrap_or_else(|| name.to_string()),
+            ),
+            zbus::Error::FDO(e) => (zbus::DBusError::name(e.as_ref()).to_string(), e.to_string()),
+            other => (String::new(), other.to_string()),
+        };
+        let bus = self.bus.clone();
+        match name.as_str() {
+            "org.freedesktop.DBus.Error.ServiceUnknown"
+            | "org.freedesktop.DBus.Error.NameHasNoOwner" => CallError::NoHost { bus },
+            "org.freedesktop.DBus.Error.AccessDenied" => CallError::Denied { bus, method, cause },
+            "org.freedesktop.DBus.Error.UnknownMethod"
+            | "org.freedesktop.DBus.Error.UnknownInterface"
+            | "org.freedesktop.DBus.Error.UnknownObject" => {
+                CallError::OldHost { bus, method, cause }
+            }
+            _ => CallError::Bus { bus, method, cause },
+        }
+    }
+}
+
+fn describe_bus(address: Option<&str>) -> String {
+    match address {
+        Some(address) => format!("the bus at {address}"),
+        None => match std::env::var("DBUS_SYSTEM_BUS_ADDRESS") {
+            Ok(address) => format!("the system bus at {address} (DBUS_SYSTEM_BUS_ADDRESS)"),
+            Err(_) => "the system bus".to_string(),
+        },
+    }
+}

@@ -1,0 +1,250 @@
+//! The broker's sets on this node: its `SetCommand`s carried out on the writers, and the node's
+//! leases kept.
+//!
+//! A command becomes one call on the writer's worker thread (queued in arrival order, like a
+//! local set's calls), and its answer one `CommandReply` on whichever link is open when it comes.
+//!
+//! **Leases** are what keeps a node safe from a broker that vanishes. For every set the broker
+//! grants the node a lease and renews it every third of its length. The [`Leases`] keeper lives
+//! outside any one link: when the link breaks or the broker dies, nobody renews, and when the
+//! lease lapses the node aborts, on its own, every writer the set called and did not release
+//! (sent `Abort` or `Complete`). The hold-limit watchdog in each worker remains the last line:
+//! it thaws a frozen writer even if this task is stuck.
+
+use crate::worker::Op;
+use crate::Host;
+use quiesce_link::v1::{self, command_reply, host_message, set_command};
+use quiesce_proto::SnapshotInfo;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+/// Where the answers to commands go: the open link's outgoing messages.
+pub type Replies = mpsc::UnboundedSender<host_message::Body>;
+
+struct Lease {
+    until: Instant,
+    /// Writers the set called and has not released yet.
+    open: BTreeSet<String>,
+}
+
+/// The node's leases on the broker's sets, and the task that acts when one lapses.
+pub struct Leases {
+    host: Arc<Host>,
+    leases: Mutex<HashMap<String, Lease>>,
+    changed: Notify,
+}
+
+impl Leases {
+    /// Starts the keeper; it runs until the process ends.
+    pub fn start(host: Arc<Host>) -> Arc<Leases> {
+        let leases = Arc::new(Leases {
+            host,
+            leases: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+        });
+        tokio::spawn(leases.clone().keep());
+        leases
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The broker granted or renewed the lease on `set` for `lease` from now.
+    pub fn renew(&self, set: &str, lease: Duration) {
+        let until = Instant::now() + lease;
+        self.lock()
+            .entry(set.to_string())
+            .and_modify(|l| l.until = until)
+            .or_insert_with(|| Lease {
+                until,
+                open: BTreeSet::new(),
+            });
+        self.changed.notify_one();
+    }
+
+    /// The set is over for this node.
+    pub fn end(&self, set: &str) {
+        if let Some(lease) = self.lock().remove(set) {
+            if !lease.open.is_empty() {
+                tracing::warn!(set, writers = ?lease.open, "the broker ended its lease with writers not released");
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    /// The number of sets this node holds a lease on now.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Notes that `writer` was called (`releases`: and released) in `set`.
+    fn called(&self, set: &str, writer: &str, releases: bool, budget: Duration) {
+        let mut leases = self.lock();
+        let lease = leases.entry(set.to_string()).or_insert_with(|| {
+            // A command without a lease (the broker must grant one first): guard it anyway,
+            // for no longer than the call may take.
+            tracing::warn!(
+                set,
+                "a set command arrived without a lease; guarding it for its budget"
+            );
+            Lease {
+                until: Instant::now() + budget,
+                open: BTreeSet::new(),
+            }
+        });
+        if releases {
+            lease.open.remove(writer);
+        } else {
+            lease.open.insert(writer.to_string());
+        }
+        drop(leases);
+        self.changed.notify_one();
+    }
+
+    async fn keep(self: Arc<Self>) {
+        loop {
+            let next = self.lock().values().map(|l| l.until).min();
+            let notified = self.changed.notified();
+            match next {
+                Some(until) if until <= Instant::now() => self.lapse(),
+                Some(until) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => self.lapse(),
+                        () = notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Aborts the open writers of every lease that lapsed.
+    fn lapse(&self) {
+        let now = Instant::now();
+        let lapsed: Vec<(String, Lease)> = {
+            let mut leases = self.lock();
+            let ids: Vec<String> = leases
+                .iter()
+                .filter(|(_, l)| l.until <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| leases.remove(&id).map(|l| (id, l)))
+                .collect()
+        };
+        let budget = self.host.config().deadlines().abort;
+        for (set, lease) in lapsed {
+            tracing::error!(
+                set,
+                writers = ?lease.open,
+                "the lease on this set lapsed (no renewal from the broker: it died or the link is cut); aborting its writers on our own"
+            );
+            for id in lease.open {
+                let Some(writer) = self.host.writer(&id) else {
+                    continue;
+                };
+                let pending = writer.start_call(Op::Abort, &set, budget);
+                let set = set.clone();
+                tokio::spawn(async move {
+                    match pending.answer().await {
+                        Ok(_) => {
+                            tracing::info!(set, writer = %id, "aborted after the lease lapsed")
+                        }
+                        Err(e) => tracing::error!(set, "abort after the lease lapsed: {e}"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Carries out one `SetCommand`; its answer goes to `replies`.
+pub fn carry_out(host: &Host, leases: &Leases, command: v1::SetCommand, replies: &Replies) {
+    let v1::SetCommand {
+        command_id,
+        set_id,
+        writer,
+        budget_ms,
+        call,
+        ..
+    } = command;
+    let reply = |result| {
+        let _ = replies.send(host_message::Body::CommandReply(v1::CommandReply {
+            command_id,
+            set_id: set_id.clone(),
+            writer: writer.clone(),
+            result: Some(result),
+        }));
+    };
+    let failed = |kind: &str, reason: String| {
+        command_reply::Result::Failed(v1::CallFailed {
+            kind: kind.into(),
+            reason,
+            reports: Default::default(),
+        })
+    };
+    let op = match call.map(op_for_wire) {
+        Some(Ok(op)) => op,
+        Some(Err(e)) => return reply(failed("failed", e)),
+        None => {
+            return reply(failed(
+                "failed",
+                format!(
+                    "node {}: the broker sent a command this host does not know (a newer broker?); upgrade the host",
+                    host.node()
+                ),
+            ))
+        }
+    };
+    let budget = Duration::from_millis(budget_ms.into());
+    let Some(handle) = host.writer(&writer) else {
+        return reply(failed(
+            "lost",
+            format!("node {} has no writer {writer:?} (any more)", host.node()),
+        ));
+    };
+    let releases = matches!(op, Op::Abort | Op::Complete { .. });
+    leases.called(&set_id, &writer, releases, budget);
+    let pending = handle.start_call(op, &set_id, budget);
+    let replies = replies.clone();
+    tokio::spawn(async move {
+        let result = match pending.answer().await {
+            Ok(reports) => command_reply::Result::Ok(v1::CallOk {
+                reports: reports.into_iter().collect(),
+            }),
+            Err(e) => command_reply::Result::Failed(v1::CallFailed {
+                kind: "failed".into(),
+                reason: e.to_string(),
+                reports: Default::default(),
+            }),
+        };
+        let _ = replies.send(host_message::Body::CommandReply(v1::CommandReply {
+            command_id,
+            set_id,
+            writer,
+            result: Some(result),
+        }));
+    });
+}
+
+/// The writer operation for a wire call.
+fn op_for_wire(call: set_command::Call) -> Result<Op, String> {
+    Ok(match call {
+        set_command::Call::Prepare(_) => Op::Prepare,
+        set_command::Call::Freeze(_) => Op::Freeze,
+        set_command::Call::Thaw(_) => Op::Thaw,
+        set_command::Call::PostSnapshot(p) => Op::PostSnapshot {
+            snapshot_path: serde_json::from_str::<SnapshotInfo>(&p.snapshot_json)
+                .map_err(|e| {
+                    format!("the broker sent a snapshot that is not JSON.md's SnapshotInfo: {e}")
+                })?
+                .path,
+        },
+        set_command::Call::Abort(_) => Op::Abort,
+        set_command::Call::Complete(c) => Op::Complete { outcome: c.outcome },
+    })
+}

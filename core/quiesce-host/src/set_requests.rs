@@ -1,0 +1,276 @@
+//! Snapshot sets across the cluster, for requesters on this node.
+//!
+//! `org.quiesce.Host1`'s `CreateSnapshot`, `ListSnapshots`, `ShowSnapshot` and `DeleteSnapshot`
+//! come here and are forwarded to the broker's `quiesce.link.v1.Sets` with the link options this
+//! host was started with (`--broker` and its node certificate): a backup tool on the node needs
+//! no certificate of its own, only the right to call the host.
+//!
+//! Each request opens its own channel: a set takes seconds, so the connection costs nothing
+//! worth keeping, and no state is shared between concurrent requests (nor with the host's link,
+//! whose stream must never wait behind a request).
+
+use crate::broker_link::LinkOptions;
+use quiesce_link::v1::sets_client::SetsClient;
+use quiesce_link::v1::{CreateSetRequest, DeleteSetRequest, ListSetsRequest, ShowSetRequest};
+use quiesce_link::ConnectError;
+use quiesce_proto::SetRecord;
+use tonic::transport::Channel;
+
+/// Forwards requesters' set requests to the broker, when the host has one.
+#[derive(Debug, Clone)]
+pub struct SetRequests {
+    broker: Option<LinkOptions>,
+}
+
+/// Why a forwarded request got no set record; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SetRequestError {
+    #[error("this host was started without --broker, so it cannot ask the cluster for snapshot sets: restart quiesce-host with --broker https://BROKER:PORT --ca ca.pem --cert NODE.pem --key NODE.key (RunLocalSet snapshots a volume of this node alone)")]
+    NoBroker,
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("cannot reach the broker at {url} to {action}: {cause}")]
+    Unreachable {
+        url: String,
+        action: &'static str,
+        cause: String,
+    },
+    #[error("the broker at {url} refused to {action}: {message}")]
+    Refused {
+        url: String,
+        action: &'static str,
+        message: String,
+    },
+    #[error("the broker at {url} knows no set {id:?} ({message}); ListSnapshots (`quiesce snapshot list`) shows the sets it knows")]
+    UnknownSet {
+        url: String,
+        id: String,
+        message: String,
+    },
+    #[error("the broker at {url} failed to {action}: {message}; {hint}")]
+    Failed {
+        url: String,
+        action: &'static str,
+        message: String,
+        hint: &'static str,
+    },
+}
+
+impl SetRequests {
+    /// `broker`: the host's `--broker` options, or `None` when it runs alone.
+    pub fn new(broker: Option<LinkOptions>) -> SetRequests {
+        SetRequests { broker }
+    }
+
+    /// Runs one set of `volumes` across the cluster; returns its record (SetRecord JSON) once
+    /// it ended, whatever its outcome.
+    pub async fn create(
+        &self,
+        volumes: Vec<String>,
+        best_effort: bool,
+    ) -> Result<String, SetRequestError> {
+        const ACTION: &str = "run a snapshot set";
+        let broker = self.broker()?;
+        if volumes.is_empty() {
+            return Err(SetRequestError::InvalidRequest(
+                "no volume given: name at least one volume of the cluster (`quiesce writers` lists them)".into(),
+            ));
+        }
+        if volumes.iter().any(|v| v.trim().is_empty()) {
+            return Err(SetRequestError::InvalidRequest(format!(
+                "an empty volume name in {volumes:?}: name volumes as the hosts' [volumes.NAME] tables do"
+            )));
+        }
+        tracing::info!(broker = %broker.url, ?volumes, best_effort, "forwarding a snapshot set request to the broker");
+        let mut client = connect(broker, ACTION).await?;
+        let reply = client
+            .create(CreateSetRequest {
+                volumes,
+                best_effort,
+            })
+            .await
+            .map_err(|status| {
+                from_status(
+                    broker,
+                    ACTION,
+                    "",
+                    status,
+                    // The set may have run: its record is the only trustworthy account.
+                    "if the set had started, its record shows its outcome once the broker answers again (ListSnapshots)",
+                )
+            })?;
+        record(broker, ACTION, reply.into_inner().record_json)
+    }
+
+    /// Every set record the broker keeps, oldest first.
+    pub async fn list(&self) -> Result<Vec<String>, SetRequestError> {
+        const ACTION: &str = "list the snapshot sets";
+        let broker = self.broker()?;
+        let mut client = connect(broker, ACTION).await?;
+        let reply = client
+            .list(ListSetsRequest {})
+            .await
+            .map_err(|status| from_status(broker, ACTION, "", status, "try again"))?;
+        reply
+            .into_inner()
+            .records_json
+            .into_iter()
+            .map(|json| record(broker, ACTION, json))
+            .collect()
+    }
+
+    /// The record of set `id`.
+    pub async fn show(&self, id: String) -> Result<String, SetRequestError> {
+        const ACTION: &str = "show a snapshot set";
+        let broker = self.broker()?;
+        check_id(&id)?;
+        let mut client = connect(broker, ACTION).await?;
+        let reply = client
+            .show(ShowSetRequest { id: id.clone() })
+            .await
+            .map_err(|status| from_status(broker, ACTION, &id, status, "try again"))?;
+        record(broker, ACTION, reply.into_inner().record_json)
+    }
+
+    /// Deletes the snapshot set `id` kept; returns its record after the deletion.
+    pub async fn delete(&self, id: String) -> Result<String, SetRequestError> {
+        const ACTION: &str = "delete a snapshot";
+        let broker = self.broker()?;
+        check_id(&id)?;
+        tracing::info!(broker = %broker.url, set = %id, "forwarding a snapshot deletion to the broker");
+        let mut client = connect(broker, ACTION).await?;
+        let reply = client
+            .delete(DeleteSetRequest { id: id.clone() })
+            .await
+            .map_err(|status| {
+                from_status(
+                    broker,
+                    ACTION,
+                    &id,
+                    status,
+                    "ShowSnapshot tells whether the snapshot was deleted once the broker answers again",
+                )
+            })?;
+        record(broker, ACTION, reply.into_inner().record_json)
+    }
+
+    fn broker(&self) -> Result<&LinkOptions, SetRequestError> {
+        self.broker.as_ref().ok_or(SetRequestError::NoBroker)
+    }
+}
+
+fn check_id(id: &str) -> Result<(), SetRequestError> {
+    if id.trim().is_empty() {
+        return Err(SetRequestError::InvalidRequest(
+            "no set id given: pass one of the ids ListSnapshots (`quiesce snapshot list`) shows"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A fresh channel to the broker. `quiesce_link::connect` bounds only the TCP connect; the
+/// whole connect (TLS handshake included) is bounded here too, or a peer that accepts and never
+/// answers would hold the requester for as long as it stays silent.
+async fn connect(
+    broker: &LinkOptions,
+    action: &'static str,
+) -> Result<SetsClient<Channel>, SetRequestError> {
+    let timeout = quiesce_link::tls::CONNECT_TIMEOUT;
+    let unreachable = |cause: String| SetRequestError::Unreachable {
+        url: broker.url.clone(),
+        action,
+        cause,
+    };
+    match tokio::time::timeout(timeout, quiesce_link::connect(&broker.url, &broker.security)).await
+    {
+        Ok(Ok(channel)) => Ok(SetsClient::new(channel)),
+        // The message names the URL and the fix already; keep only what it adds.
+        Ok(Err(ConnectError::Connect { cause, hint, .. })) => {
+            Err(unreachable(format!("{cause}; {hint}")))
+        }
+        Ok(Err(e)) => Err(unreachable(format!(
+            "{e} (these are the --broker options this host was started with: fix them and restart it)"
+        ))),
+        Err(_) => Err(unreachable(format!(
+            "no TLS or HTTP/2 answer within {} ms; is it quiesce-broker that listens there?",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+fn from_status(
+    broker: &LinkOptions,
+    action: &'static str,
+    id: &str,
+    status: tonic::Status,
+    if_unreachable: &'static str,
+) -> SetRequestError {
+    use tonic::Code;
+    let message = match (status.message(), std::error::Error::source(&status)) {
+        ("", None) => format!("{:?}", status.code()),
+        (m, None) => m.to_string(),
+        ("", Some(cause)) => quiesce_link::error_chain(cause),
+        (m, Some(cause)) => format!("{m}: {}", quiesce_link::error_chain(cause)),
+    };
+    let url = broker.url.clone();
+    match status.code() {
+        Code::NotFound => SetRequestError::UnknownSet {
+            url,
+            id: id.to_string(),
+            message,
+        },
+        Code::FailedPrecondition => SetRequestError::Refused {
+            url,
+            action,
+            message: format!("{message}; nothing was frozen or deleted"),
+        },
+        Code::InvalidArgument => SetRequestError::InvalidRequest(format!(
+            "the broker at {url} refused the request as malformed: {message}"
+        )),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+            SetRequestError::Unreachable {
+                url,
+                action,
+                cause: format!("{message}; {if_unreachable}"),
+            }
+        }
+        Code::PermissionDenied | Code::Unauthenticated => SetRequestError::Failed {
+            url,
+            action,
+            message,
+            hint: "the broker refused this node's certificate for requests: give the host (--cert, --key) the node certificate `quiesce-broker certs` made for it",
+        },
+        Code::Unimplemented => SetRequestError::Failed {
+            url,
+            action,
+            message,
+            hint: "this broker does not serve snapshot sets (quiesce.link.v1.Sets): run the same quiesce release on the broker and the hosts",
+        },
+        _ => SetRequestError::Failed {
+            url,
+            action,
+            message,
+            hint: "see the broker's log",
+        },
+    }
+}
+
+/// Passes the broker's record on as it came, once it reads as a SetRecord: a requester must be
+/// able to rely on the form of JSON.md, and a broker of another release is better named here
+/// than in every requester's parser.
+fn record(
+    broker: &LinkOptions,
+    action: &'static str,
+    json: String,
+) -> Result<String, SetRequestError> {
+    match serde_json::from_str::<SetRecord>(&json) {
+        Ok(_) => Ok(json),
+        Err(e) => Err(SetRequestError::Failed {
+            url: broker.url.clone(),
+            action,
+            message: format!("its answer is not a set record in the form of JSON.md ({e})"),
+            hint: "run the same quiesce release on the broker and the hosts",
+        }),
+    }
+}

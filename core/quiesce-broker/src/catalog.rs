@@ -1,17 +1,18 @@
 //! The catalog: every set the broker ran, in an embedded SQLite file that survives restarts.
 //!
-//! One row per set. While a set runs, its row holds a checkpoint — the record the set would have
-//! if the broker died at that moment (failed, in its current phase) — and the snapshot the set
-//! holds, if any; both are rewritten as the set moves on. When the set ends, the row holds its
-//! final record. A broker that starts and finds rows still `running` therefore knows exactly
-//! which sets it abandoned and which snapshots to clean up ([`Catalog::abandoned`]).
+//! One row per set. When a set starts, its row holds the record the set would have if the broker
+//! died at once (failed, every writer as identified); as the set moves on, a checkpoint updates
+//! the row's phase and the snapshot the set holds, if any — small writes, whatever the number of
+//! writers. When the set ends, the row holds its final record. A broker that starts and finds
+//! rows still `running` therefore knows exactly which sets it abandoned, in which phase, and
+//! which snapshots to clean up ([`Catalog::abandoned`]).
 //!
 //! Checkpoints are written by one writer thread in the order they are made, so a set's progress
 //! never waits on the disk (nothing slow inside the freeze window); the final record is written
 //! before `Create` answers. Reads use their own connection (WAL mode lets them run beside
 //! writes).
 
-use quiesce_proto::{SetRecord, SnapshotInfo};
+use quiesce_proto::{Outcome, Phase, SetRecord, SnapshotInfo};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Mutex};
@@ -49,11 +50,12 @@ pub struct Abandoned {
 
 enum Write {
     Checkpoint {
-        record: SetRecord,
+        id: String,
+        phase: Phase,
         snapshot: Option<SnapshotInfo>,
     },
     Final {
-        record: SetRecord,
+        record: Box<SetRecord>,
         done: oneshot::Sender<Result<(), CatalogError>>,
     },
 }
@@ -116,6 +118,7 @@ impl Catalog {
                     started_unix_ms INTEGER NOT NULL,
                     state TEXT NOT NULL CHECK (state IN ('running', 'ended')),
                     record_json TEXT NOT NULL,
+                    phase TEXT,
                     snapshot_json TEXT
                 );
                 PRAGMA user_version = 1;",
@@ -160,13 +163,15 @@ impl Catalog {
         Ok(())
     }
 
-    /// Queues a running set's new checkpoint; it does not wait for the disk.
-    pub fn checkpoint(&self, record: SetRecord, snapshot: Option<SnapshotInfo>) {
-        if self
-            .writes
-            .send(Write::Checkpoint { record, snapshot })
-            .is_err()
-        {
+    /// Queues a running set's new checkpoint (its phase, the snapshot it holds); it does not
+    /// wait for the disk.
+    pub fn checkpoint(&self, id: &str, phase: Phase, snapshot: Option<SnapshotInfo>) {
+        let write = Write::Checkpoint {
+            id: id.to_string(),
+            phase,
+            snapshot,
+        };
+        if self.writes.send(write).is_err() {
             tracing::error!("the catalog's writer thread stopped; checkpoints are lost");
         }
     }
@@ -175,7 +180,10 @@ impl Catalog {
     pub async fn finish(&self, record: SetRecord) -> Result<(), CatalogError> {
         let (done, wait) = oneshot::channel();
         self.writes
-            .send(Write::Final { record, done })
+            .send(Write::Final {
+                record: Box::new(record),
+                done,
+            })
             .map_err(|_| CatalogError::WriterGone)?;
         wait.await.map_err(|_| CatalogError::WriterGone)?
     }
@@ -189,7 +197,7 @@ impl Catalog {
     pub fn abandoned(&self) -> Result<Vec<Abandoned>, CatalogError> {
         let conn = self.reader();
         let mut statement = conn
-            .prepare("SELECT id, record_json, snapshot_json FROM sets WHERE state = 'running' ORDER BY started_unix_ms")
+            .prepare("SELECT id, record_json, snapshot_json, phase FROM sets WHERE state = 'running' ORDER BY started_unix_ms")
             .map_err(|e| self.sqlite(e))?;
         let rows = statement
             .query_map([], |r| {
@@ -197,14 +205,24 @@ impl Catalog {
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
                 ))
             })
             .map_err(|e| self.sqlite(e))?;
         let mut abandoned = vec![];
         for row in rows {
-            let (id, record, snapshot) = row.map_err(|e| self.sqlite(e))?;
+            let (id, record, snapshot, phase) = row.map_err(|e| self.sqlite(e))?;
+            let mut checkpoint = self.parse(&id, &record)?;
+            // The phase it had reached: the start record says where it began.
+            let reached: Option<Phase> =
+                phase.and_then(|p| serde_json::from_value(serde_json::Value::String(p)).ok());
+            if let (Some(reached), Outcome::Failed { phase, .. }) =
+                (reached, &mut checkpoint.outcome)
+            {
+                *phase = reached;
+            }
             abandoned.push(Abandoned {
-                checkpoint: self.parse(&id, &record)?,
+                checkpoint,
                 snapshot: match snapshot {
                     Some(s) => {
                         Some(
@@ -281,13 +299,17 @@ fn write_final(conn: &Connection, path: &Path, record: &SetRecord) -> Result<(),
 fn write_loop(conn: Connection, path: &Path, inbox: mpsc::Receiver<Write>) {
     for write in inbox {
         match write {
-            Write::Checkpoint { record, snapshot } => {
+            Write::Checkpoint {
+                id,
+                phase,
+                snapshot,
+            } => {
                 let result = conn.execute(
-                    "UPDATE sets SET record_json = ?2, snapshot_json = ?3 WHERE id = ?1 AND state = 'running'",
-                    params![record.id.0, json(&record), snapshot.as_ref().map(json)],
+                    "UPDATE sets SET phase = ?2, snapshot_json = ?3 WHERE id = ?1 AND state = 'running'",
+                    params![id, phase.as_str(), snapshot.as_ref().map(json)],
                 );
                 if let Err(e) = result {
-                    tracing::error!(set = %record.id, "catalog {}: checkpoint not written: {e}", path.display());
+                    tracing::error!(set = %id, "catalog {}: checkpoint not written: {e}", path.display());
                 }
             }
             Write::Final { record, done } => {
@@ -300,7 +322,7 @@ fn write_loop(conn: Connection, path: &Path, inbox: mpsc::Receiver<Write>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quiesce_proto::{Deadlines, Outcome, SetId, SetRequest, SnapshotSet};
+    use quiesce_proto::{Deadlines, SetId, SetRequest, SnapshotSet};
     use std::time::Instant;
 
     fn running_set(id: &str) -> SnapshotSet {
@@ -336,10 +358,7 @@ mod tests {
             catalog
                 .start(&set.record_if_abandoned(now, "gone".into()), 1)
                 .unwrap();
-            catalog.checkpoint(
-                set.record_if_abandoned(now, "gone".into()),
-                Some(snapshot("set-1")),
-            );
+            catalog.checkpoint("set-1", Phase::Snapshot, Some(snapshot("set-1")));
             // A second set that ends: it must not come back as abandoned.
             let other = running_set("set-2");
             catalog
@@ -362,7 +381,7 @@ mod tests {
         assert_eq!(abandoned[0].snapshot, Some(snapshot("set-1")));
         assert!(matches!(
             &abandoned[0].checkpoint.outcome,
-            Outcome::Failed { reason, .. } if reason == "gone"
+            Outcome::Failed { reason, phase: Phase::Snapshot, .. } if reason == "gone"
         ));
         catalog.update(&abandoned[0].checkpoint).unwrap();
         assert!(catalog.abandoned().unwrap().is_empty());

@@ -146,26 +146,14 @@ impl Broker {
         .is_ok()
     }
 
-    /// Sends a set command to the writer's node; its reply will go to `inputs`, unless the call
-    /// is a `Complete`, whose reply nobody waits for. Returns the command id, or `None` when the
-    /// node cannot be reached.
-    pub fn send_command(
-        &self,
-        awaiting: Awaiting,
-        command: impl FnOnce(u64) -> v1::SetCommand,
-    ) -> Option<u64> {
+    /// A new command id; when `awaiting` is given, the reply to that command will go to its
+    /// set (a `Complete` is sent without: nobody waits for its reply).
+    pub fn new_command(&self, awaiting: Option<Awaiting>) -> u64 {
         let id = self.next_command.fetch_add(1, Ordering::Relaxed);
-        let node = awaiting.writer.node.clone();
-        let wants_reply = awaiting.kind != quiesce_proto::machine::CallKind::Complete;
-        if wants_reply {
+        if let Some(awaiting) = awaiting {
             self.lock().awaiting.insert(id, awaiting);
         }
-        if self.send_to(&node, broker_message::Body::Command(command(id))) {
-            Some(id)
-        } else {
-            self.forget_commands(&[id]);
-            None
-        }
+        id
     }
 
     /// Stops waiting for the replies to these commands (their set ended).
@@ -492,6 +480,44 @@ async fn run_link(
     broker.detach(&node, link, &why);
 }
 
+/// Hands each reply to the set waiting for it. A node answers only for its own writers; replies
+/// nobody waits for (late, for an ended set, completion notices) are dropped.
+fn route_replies(broker: &Broker, node: &str, replies: Vec<v1::CommandReply>) {
+    let routed: Vec<(Awaiting, v1::CommandReply)> = {
+        let mut state = broker.lock();
+        replies
+            .into_iter()
+            .filter_map(|reply| match state.awaiting.get(&reply.command_id) {
+                Some(a) if a.writer.node == node && a.writer.writer == reply.writer => {
+                    state.awaiting.remove(&reply.command_id).map(|a| (a, reply))
+                }
+                _ => {
+                    tracing::debug!(
+                        node,
+                        command = reply.command_id,
+                        "a reply nobody waits for (late, for an ended set, or a completion notice)"
+                    );
+                    None
+                }
+            })
+            .collect()
+    };
+    for (a, reply) in routed {
+        let result = match reply.result {
+            Some(command_reply::Result::Ok(ok)) => Ok(ok.reports.into_iter().collect()),
+            Some(command_reply::Result::Failed(f)) => Err(f.reason),
+            None => Err(format!(
+                "node {node} answered with an empty result (a newer host?)"
+            )),
+        };
+        let _ = a.inputs.send(quiesce_driver::Input::Reply {
+            writer: a.writer,
+            kind: a.kind,
+            result,
+        });
+    }
+}
+
 /// One message on an attached link; the answer to send, if any.
 fn handle(
     broker: &Broker,
@@ -504,6 +530,11 @@ fn handle(
         RegistryError::Replaced { .. } => Status::aborted(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     };
+    // A command reply is its own answer: acknowledging it would double the traffic of a set.
+    let acknowledge = !matches!(
+        message.body,
+        Some(host_message::Body::CommandReply(_) | host_message::Body::CommandReplies(_))
+    );
     let epoch = match message.body {
         Some(host_message::Body::Heartbeat(_)) => broker.lock().registry.seen(node, link, now),
         Some(host_message::Body::WritersChanged(change)) => {
@@ -538,38 +569,12 @@ fn handle(
             ))
         }
         Some(host_message::Body::CommandReply(reply)) => {
-            let mut state = broker.lock();
-            let seen = state.registry.seen(node, link, now);
-            let awaiting = match state.awaiting.get(&reply.command_id) {
-                // A node answers only for its own writers.
-                Some(a) if a.writer.node == node && a.writer.writer == reply.writer => {
-                    state.awaiting.remove(&reply.command_id)
-                }
-                _ => None,
-            };
-            drop(state);
-            match awaiting {
-                Some(a) => {
-                    let result = match reply.result {
-                        Some(command_reply::Result::Ok(ok)) => Ok(ok.reports.into_iter().collect()),
-                        Some(command_reply::Result::Failed(f)) => Err(f.reason),
-                        None => Err(format!(
-                            "node {node} answered with an empty result (a newer host?)"
-                        )),
-                    };
-                    let _ = a.inputs.send(quiesce_driver::Input::Reply {
-                        writer: a.writer,
-                        kind: a.kind,
-                        result,
-                    });
-                }
-                None => tracing::debug!(
-                    node,
-                    command = reply.command_id,
-                    "a reply nobody waits for (late, for an ended set, or a completion notice)"
-                ),
-            }
-            seen
+            route_replies(broker, node, vec![reply]);
+            broker.lock().registry.seen(node, link, now)
+        }
+        Some(host_message::Body::CommandReplies(batch)) => {
+            route_replies(broker, node, batch.replies);
+            broker.lock().registry.seen(node, link, now)
         }
         None => {
             return Err(Status::invalid_argument(
@@ -578,6 +583,9 @@ fn handle(
         }
     }
     .map_err(replaced)?;
+    if !acknowledge {
+        return Ok(None);
+    }
     Ok(Some(v1::BrokerMessage {
         body: Some(broker_message::Body::Ack(v1::Ack {
             seq: message.seq,

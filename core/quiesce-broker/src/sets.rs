@@ -241,16 +241,15 @@ impl Sets {
                 epoch,
                 hold_limit_ms: millis(sets.deadlines.hold_limit),
                 sent: Vec::new(),
+                held: BTreeMap::new(),
             };
             let mut last: Option<(quiesce_proto::Phase, Option<SnapshotInfo>)> = None;
             let record =
-                quiesce_driver::run(set, transport, provider, (inputs, inbox), |set, now| {
+                quiesce_driver::run(set, transport, provider, (inputs, inbox), |set, _now| {
                     let now_at = (set.phase(), set.snapshot().cloned());
                     if !set.is_ended() && last.as_ref() != Some(&now_at) {
-                        sets.catalog.checkpoint(
-                            set.record_if_abandoned(now, ABANDONED.into()),
-                            now_at.1.clone(),
-                        );
+                        sets.catalog
+                            .checkpoint(&set.id().0, now_at.0, now_at.1.clone());
                         last = Some(now_at);
                     }
                 })
@@ -344,6 +343,49 @@ struct LinkTransport {
     hold_limit_ms: u32,
     /// Every command sent, to stop waiting for their replies when the set is over.
     sent: Vec<u64>,
+    /// What the current burst sends each node, in order; consecutive commands to a node go in
+    /// one message.
+    held: BTreeMap<String, Vec<Held>>,
+}
+
+enum Held {
+    /// A command, and its writer when a reply is awaited.
+    Command(v1::SetCommand, Option<WriterRef>),
+    Lease(broker_message::Body),
+}
+
+impl LinkTransport {
+    /// Sends `commands` to `node` in one message; when it cannot be sent, their writers are lost.
+    fn send_commands(
+        &self,
+        node: &str,
+        commands: Vec<(v1::SetCommand, Option<WriterRef>)>,
+        inputs: &Inputs,
+    ) {
+        if commands.is_empty() {
+            return;
+        }
+        let (wire, writers): (Vec<v1::SetCommand>, Vec<Option<WriterRef>>) =
+            commands.into_iter().unzip();
+        let ids: Vec<u64> = wire.iter().map(|c| c.command_id).collect();
+        let body = match <[v1::SetCommand; 1]>::try_from(wire) {
+            Ok([one]) => broker_message::Body::Command(one),
+            Err(many) => broker_message::Body::Commands(v1::SetCommands { commands: many }),
+        };
+        if self.broker.send_to(node, body) {
+            return;
+        }
+        self.broker.forget_commands(&ids);
+        let reason = format!(
+            "node {node} cannot be reached: it is not attached to the broker, or it stopped reading its link"
+        );
+        for writer in writers.into_iter().flatten() {
+            let _ = inputs.send(Input::WriterLost {
+                writer,
+                reason: reason.clone(),
+            });
+        }
+    }
 }
 
 impl Transport for LinkTransport {
@@ -374,31 +416,46 @@ impl Transport for LinkTransport {
                 outcome: outcome.label().into(),
             }),
         };
-        let awaiting = Awaiting {
+        let wants_reply = kind != quiesce_proto::machine::CallKind::Complete;
+        let awaiting = wants_reply.then(|| Awaiting {
             writer: writer.clone(),
             kind,
             inputs: inputs.clone(),
+        });
+        let command_id = self.broker.new_command(awaiting);
+        self.sent.push(command_id);
+        let command = v1::SetCommand {
+            command_id,
+            set_id: set.0.clone(),
+            epoch: self.epoch,
+            writer: writer.writer.clone(),
+            budget_ms,
+            call: Some(wire),
         };
-        let sent = self
-            .broker
-            .send_command(awaiting, |command_id| v1::SetCommand {
-                command_id,
-                set_id: set.0.clone(),
-                epoch: self.epoch,
-                writer: writer.writer.clone(),
-                budget_ms,
-                call: Some(wire),
-            });
-        match sent {
-            Some(id) => self.sent.push(id),
-            None if kind == quiesce_proto::machine::CallKind::Complete => {}
-            None => {
-                let reason = format!(
-                    "node {} cannot be reached: it is not attached to the broker, or it stopped reading its link",
-                    writer.node
-                );
-                let _ = inputs.send(Input::WriterLost { writer, reason });
+        let node = writer.node.clone();
+        self.held
+            .entry(node)
+            .or_default()
+            .push(Held::Command(command, wants_reply.then_some(writer)));
+    }
+
+    fn flush(&mut self, inputs: &Inputs) {
+        for (node, items) in std::mem::take(&mut self.held) {
+            let mut commands = vec![];
+            for item in items {
+                match item {
+                    Held::Command(command, writer) => commands.push((command, writer)),
+                    Held::Lease(body) => {
+                        // In order: the commands before it first.
+                        self.send_commands(&node, std::mem::take(&mut commands), inputs);
+                        // A node that cannot be reached is covered by its lease lapsing there.
+                        if !self.broker.send_to(&node, body) {
+                            tracing::warn!(node, "could not send the node its lease message");
+                        }
+                    }
+                }
             }
+            self.send_commands(&node, commands, inputs);
         }
     }
 
@@ -412,10 +469,10 @@ impl Transport for LinkTransport {
                 set_id: set.0.clone(),
             }),
         };
-        // A node that cannot be reached is covered by its lease lapsing on its side.
-        if !self.broker.send_to(node, message) {
-            tracing::warn!(set = %set, node, "could not send the node its lease message");
-        }
+        self.held
+            .entry(node.to_string())
+            .or_default()
+            .push(Held::Lease(message));
     }
 }
 

@@ -11,6 +11,8 @@
 //!   of one level go out together and the thaw goes out the instant the provider returns;
 //! - a deadline that passed while an answer waited in the queue is fired before that answer is
 //!   applied, so a late answer is late however the tasks were scheduled;
+//! - answers that arrive together are applied together, then the commands they lead to go out:
+//!   the loop turns once per burst, not once per writer;
 //! - a provider call still running when the set ends is waited for in the background: if it
 //!   yields a snapshot after all, the machine asks for its deletion and that is carried out too.
 
@@ -65,6 +67,10 @@ pub trait Transport: Send + 'static {
 
     /// Grants or renews (`Some`) or ends (`None`) `node`'s lease on the set.
     fn lease(&mut self, set: &SetId, node: &str, lease: Option<Duration>);
+
+    /// Every command of a burst has been handed over: send what was held back to go together.
+    /// A transport that sends at once has nothing to do.
+    fn flush(&mut self, _inputs: &Inputs) {}
 }
 
 enum ProviderAnswer {
@@ -89,6 +95,7 @@ pub async fn run<T: Transport>(
         while let Some(command) = set.poll_command() {
             provider_busy += carry_out(&id, command, &mut transport, &provider, &inputs, &answers);
         }
+        transport.flush(&inputs);
         observe(&set, Instant::now());
         if set.is_ended() {
             break;
@@ -99,6 +106,12 @@ pub async fn run<T: Transport>(
                 let now = Instant::now();
                 set.handle_timeout(now);
                 apply_input(&mut set, now, input);
+                // Every answer that is already here goes in before the loop turns: a level of
+                // hundreds of writers answers in a burst, and one turn per answer would poll the
+                // whole set once per writer.
+                while let Ok(input) = inbox.try_recv() {
+                    apply_input(&mut set, now, input);
+                }
             }
             Some(answer) = provider_inbox.recv() => {
                 provider_busy -= 1;
@@ -123,6 +136,7 @@ pub async fn run<T: Transport>(
                     provider_busy +=
                         carry_out(&id, command, &mut transport, &provider, &inputs, &answers);
                 }
+                transport.flush(&inputs);
             }
         });
     }

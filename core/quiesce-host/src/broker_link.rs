@@ -276,7 +276,26 @@ async fn session(
     loop {
         tokio::select! {
             Some(body) = outgoing.recv() => {
-                tx.send(message(body)).await.map_err(broken)?;
+                // Answers ready together go in one message.
+                let mut replies = vec![];
+                let mut others = vec![];
+                for body in std::iter::once(body).chain(std::iter::from_fn(|| outgoing.try_recv().ok())) {
+                    match body {
+                        host_message::Body::CommandReply(reply) => replies.push(reply),
+                        other => others.push(other),
+                    }
+                }
+                match <[v1::CommandReply; 1]>::try_from(replies) {
+                    Ok([one]) => tx.send(message(host_message::Body::CommandReply(one))).await.map_err(broken)?,
+                    Err(replies) if replies.is_empty() => {}
+                    Err(replies) => tx
+                        .send(message(host_message::Body::CommandReplies(v1::CommandReplies { replies })))
+                        .await
+                        .map_err(broken)?,
+                }
+                for other in others {
+                    tx.send(message(other)).await.map_err(broken)?;
+                }
             }
             _ = heartbeat.tick() => {
                 tx.send(message(host_message::Body::Heartbeat(v1::Heartbeat {})))
@@ -317,6 +336,11 @@ async fn session(
                         }
                         Some(broker_message::Body::Command(command)) => {
                             remote_sets::carry_out(host, leases, command, &replies);
+                        }
+                        Some(broker_message::Body::Commands(batch)) => {
+                            for command in batch.commands {
+                                remote_sets::carry_out(host, leases, command, &replies);
+                            }
                         }
                         Some(broker_message::Body::Lease(lease)) => {
                             leases.renew(&lease.set_id, Duration::from_millis(lease.lease_ms.into()));

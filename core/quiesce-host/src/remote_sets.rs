@@ -84,6 +84,7 @@ impl Leases {
     /// Notes that `writer` was called (`releases`: and released) in `set`.
     fn called(&self, set: &str, writer: &str, releases: bool, budget: Duration) {
         let mut leases = self.lock();
+        let mut new_lease = false;
         let lease = leases.entry(set.to_string()).or_insert_with(|| {
             // A command without a lease (the broker must grant one first): guard it anyway,
             // for no longer than the call may take.
@@ -91,6 +92,7 @@ impl Leases {
                 set,
                 "a set command arrived without a lease; guarding it for its budget"
             );
+            new_lease = true;
             Lease {
                 until: Instant::now() + budget,
                 open: BTreeSet::new(),
@@ -100,9 +102,23 @@ impl Leases {
             lease.open.remove(writer);
         } else {
             lease.open.insert(writer.to_string());
+            // A writer serves one set at a time: a call of this set supersedes another set's
+            // claim on it (a set of a broker that died and was restarted: the new broker knows
+            // nothing of it). That set's lease lapsing later must not abort the writer in the
+            // middle of this one: its abort would drop what this set prepared, or thaw what
+            // this set froze before the snapshot. This set's lease, its end and the hold-limit
+            // watchdog release the writer now.
+            for (id, other) in leases.iter_mut() {
+                if id != set {
+                    other.open.remove(writer);
+                }
+            }
         }
         drop(leases);
-        self.changed.notify_one();
+        // The keeper only cares when leases lapse, which a call changes only by making a lease.
+        if new_lease {
+            self.changed.notify_one();
+        }
     }
 
     async fn keep(self: Arc<Self>) {
@@ -247,4 +263,83 @@ fn op_for_wire(call: set_command::Call) -> Result<Op, String> {
         set_command::Call::Abort(_) => Op::Abort,
         set_command::Call::Complete(c) => Op::Complete { outcome: c.outcome },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{Backend, BackendError};
+    use crate::Config;
+    use quiesce_proto::{Level, Reports, WriterMetadata};
+    use std::path::Path;
+
+    /// Records every call it gets as `<op> <set>`.
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl Backend for Recorder {
+        fn call(&mut self, op: &Op, set: &str, _: Duration) -> Result<Reports, BackendError> {
+            self.0.lock().unwrap().push(format!("{} {set}", op.name()));
+            Ok(Reports::new())
+        }
+    }
+
+    fn command(set: &str, call: set_command::Call) -> v1::SetCommand {
+        v1::SetCommand {
+            command_id: 1,
+            set_id: set.into(),
+            epoch: 1,
+            writer: "w".into(),
+            budget_ms: 1000,
+            call: Some(call),
+        }
+    }
+
+    /// A broker killed mid-set and restarted at once starts a new set on the same writers while
+    /// the old set's lease still runs. The old lease lapsing must not abort the writer in the
+    /// middle of the new set (seen in quiesce-lab: the postgres writer's prepared session dropped
+    /// by the stale abort, the new set failing at freeze; a writer frozen by the new set would
+    /// have been thawed before its snapshot).
+    #[tokio::test]
+    async fn a_lapsing_lease_of_an_abandoned_set_leaves_a_writer_a_newer_set_called_alone() {
+        let config = Config::parse("node = \"n1\"\n", Path::new("host.toml")).unwrap();
+        let host = Arc::new(Host::start(config));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let metadata = WriterMetadata::new("w", "recording writer", Level::BackEnd);
+        host.add_writer(metadata, "test".into(), Box::new(Recorder(calls.clone())))
+            .unwrap();
+        let leases = Leases::start(host.clone());
+        let (replies, mut answers) = mpsc::unbounded_channel();
+        let prepare = || set_command::Call::Prepare(v1::Prepare {});
+
+        // The abandoned set: prepared, then its broker is gone; its lease lapses first.
+        leases.renew("old", Duration::from_millis(200));
+        carry_out(&host, &leases, command("old", prepare()), &replies);
+        answers.recv().await.unwrap();
+        // The restarted broker's set calls the same writer; its lease lapses later.
+        leases.renew("new", Duration::from_millis(600));
+        let freeze = set_command::Call::Freeze(v1::Freeze {
+            hold_limit_ms: 1000,
+        });
+        for call in [prepare(), freeze] {
+            carry_out(&host, &leases, command("new", call), &replies);
+            answers.recv().await.unwrap();
+        }
+        // The new set's own lease lapses: the writer is aborted for it. The old lease lapsed
+        // before that and must have aborted nothing.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !calls.lock().unwrap().contains(&"abort new".to_string()) {
+            assert!(
+                Instant::now() < deadline,
+                "no abort after the new lease lapsed: {:?}",
+                calls.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            *calls.lock().unwrap(),
+            ["prepare old", "prepare new", "freeze new", "abort new"],
+            "the abandoned set's lapsing lease aborted the writer the new set holds"
+        );
+        assert_eq!(leases.count(), 0);
+    }
 }

@@ -173,7 +173,7 @@ pub async fn connect(url: &str, security: &Security) -> Result<Channel, ConnectE
         .map_err(|_| ConnectError::Connect {
             url: url.to_string(),
             cause: format!(
-                "no answer within {} ms",
+                "no TLS or HTTP/2 answer within {} ms",
                 CONNECT_TIMEOUT.as_millis()
             ),
             hint: "something accepts connections there but does not answer as a quiesce broker would: is it the broker's address and port?",

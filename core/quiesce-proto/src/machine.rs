@@ -21,7 +21,7 @@ use crate::set::{
     FailureKind, Outcome, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,
     WriterFailure, WriterRef, WriterResult, WriterState,
 };
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Per-phase deadlines, the hold limit and the lease. All are inputs: the machine reads no clock.
@@ -219,6 +219,10 @@ struct Participant {
     lost: bool,
     reports: Reports,
     pending: Option<(CallKind, Instant)>,
+    /// When the pending call was sent.
+    sent_at: Instant,
+    /// How long each answered call took, by call, in microseconds.
+    call_us: BTreeMap<String, u64>,
     /// Received any call: it may hold state for the set and must hear of its end.
     touched: bool,
     freeze_sent: bool,
@@ -247,6 +251,18 @@ pub struct SnapshotSet {
     started: Instant,
     stage: Stage,
     participants: Vec<Participant>,
+    /// Where each writer is in `participants`: a reply finds its writer at once.
+    by_writer: HashMap<WriterRef, usize>,
+    /// The deadlines of the calls outstanding, counted: the next one is known without walking
+    /// every writer at each turn of the driver.
+    pending_deadlines: BTreeMap<Instant, usize>,
+    /// Writers sent `Freeze` and not yet released (thaw or abort sent, or lost).
+    unreleased: usize,
+    /// The participant last answered or lost: the search for a writer still pending starts
+    /// there. Replies come in any order; starting next to the last one finds a pending writer
+    /// after a short walk, where starting at the front walked past every writer answered so far
+    /// — once per reply, quadratic in the writers of a level.
+    cursor: usize,
     /// Levels that have writers, in freeze order.
     levels: Vec<Level>,
     queue: VecDeque<Command>,
@@ -287,6 +303,8 @@ impl SnapshotSet {
                 lost: false,
                 reports: Reports::new(),
                 pending: None,
+                sent_at: now,
+                call_us: BTreeMap::new(),
                 touched: false,
                 freeze_sent: false,
                 thaw_sent: false,
@@ -303,6 +321,10 @@ impl SnapshotSet {
             stage: Stage::Preparing,
             participants,
             levels: present.into_iter().collect(),
+            by_writer: HashMap::new(),
+            pending_deadlines: BTreeMap::new(),
+            unreleased: 0,
+            cursor: 0,
             queue: VecDeque::new(),
             provider_pending: None,
             provider_started: None,
@@ -318,6 +340,10 @@ impl SnapshotSet {
             cleanup_error: None,
             ended_at: None,
         };
+        for (i, p) in set.participants.iter().enumerate() {
+            // The first of a writer named twice, as a search from the front would find.
+            set.by_writer.entry(p.writer.clone()).or_insert(i);
+        }
         set.phases.push(PhaseTiming {
             phase: Phase::Identify,
             start_ms: 0,
@@ -326,7 +352,7 @@ impl SnapshotSet {
         set.renew_leases(now);
         set.enter_phase(now, Phase::Prepare);
         for i in 0..set.participants.len() {
-            set.send(i, WriterCall::Prepare, now + deadlines.prepare);
+            set.send(i, WriterCall::Prepare, now, now + deadlines.prepare);
         }
         set.advance(now);
         set
@@ -350,12 +376,17 @@ impl SnapshotSet {
         if self.stage == Stage::Ended {
             return None;
         }
-        let writer_deadlines = self
-            .participants
-            .iter()
-            .filter_map(|p| p.pending.map(|x| x.1));
+        debug_assert_eq!(
+            self.pending_deadlines.values().sum::<usize>(),
+            self.participants
+                .iter()
+                .filter(|p| p.pending.is_some())
+                .count()
+        );
+        let writer_deadlines = self.pending_deadlines.keys().next().copied();
         let provider = self.provider_pending.map(|x| x.1);
         writer_deadlines
+            .into_iter()
             .chain(provider)
             .chain(self.hold_deadline())
             .chain(self.next_lease_renewal)
@@ -438,6 +469,7 @@ impl SnapshotSet {
                     failure: p.failure.clone(),
                     excluded: p.excluded,
                     reports: p.reports.clone(),
+                    call_us: p.call_us.clone(),
                 })
                 .collect(),
             phases: self.phases.clone(),
@@ -466,7 +498,12 @@ impl SnapshotSet {
             Some((pending, _)) if pending == kind => {}
             _ => return,
         }
-        self.participants[i].pending = None;
+        self.set_pending(i, None);
+        let took = now.saturating_duration_since(self.participants[i].sent_at);
+        self.participants[i].call_us.insert(
+            kind.phase().as_str().to_string(),
+            took.as_micros().try_into().unwrap_or(u64::MAX),
+        );
         if matches!(kind, CallKind::Thaw | CallKind::Abort) && self.participants[i].freeze_sent {
             self.last_release = Some(now);
         }
@@ -500,8 +537,8 @@ impl SnapshotSet {
             .pending
             .map(|x| x.0)
             .unwrap_or_else(|| self.current_call_kind());
-        self.participants[i].lost = true;
-        self.participants[i].pending = None;
+        self.update_release(i, |p| p.lost = true);
+        self.set_pending(i, None);
         self.writer_failed(now, i, kind, FailureKind::Lost, reason);
         self.advance(now);
     }
@@ -632,17 +669,24 @@ impl SnapshotSet {
         if self.hold_deadline().is_some_and(|t| t <= now) {
             self.hold_limit_reached(now);
         }
-        for i in 0..self.participants.len() {
-            if let Some((kind, deadline)) = self.participants[i].pending {
-                if deadline <= now {
-                    self.participants[i].pending = None;
-                    if matches!(kind, CallKind::Thaw | CallKind::Abort)
-                        && self.participants[i].freeze_sent
-                    {
-                        self.last_release = Some(now);
+        let writer_due = self
+            .pending_deadlines
+            .first_key_value()
+            .is_some_and(|(t, _)| *t <= now);
+        // Walk the writers only when one of their deadlines is due.
+        if writer_due {
+            for i in 0..self.participants.len() {
+                if let Some((kind, deadline)) = self.participants[i].pending {
+                    if deadline <= now {
+                        self.set_pending(i, None);
+                        if matches!(kind, CallKind::Thaw | CallKind::Abort)
+                            && self.participants[i].freeze_sent
+                        {
+                            self.last_release = Some(now);
+                        }
+                        let reason = format!("no answer to {} within its deadline", kind.phase());
+                        self.writer_failed(now, i, kind, FailureKind::Timeout, reason);
                     }
-                    let reason = format!("no answer to {} within its deadline", kind.phase());
-                    self.writer_failed(now, i, kind, FailureKind::Timeout, reason);
                 }
             }
         }
@@ -678,8 +722,39 @@ impl SnapshotSet {
 
     // ---- internals ----
 
-    fn index(&self, writer: &WriterRef) -> Option<usize> {
-        self.participants.iter().position(|p| &p.writer == writer)
+    /// Sets a participant's outstanding call, keeping `pending_deadlines` in step.
+    fn set_pending(&mut self, i: usize, pending: Option<(CallKind, Instant)>) {
+        if let Some((_, old)) = self.participants[i].pending {
+            if let Some(n) = self.pending_deadlines.get_mut(&old) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_deadlines.remove(&old);
+                }
+            }
+        }
+        if let Some((_, new)) = pending {
+            *self.pending_deadlines.entry(new).or_default() += 1;
+        }
+        self.participants[i].pending = pending;
+    }
+
+    /// Applies `change` to a participant, keeping `unreleased` in step.
+    fn update_release(&mut self, i: usize, change: impl FnOnce(&mut Participant)) {
+        let p = &mut self.participants[i];
+        let was = p.freeze_sent && !p.released();
+        change(p);
+        let is = p.freeze_sent && !p.released();
+        match (was, is) {
+            (false, true) => self.unreleased += 1,
+            (true, false) => self.unreleased -= 1,
+            _ => {}
+        }
+    }
+
+    fn index(&mut self, writer: &WriterRef) -> Option<usize> {
+        let i = *self.by_writer.get(writer)?;
+        self.cursor = i;
+        Some(i)
     }
 
     fn current_call_kind(&self) -> CallKind {
@@ -696,10 +771,14 @@ impl SnapshotSet {
     /// sent `Freeze` is still unreleased.
     fn hold_deadline(&self) -> Option<Instant> {
         let first = self.first_freeze?;
-        self.participants
-            .iter()
-            .any(|p| p.freeze_sent && !p.released())
-            .then_some(first + self.deadlines.hold_limit)
+        debug_assert_eq!(
+            self.unreleased,
+            self.participants
+                .iter()
+                .filter(|p| p.freeze_sent && !p.released())
+                .count()
+        );
+        (self.unreleased > 0).then_some(first + self.deadlines.hold_limit)
     }
 
     fn hold_limit_reached(&mut self, now: Instant) {
@@ -710,7 +789,7 @@ impl SnapshotSet {
                 for i in 0..self.participants.len() {
                     let p = &self.participants[i];
                     if p.freeze_sent && !p.released() {
-                        self.send(i, WriterCall::Thaw, now + self.deadlines.thaw);
+                        self.send(i, WriterCall::Thaw, now, now + self.deadlines.thaw);
                     }
                 }
             }
@@ -728,26 +807,28 @@ impl SnapshotSet {
         }
     }
 
-    fn send(&mut self, i: usize, call: WriterCall, deadline: Instant) {
+    fn send(&mut self, i: usize, call: WriterCall, now: Instant, deadline: Instant) {
         let kind = call.kind();
-        let p = &mut self.participants[i];
-        if p.lost {
+        if self.participants[i].lost {
             return;
         }
+        self.update_release(i, |p| match kind {
+            CallKind::Freeze => p.freeze_sent = true,
+            CallKind::Thaw => p.thaw_sent = true,
+            CallKind::Abort => p.abort_sent = true,
+            _ => {}
+        });
+        if kind != CallKind::Complete {
+            self.set_pending(i, Some((kind, deadline)));
+        }
+        let p = &mut self.participants[i];
         p.touched = true;
         match kind {
             CallKind::Prepare => p.state = WriterState::Preparing,
-            CallKind::Freeze => {
-                p.freeze_sent = true;
-                p.state = WriterState::Freezing;
-            }
-            CallKind::Thaw => {
-                p.thaw_sent = true;
-                p.state = WriterState::Thawing;
-            }
+            CallKind::Freeze => p.state = WriterState::Freezing,
+            CallKind::Thaw => p.state = WriterState::Thawing,
             CallKind::PostSnapshot => p.state = WriterState::PostSnapshotting,
             CallKind::Abort => {
-                p.abort_sent = true;
                 if p.failure.is_none() {
                     p.state = WriterState::Aborting;
                 }
@@ -755,7 +836,7 @@ impl SnapshotSet {
             CallKind::Complete => {}
         }
         if kind != CallKind::Complete {
-            p.pending = Some((kind, deadline));
+            p.sent_at = now;
         }
         self.queue.push_back(Command::Call {
             writer: p.writer.clone(),
@@ -767,7 +848,7 @@ impl SnapshotSet {
     fn send_abort(&mut self, i: usize, now: Instant) {
         let p = &self.participants[i];
         if p.touched && !p.lost && !p.abort_sent {
-            self.send(i, WriterCall::Abort, now + self.deadlines.abort);
+            self.send(i, WriterCall::Abort, now, now + self.deadlines.abort);
         }
     }
 
@@ -853,7 +934,10 @@ impl SnapshotSet {
 
     /// Active writers at `level` (or all levels) with a call still outstanding.
     fn active_pending(&self, level: Option<Level>) -> bool {
-        self.participants.iter().any(|p| {
+        let n = self.participants.len();
+        let start = self.cursor.min(n);
+        (start..n).chain(0..start).any(|i| {
+            let p = &self.participants[i];
             p.active() && p.pending.is_some() && level.is_none_or(|l| p.metadata.level == l)
         })
     }
@@ -896,7 +980,7 @@ impl SnapshotSet {
                     for i in 0..self.participants.len() {
                         let p = &self.participants[i];
                         if p.active() && p.metadata.level == lvl && p.freeze_sent && !p.released() {
-                            self.send(i, WriterCall::Thaw, now + self.deadlines.thaw);
+                            self.send(i, WriterCall::Thaw, now, now + self.deadlines.thaw);
                         }
                     }
                 } else if !self.active_pending(None) {
@@ -909,7 +993,7 @@ impl SnapshotSet {
                             let call = WriterCall::PostSnapshot {
                                 snapshot: snapshot.clone(),
                             };
-                            self.send(i, call, now + self.deadlines.post_snapshot);
+                            self.send(i, call, now, now + self.deadlines.post_snapshot);
                         }
                     }
                 }
@@ -953,7 +1037,7 @@ impl SnapshotSet {
         for i in 0..self.participants.len() {
             let p = &self.participants[i];
             if p.active() && p.metadata.level == lvl {
-                self.send(i, WriterCall::Freeze, deadline);
+                self.send(i, WriterCall::Freeze, now, deadline);
             }
         }
     }
@@ -986,12 +1070,13 @@ impl SnapshotSet {
         for p in &mut self.participants {
             p.pending = None;
         }
+        self.pending_deadlines.clear();
         for i in 0..self.participants.len() {
             if self.participants[i].touched && !self.participants[i].lost {
                 let call = WriterCall::Complete {
                     outcome: outcome.clone(),
                 };
-                self.send(i, call, now + self.deadlines.abort);
+                self.send(i, call, now, now + self.deadlines.abort);
             }
         }
         for node in self.nodes() {

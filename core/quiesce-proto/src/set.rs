@@ -140,6 +140,10 @@ pub struct WriterResult {
     pub excluded: bool,
     /// What the writer reported, by key (later calls overwrite earlier keys).
     pub reports: Reports,
+    /// How long each answered call took, from sent to answered, in microseconds, by call
+    /// (`prepare`, `freeze`, `thaw`, `post-snapshot`, `abort`): where a set's time went.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub call_us: BTreeMap<String, u64>,
 }
 
 /// What the provider made.

@@ -300,12 +300,18 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(run.stderr, "started");
         let grandchild = std::fs::read_to_string(&pid_file).unwrap();
-        let status = std::fs::read_to_string(format!("/proc/{}/stat", grandchild.trim()));
-        // Gone, or a zombie waiting for init to reap it.
-        assert!(
-            status.map(|s| s.contains(") Z ")).unwrap_or(true),
-            "the grandchild outlived the kill"
-        );
+        // SIGKILL is delivered at once but a process takes a moment to die: wait (a condition,
+        // under a deadline) until it is gone, or a zombie waiting for init to reap it.
+        let dead = || {
+            std::fs::read_to_string(format!("/proc/{}/stat", grandchild.trim()))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !dead() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(dead(), "the grandchild outlived the kill");
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! exist only in memory: a crash-consistent snapshot of DIR would miss them.
 //!
 //! A record is **acknowledged** once it is durable: after the batch holding it is written and
-//! fsynced, its number is appended (one per line) to the ack log, `--ack-log`. A client of a real
-//! application would get its "OK" at that moment.
+//! fsynced, its number is appended (one per line) to the ack log, `--ack-log` (with
+//! `--ack-times`, `<n> <unix_ns>`: when it was acknowledged). A client of a real application
+//! would get its "OK" at that moment.
 //!
 //! It speaks the flush protocol of the `filebuf` writer (see that plugin's README): on the
 //! control socket `--socket` (`FREEZE <set-id>` → `FROZEN <last-record>`, `THAW <set-id>` →
@@ -61,6 +62,9 @@ struct Cli {
     /// Append the number of each acknowledged (durable) record to FILE, one per line.
     #[arg(long, value_name = "FILE")]
     ack_log: Option<PathBuf>,
+    /// Write each ack log line as `<n> <unix_ns>`: the record and when it was acknowledged.
+    #[arg(long, requires = "ack_log")]
+    ack_times: bool,
     /// Make one record every this many microseconds.
     #[arg(long, value_name = "US", default_value_t = 1000)]
     interval_us: u64,
@@ -123,7 +127,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         flush_after: Duration::from_millis(cli.flush_ms),
         hold_limit: Duration::from_millis(cli.hold_limit_ms),
     };
-    let records = Arc::new(Records::create(&cli.data, cli.ack_log.as_deref(), pace)?);
+    let records = Arc::new(
+        Records::create(&cli.data, cli.ack_log.as_deref(), pace)?.with_ack_times(cli.ack_times),
+    );
 
     if let Some(path) = &cli.socket {
         match std::fs::remove_file(path) {

@@ -75,6 +75,8 @@ struct Sink {
     ack_log: Option<File>,
     /// The last record appended to the ack log.
     acked: u64,
+    /// Write `<n> <unix_ns>` (the moment of the acknowledgement) instead of `<n>`.
+    ack_times: bool,
 }
 
 pub struct Records {
@@ -114,9 +116,19 @@ impl Records {
                 records,
                 ack_log,
                 acked: 0,
+                ack_times: false,
             }),
             pace,
         })
+    }
+
+    /// Ack log lines become `<n> <unix_ns>`: each acknowledgement with its time.
+    pub fn with_ack_times(self, ack_times: bool) -> Records {
+        self.sink
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ack_times = ack_times;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -213,7 +225,14 @@ impl Records {
         if last > sink.acked {
             // Acknowledged: durable in records.log. One write() per batch, so a reader sees whole
             // lines (appending to a file opened without O_APPEND by one writer only).
-            let lines: String = (sink.acked + 1..=last).map(|n| format!("{n}\n")).collect();
+            let at = if sink.ack_times {
+                format!(" {}", unix_ns())
+            } else {
+                String::new()
+            };
+            let lines: String = (sink.acked + 1..=last)
+                .map(|n| format!("{n}{at}\n"))
+                .collect();
             if let Some(ack_log) = &sink.ack_log {
                 if let Err(e) = (&*ack_log).write_all(lines.as_bytes()) {
                     log(&format!("cannot append to the ack log: {e}"));

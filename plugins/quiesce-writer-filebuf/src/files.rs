@@ -1,5 +1,5 @@
-//! The application's files: literal paths and glob patterns, fsynced after the application's
-//! acknowledgement.
+//! The application's files: literal paths and glob patterns, fsynced at prepare (before the
+//! freeze, so that little is left for the snapshot to flush).
 
 use std::collections::BTreeSet;
 use std::fs::File;

@@ -497,7 +497,12 @@ impl Writer for FilebufWriter {
                 signal::read_pid(pid_file).map_err(Error::new)?;
             }
         }
-        files::resolve(&self.specs).map_err(Error::new)?;
+        // Slow work belongs here, not in the window: fsync what the application wrote so far,
+        // so that little is left for the snapshot to flush.
+        let synced = files::resolve(&self.specs)
+            .and_then(|files| files::sync(&files))
+            .map_err(Error::new)?;
+        call.report("files_synced", synced.to_string());
         Ok(())
     }
 
@@ -510,22 +515,12 @@ impl Writer for FilebufWriter {
             Control::Signal { .. } => self.freeze_signal(&set, until)?,
         };
         let acked = start.elapsed();
-        // Acknowledged: the application has flushed and fsynced and holds its writes. Now fsync
-        // its files ourselves (they are plain files: read-only handles are enough).
-        let synced = files::resolve(&self.specs).and_then(|files| files::sync(&files));
-        let synced = match synced {
-            Ok(n) => n,
-            Err(e) => {
-                self.release_now(&set);
-                return Err(Error::new(format!("{e}; the application was released")));
-            }
-        };
-        log::info!(
-            "{}: frozen for {set}: last record {last}, {synced} files fsynced",
-            self.id
-        );
+        // Acknowledged: the application has flushed and holds its writes. No fsync here: it
+        // would only lengthen the window, because every provider captures what is written to
+        // the file system (a btrfs snapshot flushes the subvolume's dirty data itself; LVM and
+        // fsfreeze freeze the file system, which syncs it). The files were fsynced at prepare.
+        log::info!("{}: frozen for {set}: last record {last}", self.id);
         call.report("last_record", last);
-        call.report("files_synced", synced.to_string());
         call.report("ack_ms", acked.as_millis().to_string());
         Ok(())
     }

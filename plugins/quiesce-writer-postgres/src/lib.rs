@@ -6,7 +6,7 @@
 //! - **`snapshot`** (default): an atomic snapshot of one volume holding the data directory,
 //!   `pg_wal` and every tablespace is crash-safe — PostgreSQL replays its WAL on start. Prepare
 //!   asks the server where those are and **refuses** (before anything freezes) when any of them
-//!   lies off the snapshotted volume, then runs `CHECKPOINT` (short replay); freeze records
+//!   lies off the snapshotted volume, then runs `CHECKPOINT` when more than `checkpoint_after_wal_mb` of WAL would need replay; freeze records
 //!   `pg_current_wal_flush_lsn()` (`wal_flush_lsn`): every commit up to it is in the snapshot.
 //! - **`backup_api`**: `pg_backup_start(label, fast => true)` in prepare on one session held open
 //!   through the set, `pg_backup_stop(wait_for_archive => true)` at thaw, and its `labelfile` /
@@ -56,6 +56,13 @@ pub struct Settings {
     pub connect_timeout_ms: u64,
     /// An upper bound on every statement; each is bounded by its call's budget anyway.
     pub statement_timeout_ms: Option<u64>,
+    /// Snapshot mode: prepare runs `CHECKPOINT` only when more WAL than this (in MiB) was written
+    /// since the last checkpoint began — the replay a restore of the snapshot would need. An
+    /// immediate checkpoint flushes every dirty buffer and makes the next write of each page log
+    /// a full image, which applications feel; below the threshold the replay is short anyway.
+    /// 0: a checkpoint at every set.
+    #[serde(default = "default_checkpoint_after_wal_mb")]
+    pub checkpoint_after_wal_mb: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -83,6 +90,9 @@ fn default_dbname() -> String {
 }
 fn default_connect_timeout_ms() -> u64 {
     5000
+}
+fn default_checkpoint_after_wal_mb() -> u64 {
+    64
 }
 
 impl Settings {

@@ -168,6 +168,44 @@ impl PostgresWriter {
         )))
     }
 
+    /// `CHECKPOINT`, unless the WAL since the last checkpoint's redo point is under
+    /// `checkpoint_after_wal_mb` (then a restore replays little anyway). Reports what it did.
+    fn checkpoint_if_worth_it(&mut self, call: &mut Call) -> Result<(), Error> {
+        let target = self.target.clone();
+        let threshold = self.settings.checkpoint_after_wal_mb;
+        if threshold > 0 {
+            let since = self.session()?.query(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), redo_lsn)::bigint FROM pg_control_checkpoint()",
+                &[],
+                call.remaining(),
+            );
+            match since.map(|rows| rows.first().map(|r| r.get::<_, i64>(0))) {
+                Ok(Some(bytes)) if (bytes as u64) < threshold << 20 => {
+                    call.report(
+                        "checkpoint",
+                        format!(
+                            "skipped: {:.1} MiB of WAL since the last checkpoint (under checkpoint_after_wal_mb = {threshold})",
+                            bytes as f64 / 1048576.0
+                        ),
+                    );
+                    return Ok(());
+                }
+                Ok(_) => {}
+                // Not allowed to read the control data (a role without pg_monitor): checkpoint.
+                Err(f) => log::info!(
+                    "{}: {}; checkpointing at every set",
+                    self.settings.id,
+                    f.into_error(&target, "reading the last checkpoint")
+                ),
+            }
+        }
+        self.session()?
+            .query("CHECKPOINT", &[], call.remaining())
+            .map_err(|f| f.into_error(&target, "CHECKPOINT"))?;
+        call.report("checkpoint", "done");
+        Ok(())
+    }
+
     fn prepare_backup(
         &mut self,
         call: &mut Call,
@@ -413,12 +451,7 @@ impl Writer for PostgresWriter {
                     self.session = None;
                     return Err(refusal);
                 }
-                let target = self.target.clone();
-                self.session()?
-                    .query("CHECKPOINT", &[], call.remaining())
-                    .map_err(|f| f.into_error(&target, "CHECKPOINT"))?;
-                call.report("checkpoint", "done");
-                Ok(())
+                self.checkpoint_if_worth_it(call)
             }
             Mode::BackupApi => self.prepare_backup(call, &layout, &root),
         }

@@ -17,10 +17,23 @@
 //! panic_in = "freeze"           # optional: that call panics with "w1 was told to panic in freeze"
 //! hang_in = "freeze"            # optional: that call blocks until someone opens hang_fifo for
 //! hang_fifo = "/path/fifo"      # writing (the FIFO must exist), then succeeds
+//! control = "/path/control"     # optional: read at every call, see below
 //! ```
 //!
 //! Calls are `prepare`, `freeze`, `thaw`, `post_snapshot`, `abort`, `complete`. Where one call is
 //! told several things, it panics first, else fails, else hangs.
+//!
+//! **The control file** changes a writer's behaviour while the host runs (a fault injected in
+//! the middle of a set, without restarting the host). It is read at the start of every call;
+//! when it exists, its keys `fail_in`, `panic_in` and `hang_in` (TOML, the same values as above,
+//! each optional) replace the writer's configured ones for that call; when it is missing or
+//! empty, the configuration applies. A file that cannot be read or parsed fails the call, saying
+//! why. A test replaces the file as a whole (write a temporary file, rename it) and removes it to
+//! end the fault:
+//!
+//! ```toml
+//! hang_in = "thaw"     # the next thaw blocks on hang_fifo
+//! ```
 //!
 //! The events are written with one `write` each to a file opened for appending, so lines of
 //! writers called concurrently do not interleave, and a test can read them as soon as the call
@@ -57,6 +70,16 @@ struct WriterSettings {
     panic_in: Option<CallName>,
     hang_in: Option<CallName>,
     hang_fifo: Option<PathBuf>,
+    control: Option<PathBuf>,
+}
+
+/// What the control file may say: which call fails, panics or hangs now.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Control {
+    fail_in: Option<CallName>,
+    panic_in: Option<CallName>,
+    hang_in: Option<CallName>,
 }
 
 fn back_end() -> Level {
@@ -110,16 +133,50 @@ impl Misbehave {
             .map_err(|e| Error::from(e).context(format!("appending to {}", path.display())))
     }
 
+    /// What to do now: the control file's orders when it exists, else the configuration's.
+    fn orders(&self) -> Result<Control, Error> {
+        let configured = Control {
+            fail_in: self.settings.fail_in,
+            panic_in: self.settings.panic_in,
+            hang_in: self.settings.hang_in,
+        };
+        let Some(path) = &self.settings.control else {
+            return Ok(configured);
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(configured),
+            Err(e) => {
+                return Err(Error::from(e).context(format!(
+                    "{}: reading the control file {}",
+                    self.settings.id,
+                    path.display()
+                )))
+            }
+        };
+        if text.trim().is_empty() {
+            return Ok(configured);
+        }
+        toml::from_str(&text).map_err(|e| {
+            Error::new(format!(
+                "{}: the control file {} is not valid: {e}",
+                self.settings.id,
+                path.display()
+            ))
+        })
+    }
+
     fn act(&self, call: CallName) -> Result<(), Error> {
         let (id, name) = (&self.settings.id, call.as_str());
+        let orders = self.orders()?;
         self.event(name)?;
-        if self.settings.panic_in == Some(call) {
+        if orders.panic_in == Some(call) {
             panic!("{id} was told to panic in {name}");
         }
-        if self.settings.fail_in == Some(call) {
+        if orders.fail_in == Some(call) {
             return Err(Error::new(format!("{id} was told to fail in {name}")));
         }
-        if self.settings.hang_in == Some(call) {
+        if orders.hang_in == Some(call) {
             let fifo = self.settings.hang_fifo.as_deref().unwrap_or(Path::new(""));
             // Opening a FIFO for reading blocks until someone opens it for writing.
             File::open(fifo)
@@ -188,9 +245,10 @@ pub fn init(config: &Config) -> Result<Vec<Box<dyn Writer>>, Error> {
         .writers
         .into_iter()
         .map(|writer| {
-            if writer.hang_in.is_some() && writer.hang_fifo.is_none() {
+            if (writer.hang_in.is_some() || writer.control.is_some()) && writer.hang_fifo.is_none()
+            {
                 return Err(Error::invalid_config(format!(
-                    "writer {}: hang_in needs hang_fifo, the FIFO to wait on",
+                    "writer {}: hang_in and control need hang_fifo, the FIFO to wait on",
                     writer.id
                 )));
             }

@@ -7,11 +7,13 @@
 //! - [`require`] / [`require_root`]: fail loudly, naming the package, when something is missing;
 //! - [`Bus`]: a private `dbus-daemon` with a permissive or the project's system-bus policy;
 //! - [`Child`]: a process killed when the test ends; [`wait_until`]: wait on a condition;
-//! - [`Netns`]: a network namespace whose link to the test can be cut and restored.
+//! - [`Netns`]: a network namespace whose link to the test can be cut and restored;
+//! - [`postgres`]: PostgreSQL's binaries and tools run as the `postgres` user.
 //!
 //! It deliberately depends on no quiesce crate, so any crate's tests can use it.
 
 mod netns;
+pub mod postgres;
 
 pub use netns::Netns;
 

@@ -1,0 +1,140 @@
+//! Starting the real daemons for a benchmark, and asking the broker.
+
+use quiesce_link::v1::catalog_client::CatalogClient;
+use quiesce_link::v1::sets_client::SetsClient;
+use quiesce_link::v1::{CreateSetRequest, DeleteSetRequest, ListNodesRequest};
+use quiesce_link::{Security, TlsFiles};
+use quiesce_proto::SetRecord;
+use quiesce_testbed::Child;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `quiesce-broker certs` for these nodes and the client `bench`.
+pub fn certs(bin: &Path, out: &Path, nodes: &[String]) -> anyhow::Result<()> {
+    let output = Command::new(bin.join("quiesce-broker"))
+        .args(["certs", "--out"])
+        .arg(out)
+        .args([
+            "--broker-host",
+            "127.0.0.1",
+            "--clients",
+            "bench",
+            "--nodes",
+        ])
+        .arg(nodes.join(","))
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "quiesce-broker certs: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// A running broker and a client of it (certificate `bench`).
+pub struct Broker {
+    pub process: Child,
+    pub url: String,
+    certs: PathBuf,
+}
+
+impl Broker {
+    /// Starts `quiesce-broker serve` on a free loopback port with `config`.
+    pub fn start(bin: &Path, certs: &Path, config: &Path, log: PathBuf) -> anyhow::Result<Broker> {
+        let mut command = Command::new(bin.join("quiesce-broker"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .arg("--ca")
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join("broker.pem"))
+            .arg("--key")
+            .arg(certs.join("broker.key"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped());
+        let mut process = Child::spawn(command, log);
+        let mut line = String::new();
+        BufReader::new(process.child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| anyhow::anyhow!("the broker did not start: {line:?} {}", process.log()))?
+            .to_string();
+        Ok(Broker {
+            process,
+            url: format!("https://{addr}"),
+            certs: certs.into(),
+        })
+    }
+
+    pub fn security(&self) -> Security {
+        Security::Tls(TlsFiles {
+            ca: self.certs.join("ca.pem"),
+            cert: self.certs.join("bench.pem"),
+            key: self.certs.join("bench.key"),
+        })
+    }
+
+    pub async fn sets(&self) -> anyhow::Result<SetsClient<tonic::transport::Channel>> {
+        Ok(SetsClient::new(
+            quiesce_link::connect(&self.url, &self.security()).await?,
+        ))
+    }
+
+    /// Waits until exactly `nodes` nodes are attached.
+    pub async fn wait_nodes(&self, nodes: usize, within: Duration) -> anyhow::Result<()> {
+        let mut catalog =
+            CatalogClient::new(quiesce_link::connect(&self.url, &self.security()).await?);
+        let deadline = Instant::now() + within;
+        loop {
+            let live = catalog
+                .list_nodes(ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes
+                .len();
+            if live == nodes {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {live} of {nodes} nodes attached within {within:?}"
+            );
+            // Polling the broker's catalog; nothing can notify the bench of attachments.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs one set of `volume` and deletes its snapshot: (record, time to the answer).
+    pub async fn set(
+        &self,
+        client: &mut SetsClient<tonic::transport::Channel>,
+        volume: &str,
+    ) -> anyhow::Result<(SetRecord, Duration)> {
+        let started = Instant::now();
+        let reply = client
+            .create(CreateSetRequest {
+                volumes: vec![volume.into()],
+                best_effort: false,
+            })
+            .await?
+            .into_inner();
+        let took = started.elapsed();
+        let record: SetRecord = serde_json::from_str(&reply.record_json)?;
+        anyhow::ensure!(
+            !record.outcome.is_failed(),
+            "set {} failed: {}",
+            record.id,
+            record.outcome
+        );
+        client
+            .delete(DeleteSetRequest {
+                id: record.id.0.clone(),
+            })
+            .await?;
+        Ok((record, took))
+    }
+}

@@ -1,0 +1,203 @@
+//! The applications' own logs of acknowledged writes (their write-latency logs): one line per
+//! write, `<n> … <ack_unix_ns>` — the record's number first, the moment the application was
+//! told it is durable last. They are what the lab measures freezes and losses against.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// Nanoseconds since the Unix epoch (the clock every process of the lab shares).
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The longest time an application went without an acknowledged write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Gap {
+    pub ms: u64,
+    /// When the gap ended (the acknowledgement that closed it).
+    pub ended_ns: u64,
+}
+
+/// One application's ack log, read as it grows.
+#[derive(Debug)]
+pub struct AckLog {
+    /// Which application (for messages): `postgres`, `sqlite wal.db`, ...
+    pub app: String,
+    pub path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+    /// `(n, ack_unix_ns)` of every complete line so far, in the order written.
+    entries: Vec<(u64, u64)>,
+    /// Whether the application still runs (a finished one's log no longer grows).
+    pub live: bool,
+}
+
+impl AckLog {
+    pub fn new(app: &str, path: &Path) -> AckLog {
+        AckLog {
+            app: app.into(),
+            path: path.into(),
+            offset: 0,
+            partial: Vec::new(),
+            entries: Vec::new(),
+            live: true,
+        }
+    }
+
+    /// Reads the lines written since the last call (a line still being written waits).
+    pub fn refresh(&mut self) {
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return;
+        };
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut bytes = Vec::new();
+        if file.read_to_end(&mut bytes).is_err() {
+            return;
+        }
+        self.offset += bytes.len() as u64;
+        self.partial.extend_from_slice(&bytes);
+        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        let complete: Vec<u8> = self.partial.drain(..=end).collect();
+        for line in String::from_utf8_lossy(&complete).lines() {
+            let mut words = line.split_whitespace();
+            let n = words.next().and_then(|w| w.parse().ok());
+            let at = words.last().and_then(|w| w.parse().ok());
+            match (n, at) {
+                (Some(n), Some(at)) => self.entries.push((n, at)),
+                _ => panic!(
+                    "{}: a line of {} is not `<n> … <ack_unix_ns>`: {line:?}",
+                    self.app,
+                    self.path.display()
+                ),
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The last acknowledgement read.
+    pub fn last(&self) -> Option<(u64, u64)> {
+        self.entries.last().copied()
+    }
+
+    /// The records acknowledged strictly before `bound_ns`: their numbers, in order.
+    pub fn acked_before(&self, bound_ns: u64) -> &[(u64, u64)] {
+        let end = self.entries.partition_point(|&(_, at)| at < bound_ns);
+        &self.entries[..end]
+    }
+
+    /// The longest gap between two consecutive acknowledgements that overlaps
+    /// `[from_ns, to_ns]`, and, when the log's last acknowledgement is before `to_ns`, the time
+    /// from it to `to_ns` (an application that has not written since).
+    pub fn longest_gap(&self, from_ns: u64, to_ns: u64) -> Gap {
+        let start = self
+            .entries
+            .partition_point(|&(_, at)| at < from_ns)
+            .saturating_sub(1);
+        let mut longest = Gap::default();
+        let mut previous: Option<u64> = None;
+        for &(_, at) in &self.entries[start..] {
+            if let Some(p) = previous {
+                if p > to_ns {
+                    break;
+                }
+                let ms = at.saturating_sub(p) / 1_000_000;
+                if ms > longest.ms {
+                    longest = Gap { ms, ended_ns: at };
+                }
+            }
+            previous = Some(at);
+        }
+        if let (true, Some(p)) = (self.live, previous) {
+            if p < to_ns {
+                let ms = (to_ns - p) / 1_000_000;
+                if ms > longest.ms {
+                    longest = Gap {
+                        ms,
+                        ended_ns: to_ns,
+                    };
+                }
+            }
+        }
+        longest
+    }
+
+    /// The longest gap in the whole log (after its first acknowledgement).
+    pub fn longest_gap_ever(&self) -> Gap {
+        let mut longest = Gap::default();
+        for pair in self.entries.windows(2) {
+            let ms = pair[1].1.saturating_sub(pair[0].1) / 1_000_000;
+            if ms > longest.ms {
+                longest = Gap {
+                    ms,
+                    ended_ns: pair[1].1,
+                };
+            }
+        }
+        longest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_complete_lines_as_they_come_and_measures_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acks");
+        let ms = 1_000_000;
+        std::fs::write(
+            &path,
+            format!("1 5 {}\n2 6 {}\n3 7 {}", 10 * ms, 20 * ms, 500 * ms),
+        )
+        .unwrap();
+        let mut log = AckLog::new("app", &path);
+        log.refresh();
+        assert_eq!(log.len(), 2, "the third line is not complete yet");
+        std::fs::write(
+            &path,
+            format!(
+                "1 5 {}\n2 6 {}\n3 7 {}\n4 {}\n",
+                10 * ms,
+                20 * ms,
+                500 * ms,
+                510 * ms
+            ),
+        )
+        .unwrap();
+        log.refresh();
+        assert_eq!(log.last(), Some((4, 510 * ms)));
+        assert_eq!(log.acked_before(500 * ms).len(), 2);
+        assert_eq!(log.acked_before(501 * ms).last(), Some(&(3, 500 * ms)));
+        assert_eq!(log.longest_gap(0, 600 * ms).ms, 480);
+        assert_eq!(
+            log.longest_gap(505 * ms, 600 * ms).ms,
+            90,
+            "the open end counts"
+        );
+        log.live = false;
+        assert_eq!(
+            log.longest_gap(0, 600 * ms),
+            Gap {
+                ms: 480,
+                ended_ns: 500 * ms
+            }
+        );
+        assert_eq!(log.longest_gap(505 * ms, 600 * ms).ms, 10);
+        assert_eq!(log.longest_gap_ever().ms, 480);
+    }
+}

@@ -1,0 +1,281 @@
+//! Restores and their verification: a backup restored from restic (or any copy of a snapshot's
+//! tree) must hold every write each application acknowledged before the snapshot, and every
+//! database in it must be sound:
+//!
+//! - PostgreSQL started on the copy (crash recovery) holds every committed record acknowledged
+//!   before the snapshot, with no gap, and `pg_amcheck --all --heapallindexed` is clean;
+//! - each SQLite database passes `PRAGMA integrity_check` and holds every acknowledged record;
+//! - the buffering app's and each app writer run's `records.log` hold records 1..=K, whole
+//!   lines, K at least the last acknowledged one.
+//!
+//! "Before the snapshot" is a bound the caller gives: a moment no later than the provider's
+//! start (the lab takes the moment it asked for the set plus the record's `snapshot` phase start,
+//! both measured before the snapshot). Every write acknowledged before it was durable, or held
+//! by a frozen writer's flush, when the snapshot was taken.
+
+use crate::lab::{chown_postgres, pg_bin, Lab, PgServer, SQLITE_DBS};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+/// What one restore showed.
+#[derive(Debug, Default, Clone)]
+pub struct Verification {
+    /// Acknowledged records found in the restore, per application.
+    pub verified: Vec<(String, u64)>,
+    /// Acknowledged records missing from it (must be none).
+    pub lost: u64,
+    /// Everything that is wrong, each in words.
+    pub problems: Vec<String>,
+}
+
+impl Verification {
+    pub fn records(&self) -> u64 {
+        self.verified.iter().map(|(_, n)| n).sum()
+    }
+
+    fn app(&mut self, app: &str, acked: u64, present: u64) {
+        self.verified.push((app.into(), present.min(acked)));
+        if present < acked {
+            self.lost += acked - present;
+            self.problems.push(format!(
+                "{app}: {} of the {acked} records acknowledged before the snapshot are missing",
+                acked - present
+            ));
+        }
+    }
+}
+
+impl Lab {
+    /// Restores the restic snapshot tagged with `set_id` into `target` (the volume's tree).
+    pub fn restore_backup(&self, set_id: &str, target: &Path) -> Result<(), String> {
+        let mut command = Command::new("restic");
+        self.restic_env(&mut command);
+        let output = command
+            .args([
+                "restore",
+                "latest",
+                "--tag",
+                &format!("quiesce-set={set_id}"),
+            ])
+            .arg("--target")
+            .arg(target)
+            .output()
+            .map_err(|e| format!("running restic: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "restic restore of set {set_id} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Verifies a restored tree against what the applications acknowledged before `bound_ns`.
+    pub fn verify_restore(&mut self, root: &Path, bound_ns: u64) -> Verification {
+        self.refresh_acks();
+        let mut v = Verification::default();
+        self.verify_postgres(root, bound_ns, &mut v);
+        for (k, (db, _)) in SQLITE_DBS.iter().enumerate() {
+            let acked = self.acks[1 + k].acked_before(bound_ns);
+            let (count, last) = (acked.len() as u64, acked.last().map_or(0, |a| a.0));
+            let app = self.acks[1 + k].app.clone();
+            match sqlite_contents(&root.join("sqlite").join(db), last) {
+                Ok(c) => {
+                    if c.integrity != "ok" {
+                        v.problems
+                            .push(format!("{app}: integrity_check says {:?}", c.integrity));
+                    }
+                    check_gapless(&mut v, &app, c.count, c.min, c.max);
+                    v.app(&app, count, c.present);
+                }
+                Err(e) => {
+                    v.problems.push(e);
+                    v.app(&app, count, 0);
+                }
+            }
+        }
+        let file_apps: Vec<(usize, std::path::PathBuf)> =
+            std::iter::once((3, root.join("buffer/records.log")))
+                .chain((4..self.acks.len()).map(|i| {
+                    let run = i - 3;
+                    (i, root.join(format!("app/run-{run}/records.log")))
+                }))
+                .collect();
+        for (i, path) in file_apps {
+            let acked = self.acks[i].acked_before(bound_ns);
+            let (count, last) = (acked.len() as u64, acked.last().map_or(0, |a| a.0));
+            let app = self.acks[i].app.clone();
+            if count == 0 {
+                continue; // started after the snapshot
+            }
+            match numbered_lines(&path) {
+                Ok(k) => v.app(&app, count, k.min(last).min(count)),
+                Err(e) => {
+                    v.problems.push(format!("{app}: {e}"));
+                    v.app(&app, count, 0);
+                }
+            }
+        }
+        v
+    }
+
+    fn verify_postgres(&mut self, root: &Path, bound_ns: u64, v: &mut Verification) {
+        let acked = self.acks[0].acked_before(bound_ns);
+        let (count, last) = (acked.len() as u64, acked.last().map_or(0, |a| a.0));
+        let data = root.join("pg/data");
+        if !data.join("PG_VERSION").is_file() {
+            v.problems
+                .push(format!("postgres: no data directory in {}", root.display()));
+            v.app("postgres", count, 0);
+            return;
+        }
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        for dir in root
+            .ancestors()
+            .take_while(|d| d.starts_with(self.dir.path()))
+        {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        }
+        chown_postgres(&root.join("pg"));
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut copy = PgServer::on(&data, root, 5433);
+        // Thrown away after the checks: it need not be durable itself.
+        copy.start(None, &["fsync=off"]);
+        let checked = (|| -> Result<(i64, i64, i64, i64), String> {
+            let mut client = copy.client()?;
+            let row = client
+                .query_one(
+                    "SELECT count(*), coalesce(min(n), 0), coalesce(max(n), 0), \
+                     count(*) FILTER (WHERE n <= $1) FROM records",
+                    &[&(last as i64)],
+                )
+                .map_err(|e| format!("postgres: reading the restored records: {e}"))?;
+            Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
+        })();
+        match checked {
+            Ok((n, min, max, present)) => {
+                check_gapless(v, "postgres", n as u64, min as u64, max as u64);
+                v.app("postgres", count, present as u64);
+            }
+            Err(e) => {
+                v.problems.push(format!("{e}\n{}", copy.log_text()));
+                v.app("postgres", count, 0);
+            }
+        }
+        let output = Command::new(pg_bin().join("pg_amcheck"))
+            .arg("-h")
+            .arg(&copy.socket_dir)
+            .args(["-p", &copy.port.to_string(), "-U", "postgres"])
+            .args(["--all", "--install-missing", "--heapallindexed"])
+            .output()
+            .unwrap();
+        if !output.status.success() || !output.stdout.is_empty() {
+            v.problems.push(format!(
+                "postgres: pg_amcheck on the restored copy found problems ({}): {}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        copy.stop();
+    }
+}
+
+/// Records in a restored copy: numbers 1..=max with none missing.
+fn check_gapless(v: &mut Verification, app: &str, count: u64, min: u64, max: u64) {
+    if count > 0 && (min != 1 || count != max) {
+        v.problems.push(format!(
+            "{app}: the restored records are not 1..={max} without a gap ({count} records, from {min})"
+        ));
+    }
+}
+
+struct SqliteContents {
+    integrity: String,
+    count: u64,
+    min: u64,
+    max: u64,
+    present: u64,
+}
+
+/// Opens a restored database (ours to change: SQLite may recover its WAL) and reads it.
+fn sqlite_contents(db: &Path, last: u64) -> Result<SqliteContents, String> {
+    if !db.is_file() {
+        return Err(format!("{} is not in the restore", db.display()));
+    }
+    let what = |e: rusqlite::Error| format!("{}: {e}", db.display());
+    let c = rusqlite::Connection::open(db).map_err(what)?;
+    let integrity: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(what)?;
+    let (count, min, max, present): (i64, i64, i64, i64) = c
+        .query_row(
+            "SELECT count(*), coalesce(min(n), 0), coalesce(max(n), 0), \
+             count(*) FILTER (WHERE n <= ?1) FROM records",
+            [last as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .map_err(what)?;
+    Ok(SqliteContents {
+        integrity,
+        count: count as u64,
+        min: min as u64,
+        max: max as u64,
+        present: present as u64,
+    })
+}
+
+/// A restored `records.log` of numbered lines (`<n> …`): K when it holds exactly 1..=K, whole
+/// lines, in order.
+fn numbered_lines(path: &Path) -> Result<u64, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{} is not in the restore: {e}", path.display()))?;
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Err(format!(
+            "a record is cut short at the end of {}",
+            path.display()
+        ));
+    }
+    let mut k = 0u64;
+    for line in text.lines() {
+        let n: u64 = line
+            .split_whitespace()
+            .next()
+            .and_then(|w| w.parse().ok())
+            .ok_or_else(|| format!("{}: a line is not a record: {line:?}", path.display()))?;
+        if n != k + 1 {
+            return Err(format!("{}: record {n} follows record {k}", path.display()));
+        }
+        k = n;
+    }
+    Ok(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_lines_are_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r");
+        std::fs::write(&p, "1 10\n2 11\n3 12\n").unwrap();
+        assert_eq!(numbered_lines(&p), Ok(3));
+        std::fs::write(&p, "1 10\n3 11\n").unwrap();
+        assert!(numbered_lines(&p)
+            .unwrap_err()
+            .contains("record 3 follows record 1"));
+        std::fs::write(&p, "1 10\n2 1").unwrap();
+        assert!(numbered_lines(&p).unwrap_err().contains("cut short"));
+    }
+
+    #[test]
+    fn a_missing_acknowledged_record_is_lost() {
+        let mut v = Verification::default();
+        v.app("x", 10, 10);
+        v.app("y", 5, 3);
+        assert_eq!((v.records(), v.lost), (13, 2));
+        assert_eq!(v.problems.len(), 1);
+    }
+}

@@ -40,6 +40,26 @@ pub struct PgbenchRun {
     /// Per-transaction latency, from pgbench's transaction log.
     pub latency: Sample,
     pub snapshots: usize,
+    /// How many of those sets the PostgreSQL writer ran `CHECKPOINT` in (the others it skipped:
+    /// less WAL than `checkpoint_after_wal_mb` since the last checkpoint).
+    pub checkpoints: usize,
+    /// Every transaction's latency, for merging runs (not in the report).
+    #[serde(skip)]
+    latencies: Vec<f64>,
+}
+
+impl PgbenchRun {
+    /// Two runs of equal length as one: mean TPS, all latencies.
+    fn merge(a: PgbenchRun, b: PgbenchRun) -> PgbenchRun {
+        let latencies: Vec<f64> = a.latencies.iter().chain(&b.latencies).copied().collect();
+        PgbenchRun {
+            tps: (a.tps + b.tps) / 2.0,
+            latency: Sample::of_ms(&latencies),
+            snapshots: a.snapshots + b.snapshots,
+            checkpoints: a.checkpoints + b.checkpoints,
+            latencies,
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -469,7 +489,7 @@ impl Lab {
             .args(["-l", "--log-prefix", "txn"])
             .current_dir(&logs);
         let pgbench = tokio::task::spawn_blocking(move || command.output());
-        let mut snapshots = 0;
+        let (mut snapshots, mut checkpoints) = (0, 0);
         if let Some(every) = every {
             let end = Instant::now() + Duration::from_secs(seconds);
             let mut tick = tokio::time::interval(every);
@@ -480,8 +500,12 @@ impl Lab {
                     break;
                 }
                 let lab = self.clone();
-                tokio::task::spawn_blocking(move || lab.snapshot()).await??;
+                let (record, _) = tokio::task::spawn_blocking(move || lab.snapshot()).await??;
                 snapshots += 1;
+                checkpoints += usize::from(record.writers.iter().any(|w| {
+                    w.writer.writer == "pg"
+                        && w.reports.get("checkpoint").map(String::as_str) == Some("done")
+                }));
             }
         }
         let out = pgbench.await??;
@@ -514,6 +538,8 @@ impl Lab {
             tps,
             latency: Sample::of_ms(&latencies),
             snapshots,
+            checkpoints,
+            latencies,
         })
     }
 
@@ -532,15 +558,20 @@ impl Lab {
         let clients = 4;
         // Warm the caches first: the first run would otherwise pay for them alone.
         lab.pgbench_run("warm-up", clients, 10, None).await?;
-        let without = lab.pgbench_run("without", clients, seconds, None).await?;
-        let with = lab
-            .pgbench_run("with", clients, seconds, Some(Duration::from_secs(5)))
-            .await?;
+        // Alternated, half the time each twice (without, with, without, with): the database
+        // grows and ages as pgbench runs, and running one mode after the other would charge
+        // that drift to the second.
+        let half = (seconds / 2).max(5);
+        let every = Some(Duration::from_secs(5));
+        let a1 = lab.pgbench_run("without-1", clients, half, None).await?;
+        let b1 = lab.pgbench_run("with-1", clients, half, every).await?;
+        let a2 = lab.pgbench_run("without-2", clients, half, None).await?;
+        let b2 = lab.pgbench_run("with-2", clients, half, every).await?;
         Ok(PgbenchResult {
             clients,
-            seconds,
-            without,
-            with,
+            seconds: 2 * half,
+            without: PgbenchRun::merge(a1, a2),
+            with: PgbenchRun::merge(b1, b2),
         })
     }
 }

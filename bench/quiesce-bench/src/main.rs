@@ -403,8 +403,8 @@ fn print_table(r: &Report) {
             ("with a snapshot every 5 s", &p.with),
         ] {
             println!(
-                "  {what:<52} TPS {:>9.1}  latency p99 {:>7.2} ms  max {:>7.2} ms  ({} snapshots)",
-                run.tps, run.latency.p99_ms, run.latency.max_ms, run.snapshots
+                "  {what:<52} TPS {:>9.1}  latency p99 {:>7.2} ms  max {:>7.2} ms  ({} snapshots, {} with a CHECKPOINT)",
+                run.tps, run.latency.p99_ms, run.latency.max_ms, run.snapshots, run.checkpoints
             );
         }
     }

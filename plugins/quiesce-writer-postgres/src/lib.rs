@@ -92,7 +92,7 @@ fn default_connect_timeout_ms() -> u64 {
     5000
 }
 fn default_checkpoint_after_wal_mb() -> u64 {
-    64
+    256
 }
 
 impl Settings {

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -86,11 +86,11 @@ impl Membership {
     }
 }
 
-/// The broker's shared state: the registry of live nodes and the epoch, published.
+/// The broker's shared state: the registry of live nodes, the set commands in flight, and the
+/// membership changes, broadcast to running sets.
 pub struct Broker {
     config: BrokerConfig,
     state: Mutex<State>,
-    epoch: watch::Sender<u64>,
     membership: broadcast::Sender<Membership>,
     next_command: AtomicU64,
 }
@@ -99,7 +99,7 @@ impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
             .field("config", &self.config)
-            .field("epoch", &*self.epoch.borrow())
+            .field("epoch", &self.lock().registry.epoch())
             .finish_non_exhaustive()
     }
 }
@@ -114,7 +114,6 @@ impl Broker {
                 outbound: HashMap::new(),
                 awaiting: HashMap::new(),
             }),
-            epoch: watch::channel(0).0,
             membership: broadcast::channel(1024).0,
             next_command: AtomicU64::new(1),
         })
@@ -122,11 +121,6 @@ impl Broker {
 
     pub fn config(&self) -> &BrokerConfig {
         &self.config
-    }
-
-    /// The membership epoch, as it changes.
-    pub fn subscribe_epoch(&self) -> watch::Receiver<u64> {
-        self.epoch.subscribe()
     }
 
     /// Every membership change from now on, with what changed (running sets follow it).
@@ -165,7 +159,6 @@ impl Broker {
     }
 
     fn announce(&self, change: Membership) {
-        self.publish(change.epoch());
         // No receiver (no set running) is fine.
         let _ = self.membership.send(change);
     }
@@ -177,16 +170,6 @@ impl Broker {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn publish(&self, epoch: u64) {
-        self.epoch.send_if_modified(|e| {
-            let newer = epoch > *e;
-            if newer {
-                *e = epoch;
-            }
-            newer
-        });
     }
 
     fn heartbeat_interval(&self) -> Duration {

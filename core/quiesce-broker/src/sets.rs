@@ -156,10 +156,6 @@ impl Sets {
         }))
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.catalog
-    }
-
     fn running(&self) -> std::sync::MutexGuard<'_, Option<(SetId, Inputs)>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -273,12 +273,12 @@ mod tests {
     use quiesce_proto::{Level, Reports, WriterMetadata};
     use std::path::Path;
 
-    /// Records every call it gets as `<op> <set>`.
-    struct Recorder(Arc<Mutex<Vec<String>>>);
+    /// Sends every call it gets as `<op> <set>`.
+    struct Recorder(mpsc::UnboundedSender<String>);
 
     impl Backend for Recorder {
         fn call(&mut self, op: &Op, set: &str, _: Duration) -> Result<Reports, BackendError> {
-            self.0.lock().unwrap().push(format!("{} {set}", op.name()));
+            let _ = self.0.send(format!("{} {set}", op.name()));
             Ok(Reports::new())
         }
     }
@@ -303,9 +303,9 @@ mod tests {
     async fn a_lapsing_lease_of_an_abandoned_set_leaves_a_writer_a_newer_set_called_alone() {
         let config = Config::parse("node = \"n1\"\n", Path::new("host.toml")).unwrap();
         let host = Arc::new(Host::start(config));
-        let calls = Arc::new(Mutex::new(Vec::new()));
+        let (record, mut calls) = mpsc::unbounded_channel();
         let metadata = WriterMetadata::new("w", "recording writer", Level::BackEnd);
-        host.add_writer(metadata, "test".into(), Box::new(Recorder(calls.clone())))
+        host.add_writer(metadata, "test".into(), Box::new(Recorder(record)))
             .unwrap();
         let leases = Leases::start(host.clone());
         let (replies, mut answers) = mpsc::unbounded_channel();
@@ -326,17 +326,20 @@ mod tests {
         }
         // The new set's own lease lapses: the writer is aborted for it. The old lease lapsed
         // before that and must have aborted nothing.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !calls.lock().unwrap().contains(&"abort new".to_string()) {
-            assert!(
-                Instant::now() < deadline,
-                "no abort after the new lease lapsed: {:?}",
-                calls.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let mut seen = vec![];
+        let until_abort = async {
+            while let Some(call) = calls.recv().await {
+                seen.push(call);
+                if seen.last().is_some_and(|c| c == "abort new") {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), until_abort)
+            .await
+            .unwrap_or_else(|_| panic!("no abort after the new lease lapsed: {seen:?}"));
         assert_eq!(
-            *calls.lock().unwrap(),
+            seen,
             ["prepare old", "prepare new", "freeze new", "abort new"],
             "the abandoned set's lapsing lease aborted the writer the new set holds"
         );

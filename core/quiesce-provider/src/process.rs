@@ -307,11 +307,11 @@ mod tests {
                 .map(|s| s.contains(") Z "))
                 .unwrap_or(true)
         };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !dead() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(dead(), "the grandchild outlived the kill");
+        quiesce_testbed::wait_until(
+            "the grandchild to die with its group",
+            Duration::from_secs(5),
+            || dead().then_some(()),
+        );
     }
 
     #[test]

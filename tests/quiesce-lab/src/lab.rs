@@ -1014,18 +1014,8 @@ pub fn wait_probe_call(
     }) && called()
 }
 
-/// [`quiesce_testbed::wait_until`] for the soak, which records a condition that does not come
-/// true instead of failing: whether `condition` became true within `timeout`.
+/// Whether `condition` became true within `timeout` (the soak records a condition that does not
+/// come true instead of failing): [`quiesce_testbed::poll_until`] on a `bool`.
 pub fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        // Only keeps the polling from spinning; the condition is the synchronisation.
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    quiesce_testbed::poll_until(timeout, || condition().then_some(())).is_some()
 }

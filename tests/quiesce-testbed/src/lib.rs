@@ -78,19 +78,24 @@ pub fn wait_until<T>(what: &str, timeout: Duration, condition: impl FnMut() -> O
 pub fn wait_until_or<T>(
     what: &str,
     timeout: Duration,
-    mut condition: impl FnMut() -> Option<T>,
+    condition: impl FnMut() -> Option<T>,
     context: impl Fn() -> String,
 ) -> T {
+    poll_until(timeout, condition)
+        .unwrap_or_else(|| panic!("{what}: not within {timeout:?}\n{}", context()))
+}
+
+/// [`wait_until`] for callers that record a condition that does not come true instead of
+/// failing (the lab's soak): `None` when `condition` did not return `Some` within `timeout`.
+pub fn poll_until<T>(timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = condition() {
-            return value;
+            return Some(value);
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}\n{}",
-            context()
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -6,8 +6,9 @@
 
 use crate::stats::Sample;
 use quiesce_host::set_requests::SetRequests;
-use quiesce_host::worker::{Backend, BackendError, Op, WriterHandle};
+use quiesce_host::worker::{Backend, WriterHandle};
 use quiesce_host::{Config, Host};
+use quiesce_proto::{CallFailure, WriterCall};
 use quiesce_proto::{Level, Reports, WriterMetadata};
 use quiesce_testbed::{Bus, Child, Policy};
 use std::io::{BufRead, BufReader};
@@ -19,7 +20,12 @@ use std::time::{Duration, Instant};
 struct Nothing;
 
 impl Backend for Nothing {
-    fn call(&mut self, _op: &Op, _set: &str, _budget: Duration) -> Result<Reports, BackendError> {
+    fn call(
+        &mut self,
+        _call: &WriterCall,
+        _set: &str,
+        _budget: Duration,
+    ) -> Result<Reports, CallFailure> {
         Ok(Reports::new())
     }
 }
@@ -36,7 +42,7 @@ async fn time_calls(writer: &WriterHandle, calls: usize) -> anyhow::Result<Sampl
     for _ in 0..calls {
         let started = Instant::now();
         writer
-            .call(Op::Thaw, "bench-calls", Duration::from_secs(5))
+            .call(WriterCall::Thaw, "bench-calls", Duration::from_secs(5))
             .await?;
         times.push(started.elapsed());
     }

@@ -8,9 +8,10 @@
 
 use crate::stats::Sample;
 use quiesce_host::broker_link::{self, LinkOptions};
-use quiesce_host::worker::{Backend, BackendError, Op};
+use quiesce_host::worker::Backend;
 use quiesce_host::{Config, Host};
 use quiesce_link::{Security, TlsFiles};
+use quiesce_proto::{CallFailure, WriterCall};
 use quiesce_proto::{ComponentKind, Level, Reports, SetRecord, WriterMetadata};
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +21,12 @@ use std::time::Duration;
 struct InMemory;
 
 impl Backend for InMemory {
-    fn call(&mut self, _op: &Op, _set: &str, _budget: Duration) -> Result<Reports, BackendError> {
+    fn call(
+        &mut self,
+        _call: &WriterCall,
+        _set: &str,
+        _budget: Duration,
+    ) -> Result<Reports, CallFailure> {
         Ok(Reports::new())
     }
 }

@@ -50,7 +50,7 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct Awaiting {
     pub writer: quiesce_proto::WriterRef,
-    pub kind: quiesce_proto::machine::CallKind,
+    pub kind: quiesce_proto::CallKind,
     pub inputs: quiesce_driver::Inputs,
 }
 
@@ -488,10 +488,12 @@ fn route_replies(broker: &Broker, node: &str, replies: Vec<v1::CommandReply>) {
     for (a, reply) in routed {
         let result = match reply.result {
             Some(command_reply::Result::Ok(ok)) => Ok(ok.reports.into_iter().collect()),
-            Some(command_reply::Result::Failed(f)) => Err(f.reason),
-            None => Err(format!(
+            Some(command_reply::Result::Failed(f)) => {
+                Err(quiesce_link::calls::failure_from_wire(f))
+            }
+            None => Err(quiesce_proto::CallFailure::error(format!(
                 "node {node} answered with an empty result (a newer host?)"
-            )),
+            ))),
         };
         let _ = a.inputs.send(quiesce_driver::Input::Reply {
             writer: a.writer,

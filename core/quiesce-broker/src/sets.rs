@@ -19,7 +19,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
 use crate::service::{Awaiting, Broker, Membership};
 use quiesce_driver::{Input, Inputs, Transport};
-use quiesce_link::v1::{self, broker_message, set_command};
+use quiesce_link::v1::{self, broker_message};
 use quiesce_proto::{
     Deadlines, SetId, SetRecord, SetRequest, SnapshotInfo, SnapshotSet, WriterCall, WriterMetadata,
     WriterRef,
@@ -395,24 +395,8 @@ impl Transport for LinkTransport {
     ) {
         let kind = call.kind();
         let budget_ms = millis(deadline.saturating_duration_since(Instant::now()));
-        let wire = match call {
-            WriterCall::Prepare => set_command::Call::Prepare(v1::Prepare {}),
-            WriterCall::Freeze => set_command::Call::Freeze(v1::Freeze {
-                hold_limit_ms: self.hold_limit_ms,
-            }),
-            WriterCall::Thaw => set_command::Call::Thaw(v1::Thaw {}),
-            WriterCall::PostSnapshot { snapshot } => {
-                set_command::Call::PostSnapshot(v1::PostSnapshot {
-                    snapshot_json: serde_json::to_string(&snapshot)
-                        .expect("snapshot info always serializes"),
-                })
-            }
-            WriterCall::Abort => set_command::Call::Abort(v1::Abort {}),
-            WriterCall::Complete { outcome } => set_command::Call::Complete(v1::Complete {
-                outcome: outcome.label().into(),
-            }),
-        };
-        let wants_reply = kind != quiesce_proto::machine::CallKind::Complete;
+        let wire = quiesce_link::calls::call_to_wire(&call, self.hold_limit_ms);
+        let wants_reply = kind != quiesce_proto::CallKind::Complete;
         let awaiting = wants_reply.then(|| Awaiting {
             writer: writer.clone(),
             kind,

@@ -16,9 +16,9 @@
 //! - a provider call still running when the set ends is waited for in the background: if it
 //!   yields a snapshot after all, the machine asks for its deletion and that is carried out too.
 
-use quiesce_proto::machine::CallKind;
 use quiesce_proto::{
-    Command, Reports, SetId, SetRecord, SnapshotInfo, SnapshotSet, WriterCall, WriterRef,
+    CallFailure, CallKind, Command, ProviderFailure, ProviderOp, Reports, SetId, SetRecord,
+    SnapshotInfo, SnapshotSet, WriterCall, WriterRef,
 };
 use quiesce_provider::Provider;
 use std::sync::Arc;
@@ -32,7 +32,7 @@ pub enum Input {
     Reply {
         writer: WriterRef,
         kind: CallKind,
-        result: Result<Reports, String>,
+        result: Result<Reports, CallFailure>,
     },
     /// A writer, or its whole node, is gone.
     WriterLost { writer: WriterRef, reason: String },
@@ -74,9 +74,9 @@ pub trait Transport: Send + 'static {
 }
 
 enum ProviderAnswer {
-    Taken(Result<SnapshotInfo, String>),
-    Finalized(Result<(), String>),
-    Deleted(Result<(), String>),
+    Taken(Result<SnapshotInfo, ProviderFailure>),
+    Finalized(Result<(), ProviderFailure>),
+    Deleted(Result<(), ProviderFailure>),
 }
 
 /// Runs `set` to its end and returns its record. `observe` is called after every change (for
@@ -171,6 +171,10 @@ async fn sleep_until(wake: Option<tokio::time::Instant>) {
     }
 }
 
+fn failure(op: ProviderOp) -> impl FnOnce(quiesce_provider::ProviderError) -> ProviderFailure {
+    move |e| ProviderFailure::new(op, e.to_string())
+}
+
 /// Carries out one command; returns how many provider calls it started (0 or 1).
 fn carry_out(
     id: &SetId,
@@ -207,19 +211,27 @@ fn carry_out(
         Command::TakeSnapshot { .. } => {
             let (provider, set_id) = (provider.clone(), id.0.clone());
             on_blocking_thread(Box::new(move || {
-                ProviderAnswer::Taken(provider.take(&set_id).map_err(|e| e.to_string()))
+                ProviderAnswer::Taken(provider.take(&set_id).map_err(failure(ProviderOp::Take)))
             }))
         }
         Command::FinalizeSnapshot { snapshot, .. } => {
             let provider = provider.clone();
             on_blocking_thread(Box::new(move || {
-                ProviderAnswer::Finalized(provider.finalize(&snapshot).map_err(|e| e.to_string()))
+                ProviderAnswer::Finalized(
+                    provider
+                        .finalize(&snapshot)
+                        .map_err(failure(ProviderOp::Finalize)),
+                )
             }))
         }
         Command::DeleteSnapshot { snapshot, .. } => {
             let provider = provider.clone();
             on_blocking_thread(Box::new(move || {
-                ProviderAnswer::Deleted(provider.delete(&snapshot).map_err(|e| e.to_string()))
+                ProviderAnswer::Deleted(
+                    provider
+                        .delete(&snapshot)
+                        .map_err(failure(ProviderOp::Delete)),
+                )
             }))
         }
     }

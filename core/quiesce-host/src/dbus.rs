@@ -15,10 +15,10 @@
 
 use crate::host::{Host, SetError};
 use crate::set_requests::{SetRequestError, SetRequests};
-use crate::worker::{Backend, BackendError, Op, WriterHandle};
+use crate::worker::{Backend, WriterHandle};
 use futures_util::StreamExt;
 use quiesce_dbus::{writer_path, AppWriterProxy, Error, SetRow, WriterRow, HOST_NAME, HOST_PATH};
-use quiesce_proto::{Reports, SetRequest, WriterMetadata};
+use quiesce_proto::{CallFailure, Reports, SetRequest, WriterCall, WriterMetadata};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -456,7 +456,7 @@ impl WriterIface {
     ) -> Result<(), Error> {
         authorize(connection, &header, "freeze a writer").await?;
         self.handle
-            .call(Op::Freeze, "manual", self.freeze_budget)
+            .call(WriterCall::Freeze, "manual", self.freeze_budget)
             .await
             .map(drop)
             .map_err(|e| Error::CallFailed(e.to_string()))
@@ -469,7 +469,7 @@ impl WriterIface {
     ) -> Result<(), Error> {
         authorize(connection, &header, "thaw a writer").await?;
         self.handle
-            .call(Op::Thaw, "manual", self.thaw_budget)
+            .call(WriterCall::Thaw, "manual", self.thaw_budget)
             .await
             .map(drop)
             .map_err(|e| Error::CallFailed(e.to_string()))
@@ -555,7 +555,12 @@ struct AppBackend {
 }
 
 impl AppBackend {
-    async fn call_app(&self, op: &Op, set_id: &str, budget_ms: u64) -> zbus::Result<Reports> {
+    async fn call_app(
+        &self,
+        call: &WriterCall,
+        set_id: &str,
+        budget_ms: u64,
+    ) -> zbus::Result<Reports> {
         let path: ObjectPath<'_> = self.object.as_ref();
         let app = AppWriterProxy::builder(&self.connection)
             .destination(self.owner.as_str())?
@@ -563,37 +568,41 @@ impl AppBackend {
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await?;
-        let reports = match op {
-            Op::Prepare => app.prepare(set_id, budget_ms).await?,
-            Op::Freeze => app.freeze(set_id, budget_ms).await?,
-            Op::Thaw => app.thaw(set_id, budget_ms).await?,
-            Op::PostSnapshot { snapshot_path } => {
-                app.post_snapshot(set_id, budget_ms, snapshot_path).await?
+        let reports = match call {
+            WriterCall::Prepare => app.prepare(set_id, budget_ms).await?,
+            WriterCall::Freeze => app.freeze(set_id, budget_ms).await?,
+            WriterCall::Thaw => app.thaw(set_id, budget_ms).await?,
+            WriterCall::PostSnapshot { snapshot } => {
+                app.post_snapshot(set_id, budget_ms, &snapshot.path).await?
             }
-            Op::Abort => app.abort(set_id, budget_ms).await?,
-            Op::Complete { outcome } => app.complete(set_id, budget_ms, outcome).await?,
+            WriterCall::Abort => app.abort(set_id, budget_ms).await?,
+            WriterCall::Complete { outcome } => {
+                app.complete(set_id, budget_ms, outcome.as_str()).await?
+            }
         };
         Ok(reports.into_iter().collect())
     }
 }
 
 impl Backend for AppBackend {
-    fn call(&mut self, op: &Op, set_id: &str, budget: Duration) -> Result<Reports, BackendError> {
+    fn call(
+        &mut self,
+        call: &WriterCall,
+        set_id: &str,
+        budget: Duration,
+    ) -> Result<Reports, CallFailure> {
         let budget_ms = budget.as_millis().try_into().unwrap_or(u64::MAX);
         // The worker thread is not a runtime thread, so it may block on the host's runtime.
         let answer = self.runtime.block_on(async {
-            tokio::time::timeout(budget, self.call_app(op, set_id, budget_ms)).await
+            tokio::time::timeout(budget, self.call_app(call, set_id, budget_ms)).await
         });
         match answer {
             Ok(Ok(reports)) => Ok(reports),
-            Ok(Err(e)) => Err(BackendError::Failed(format!(
-                "{} answered: {e}",
-                self.owner
-            ))),
-            Err(_) => Err(BackendError::Failed(format!(
+            Ok(Err(e)) => Err(CallFailure::error(format!("{} answered: {e}", self.owner))),
+            Err(_) => Err(CallFailure::timed_out(format!(
                 "{} did not answer {} within {budget_ms} ms",
                 self.owner,
-                op.name()
+                call.kind()
             ))),
         }
     }

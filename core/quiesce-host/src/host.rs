@@ -24,11 +24,11 @@ pub enum SetError {
     OneVolume { node: String, count: usize },
     #[error("node {node}: set {running} is still running; one set at a time per node — retry when it ends")]
     Busy { node: String, running: String },
-    #[error("node {node}: writer {writer} is still stuck in {op} for {stuck_ms} ms since an earlier set; restart the host to reload it")]
+    #[error("node {node}: writer {writer} is still stuck in {call} for {stuck_ms} ms since an earlier set; restart the host to reload it")]
     WriterStuck {
         node: String,
         writer: String,
-        op: &'static str,
+        call: quiesce_proto::CallKind,
         stuck_ms: u64,
     },
 }
@@ -224,11 +224,12 @@ impl Host {
             .filter(|w| w.metadata.touches_any(&request.volumes))
             .collect();
         let now = Instant::now();
-        if let Some((w, (op, stuck))) = writers.iter().find_map(|w| w.stuck(now).map(|s| (w, s))) {
+        if let Some((w, (call, stuck))) = writers.iter().find_map(|w| w.stuck(now).map(|s| (w, s)))
+        {
             return Err(SetError::WriterStuck {
                 node,
                 writer: w.id().to_string(),
-                op,
+                call,
                 stuck_ms: stuck.as_millis() as u64,
             });
         }

@@ -3,31 +3,16 @@
 //! The loop itself is `quiesce_driver::run`, shared with the broker; here is only how a call
 //! reaches a writer (queued on its thread in command order, the answer awaited on a task).
 
-use crate::worker::{Op, WriterHandle};
+use crate::worker::WriterHandle;
 use quiesce_driver::{Input, Inputs, Transport};
-use quiesce_proto::machine::CallKind;
-use quiesce_proto::{Deadlines, SetId, SetRecord, SetRequest, SnapshotSet, WriterCall, WriterRef};
+use quiesce_proto::{
+    CallKind, Deadlines, SetId, SetRecord, SetRequest, SnapshotSet, WriterCall, WriterRef,
+};
 use quiesce_provider::Provider;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-
-/// The writer operation for a machine call.
-pub fn op_for(call: WriterCall) -> Op {
-    match call {
-        WriterCall::Prepare => Op::Prepare,
-        WriterCall::Freeze => Op::Freeze,
-        WriterCall::Thaw => Op::Thaw,
-        WriterCall::PostSnapshot { snapshot } => Op::PostSnapshot {
-            snapshot_path: snapshot.path,
-        },
-        WriterCall::Abort => Op::Abort,
-        WriterCall::Complete { outcome } => Op::Complete {
-            outcome: outcome.label().to_string(),
-        },
-    }
-}
 
 struct WorkerTransport {
     writers: BTreeMap<WriterRef, Arc<WriterHandle>>,
@@ -48,7 +33,7 @@ impl Transport for WorkerTransport {
         let kind = call.kind();
         let budget = deadline.saturating_duration_since(Instant::now());
         // Queued now, in command order; only the wait for the answer runs on a task.
-        let pending = handle.start_call(op_for(call), &set.0, budget);
+        let pending = handle.start_call(call, &set.0, budget);
         let (inputs, set_id) = (inputs.clone(), set.0.clone());
         tokio::spawn(async move {
             let result = pending.answer().await;
@@ -61,7 +46,7 @@ impl Transport for WorkerTransport {
             let _ = inputs.send(Input::Reply {
                 writer,
                 kind,
-                result: result.map_err(|e| e.to_string()),
+                result,
             });
         });
     }

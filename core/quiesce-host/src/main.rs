@@ -142,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         if w.status().frozen_since.is_some() {
             let _ = w
                 .call(
-                    quiesce_host::worker::Op::Thaw,
+                    quiesce_proto::WriterCall::Thaw,
                     "shutdown",
                     host.config().deadlines().thaw,
                 )

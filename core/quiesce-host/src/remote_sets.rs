@@ -11,10 +11,10 @@
 //! (sent `Abort` or `Complete`). The hold-limit watchdog in each worker remains the last line:
 //! it thaws a frozen writer even if this task is stuck.
 
-use crate::worker::Op;
 use crate::Host;
-use quiesce_link::v1::{self, command_reply, host_message, set_command};
-use quiesce_proto::SnapshotInfo;
+use quiesce_link::calls::{call_from_wire, failure_to_wire};
+use quiesce_link::v1::{self, command_reply, host_message};
+use quiesce_proto::{CallFailure, WriterCall};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -163,7 +163,7 @@ impl Leases {
                 let Some(writer) = self.host.writer(&id) else {
                     continue;
                 };
-                let pending = writer.start_call(Op::Abort, &set, budget);
+                let pending = writer.start_call(WriterCall::Abort, &set, budget);
                 let set = set.clone();
                 tokio::spawn(async move {
                     match pending.answer().await {
@@ -196,47 +196,35 @@ pub fn carry_out(host: &Host, leases: &Leases, command: v1::SetCommand, replies:
             result: Some(result),
         }));
     };
-    let failed = |kind: &str, reason: String| {
-        command_reply::Result::Failed(v1::CallFailed {
-            kind: kind.into(),
-            reason,
-            reports: Default::default(),
-        })
-    };
-    let op = match call.map(op_for_wire) {
-        Some(Ok(op)) => op,
-        Some(Err(e)) => return reply(failed("failed", e)),
+    let failed = |failure: CallFailure| command_reply::Result::Failed(failure_to_wire(&failure));
+    let call = match call.map(call_from_wire) {
+        Some(Ok(call)) => call,
+        Some(Err(e)) => return reply(failed(CallFailure::error(format!("node {}: {e}", host.node())))),
         None => {
-            return reply(failed(
-                "failed",
-                format!(
-                    "node {}: the broker sent a command this host does not know (a newer broker?); upgrade the host",
-                    host.node()
-                ),
-            ))
+            return reply(failed(CallFailure::error(format!(
+                "node {}: the broker sent a command this host does not know (a newer broker?); upgrade the host",
+                host.node()
+            ))))
         }
     };
     let budget = Duration::from_millis(budget_ms.into());
     let Some(handle) = host.writer(&writer) else {
-        return reply(failed(
-            "lost",
-            format!("node {} has no writer {writer:?} (any more)", host.node()),
-        ));
+        return reply(failed(CallFailure::lost(format!(
+            "node {} has no writer {writer:?} (any more)",
+            host.node()
+        ))));
     };
-    let releases = matches!(op, Op::Abort | Op::Complete { .. });
+    // Thaw is not a release here: a set may still abort a thawed writer (post-snapshot work).
+    let releases = matches!(call, WriterCall::Abort | WriterCall::Complete { .. });
     leases.called(&set_id, &writer, releases, budget);
-    let pending = handle.start_call(op, &set_id, budget);
+    let pending = handle.start_call(call, &set_id, budget);
     let replies = replies.clone();
     tokio::spawn(async move {
         let result = match pending.answer().await {
             Ok(reports) => command_reply::Result::Ok(v1::CallOk {
                 reports: reports.into_iter().collect(),
             }),
-            Err(e) => command_reply::Result::Failed(v1::CallFailed {
-                kind: "failed".into(),
-                reason: e.to_string(),
-                reports: Default::default(),
-            }),
+            Err(failure) => command_reply::Result::Failed(failure_to_wire(&failure)),
         };
         let _ = replies.send(host_message::Body::CommandReply(v1::CommandReply {
             command_id,
@@ -247,29 +235,12 @@ pub fn carry_out(host: &Host, leases: &Leases, command: v1::SetCommand, replies:
     });
 }
 
-/// The writer operation for a wire call.
-fn op_for_wire(call: set_command::Call) -> Result<Op, String> {
-    Ok(match call {
-        set_command::Call::Prepare(_) => Op::Prepare,
-        set_command::Call::Freeze(_) => Op::Freeze,
-        set_command::Call::Thaw(_) => Op::Thaw,
-        set_command::Call::PostSnapshot(p) => Op::PostSnapshot {
-            snapshot_path: serde_json::from_str::<SnapshotInfo>(&p.snapshot_json)
-                .map_err(|e| {
-                    format!("the broker sent a snapshot that is not JSON.md's SnapshotInfo: {e}")
-                })?
-                .path,
-        },
-        set_command::Call::Abort(_) => Op::Abort,
-        set_command::Call::Complete(c) => Op::Complete { outcome: c.outcome },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::{Backend, BackendError};
+    use crate::worker::Backend;
     use crate::Config;
+    use quiesce_link::v1::set_command;
     use quiesce_proto::{Level, Reports, WriterMetadata};
     use std::path::Path;
 
@@ -277,8 +248,13 @@ mod tests {
     struct Recorder(mpsc::UnboundedSender<String>);
 
     impl Backend for Recorder {
-        fn call(&mut self, op: &Op, set: &str, _: Duration) -> Result<Reports, BackendError> {
-            let _ = self.0.send(format!("{} {set}", op.name()));
+        fn call(
+            &mut self,
+            call: &WriterCall,
+            set: &str,
+            _: Duration,
+        ) -> Result<Reports, CallFailure> {
+            let _ = self.0.send(format!("{} {set}", call.kind()));
             Ok(Reports::new())
         }
     }

@@ -12,59 +12,34 @@
 
 use abi_stable::std_types::{ROption, RResult, RString};
 use quiesce_abi::{CallContext, ErrorKind, WriterBox};
-use quiesce_proto::{Reports, WriterMetadata};
+use quiesce_proto::{CallFailure, CallKind, FailureKind, Reports, WriterCall, WriterMetadata};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
-/// A call to a writer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    Prepare,
-    Freeze,
-    Thaw,
-    PostSnapshot { snapshot_path: String },
-    Abort,
-    Complete { outcome: String },
-}
-
-impl Op {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Op::Prepare => "prepare",
-            Op::Freeze => "freeze",
-            Op::Thaw => "thaw",
-            Op::PostSnapshot { .. } => "post-snapshot",
-            Op::Abort => "abort",
-            Op::Complete { .. } => "complete",
-        }
-    }
-
-    /// Calls that release a writer; they are queued even behind a hung call.
-    fn releases(&self) -> bool {
-        matches!(self, Op::Thaw | Op::Abort | Op::Complete { .. })
-    }
-}
-
-/// How a writer's own code answered a call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendError {
-    Failed(String),
-    Panicked(String),
-}
-
-/// Something that can carry out writer calls synchronously: a plugin's writer object, or (later)
-/// an application's writer reached over D-Bus.
+/// Something that can carry out writer calls synchronously: a plugin's writer object, or an
+/// application's writer reached over D-Bus. A failure's reason is the backend's own words; the
+/// worker puts the writer and the call in front of it.
 pub trait Backend: Send + 'static {
-    fn call(&mut self, op: &Op, set_id: &str, budget: Duration) -> Result<Reports, BackendError>;
+    fn call(
+        &mut self,
+        call: &WriterCall,
+        set_id: &str,
+        budget: Duration,
+    ) -> Result<Reports, CallFailure>;
 }
 
 /// A plugin writer behind the stable ABI.
 pub struct PluginBackend(pub WriterBox);
 
 impl Backend for PluginBackend {
-    fn call(&mut self, op: &Op, set_id: &str, budget: Duration) -> Result<Reports, BackendError> {
+    fn call(
+        &mut self,
+        call: &WriterCall,
+        set_id: &str,
+        budget: Duration,
+    ) -> Result<Reports, CallFailure> {
         let mut ctx = CallContext {
             set_id: RString::from(set_id),
             budget_ms: budget.as_millis().try_into().unwrap_or(u64::MAX),
@@ -72,16 +47,16 @@ impl Backend for PluginBackend {
             outcome: ROption::RNone,
         };
         let w = &mut self.0;
-        let result = match op {
-            Op::Prepare => w.prepare(&ctx),
-            Op::Freeze => w.freeze(&ctx),
-            Op::Thaw => w.thaw(&ctx),
-            Op::PostSnapshot { snapshot_path } => {
-                ctx.snapshot_path = ROption::RSome(RString::from(snapshot_path.as_str()));
+        let result = match call {
+            WriterCall::Prepare => w.prepare(&ctx),
+            WriterCall::Freeze => w.freeze(&ctx),
+            WriterCall::Thaw => w.thaw(&ctx),
+            WriterCall::PostSnapshot { snapshot } => {
+                ctx.snapshot_path = ROption::RSome(RString::from(snapshot.path.as_str()));
                 w.post_snapshot(&ctx)
             }
-            Op::Abort => w.abort(&ctx),
-            Op::Complete { outcome } => {
+            WriterCall::Abort => w.abort(&ctx),
+            WriterCall::Complete { outcome } => {
                 ctx.outcome = ROption::RSome(RString::from(outcome.as_str()));
                 w.complete(&ctx)
             }
@@ -92,45 +67,48 @@ impl Backend for PluginBackend {
                 .map(|t| (t.0.into_string(), t.1.into_string()))
                 .collect()),
             RResult::RErr(e) => {
-                let message = e.message.into_string();
-                Err(match e.kind {
-                    ErrorKind::Panicked => BackendError::Panicked(message),
-                    ErrorKind::Failed | ErrorKind::InvalidConfig => BackendError::Failed(message),
-                })
+                let kind = match e.kind {
+                    ErrorKind::Failed => FailureKind::Error,
+                    ErrorKind::Panicked => FailureKind::Panicked,
+                    ErrorKind::InvalidConfig => FailureKind::RefusedConfig,
+                };
+                Err(CallFailure::new(kind, e.message.into_string()))
             }
         }
     }
 }
 
-/// Why a call did not succeed. Every message names the writer and the call.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CallError {
-    #[error("writer {writer}: {op} failed: {message}")]
-    Failed {
-        writer: String,
-        op: &'static str,
-        message: String,
-    },
-    #[error("writer {writer}: panicked in {op}: {message}")]
-    Panicked {
-        writer: String,
-        op: &'static str,
-        message: String,
-    },
-    #[error("writer {writer}: no answer to {op} within {budget_ms} ms; the call was abandoned and the writer is aborted as soon as it returns")]
-    Timeout {
-        writer: String,
-        op: &'static str,
-        budget_ms: u64,
-    },
-    #[error("writer {writer}: still stuck in {op} from an earlier call ({stuck_ms} ms); it is not called again until that returns — restart the host to reload its plugin")]
-    Stuck {
-        writer: String,
-        op: &'static str,
-        stuck_ms: u64,
-    },
-    #[error("writer {writer}: its worker thread has stopped")]
-    Gone { writer: String },
+/// The failure of a call, in the host's words: the writer and the call named, and what to do.
+fn failure(writer: &str, call: CallKind, backend: CallFailure) -> CallFailure {
+    let CallFailure { kind, reason } = backend;
+    let reason = match kind {
+        FailureKind::Panicked => format!("writer {writer}: panicked in {call}: {reason}"),
+        FailureKind::RefusedConfig => {
+            format!("writer {writer}: {call} refused: its configuration was refused: {reason}")
+        }
+        FailureKind::Error | FailureKind::TimedOut | FailureKind::Lost => {
+            format!("writer {writer}: {call} failed: {reason}")
+        }
+    };
+    CallFailure::new(kind, reason)
+}
+
+fn timed_out(writer: &str, call: CallKind, budget: Duration) -> CallFailure {
+    CallFailure::timed_out(format!(
+        "writer {writer}: no answer to {call} within {} ms; the call was abandoned and the writer is aborted as soon as it returns",
+        budget.as_millis()
+    ))
+}
+
+fn stuck(writer: &str, call: CallKind, stuck: Duration) -> CallFailure {
+    CallFailure::error(format!(
+        "writer {writer}: still stuck in {call} from an earlier call ({} ms); it is not called again until that returns — restart the host to reload its plugin",
+        stuck.as_millis()
+    ))
+}
+
+fn gone(writer: &str) -> CallFailure {
+    CallFailure::lost(format!("writer {writer}: its worker thread has stopped"))
 }
 
 /// Where a writer stands, as the host last saw it (the `State` property on D-Bus).
@@ -155,16 +133,16 @@ impl State {
         }
     }
 
-    fn after(op: &Op, ok: bool, before: State) -> State {
+    fn after(call: CallKind, ok: bool, before: State) -> State {
         if !ok {
             return State::Failed;
         }
-        match op {
-            Op::Prepare => State::Prepared,
-            Op::Freeze => State::Frozen,
-            Op::Thaw => State::Thawed,
-            Op::PostSnapshot { .. } => before,
-            Op::Abort | Op::Complete { .. } => State::Idle,
+        match call {
+            CallKind::Prepare => State::Prepared,
+            CallKind::Freeze => State::Frozen,
+            CallKind::Thaw => State::Thawed,
+            CallKind::PostSnapshot => before,
+            CallKind::Abort | CallKind::Complete => State::Idle,
         }
     }
 }
@@ -172,7 +150,9 @@ impl State {
 /// The call a worker is running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Busy {
-    pub op: &'static str,
+    pub call: CallKind,
+    /// The hold-limit watchdog's own thaw, not a caller's.
+    pub by_watchdog: bool,
     pub since: Instant,
     /// When its caller stops waiting: past it, the writer is stuck.
     pub deadline: Instant,
@@ -195,10 +175,10 @@ pub struct Status {
 }
 
 struct Job {
-    op: Op,
+    call: WriterCall,
     set_id: String,
     budget: Duration,
-    reply: oneshot::Sender<Result<Reports, BackendError>>,
+    reply: oneshot::Sender<Result<Reports, CallFailure>>,
 }
 
 /// The handle callers use; the writer itself lives on its worker thread.
@@ -255,11 +235,11 @@ impl WriterHandle {
 
     /// The call the writer has been stuck in past its deadline, and for how long it has been
     /// running. A call still within its deadline is not stuck: new calls queue behind it.
-    pub fn stuck(&self, now: Instant) -> Option<(&'static str, Duration)> {
+    pub fn stuck(&self, now: Instant) -> Option<(CallKind, Duration)> {
         let s = self.status.borrow();
         s.busy
             .filter(|b| now > b.deadline)
-            .map(|b| (b.op, now.saturating_duration_since(b.since)))
+            .map(|b| (b.call, now.saturating_duration_since(b.since)))
     }
 
     /// Waits until the worker has nothing running or queued (for shutdown and tests).
@@ -269,8 +249,13 @@ impl WriterHandle {
     }
 
     /// Calls the writer and waits at most `budget` for its answer.
-    pub async fn call(&self, op: Op, set_id: &str, budget: Duration) -> Result<Reports, CallError> {
-        self.start_call(op, set_id, budget).answer().await
+    pub async fn call(
+        &self,
+        call: WriterCall,
+        set_id: &str,
+        budget: Duration,
+    ) -> Result<Reports, CallFailure> {
+        self.start_call(call, set_id, budget).answer().await
     }
 
     /// Queues a call at once, in the order of the calls made, and returns its pending answer.
@@ -282,36 +267,30 @@ impl WriterHandle {
     /// Releasing calls (thaw, abort, complete) are always queued, even behind a call that hangs,
     /// so a writer that eventually returns from a hung freeze is still released. Other calls to a
     /// writer that is still busy with an abandoned call are refused at once.
-    pub fn start_call(&self, op: Op, set_id: &str, budget: Duration) -> PendingCall {
+    pub fn start_call(&self, call: WriterCall, set_id: &str, budget: Duration) -> PendingCall {
         let writer = self.metadata.id.clone();
-        let name = op.name();
+        let kind = call.kind();
         let pending = |answer| PendingCall {
             writer: writer.clone(),
-            op: name,
+            kind,
             budget,
             answer,
         };
-        if !op.releases() {
-            if let Some((stuck_op, stuck)) = self.stuck(Instant::now()) {
-                return pending(Err(CallError::Stuck {
-                    writer: writer.clone(),
-                    op: stuck_op,
-                    stuck_ms: stuck.as_millis() as u64,
-                }));
+        if !kind.releases() {
+            if let Some((stuck_in, how_long)) = self.stuck(Instant::now()) {
+                return pending(Err(stuck(&writer, stuck_in, how_long)));
             }
         }
         let (reply, answer) = oneshot::channel();
         self.status.send_modify(|s| s.queued += 1);
         let job = Job {
-            op,
+            call,
             set_id: set_id.to_string(),
             budget,
             reply,
         };
         if self.jobs.send(job).is_err() {
-            return pending(Err(CallError::Gone {
-                writer: writer.clone(),
-            }));
+            return pending(Err(gone(&writer)));
         }
         pending(Ok(answer))
     }
@@ -321,42 +300,29 @@ impl WriterHandle {
 #[derive(Debug)]
 pub struct PendingCall {
     writer: String,
-    op: &'static str,
+    kind: CallKind,
     budget: Duration,
-    answer: Result<oneshot::Receiver<Result<Reports, BackendError>>, CallError>,
+    answer: Result<oneshot::Receiver<Result<Reports, CallFailure>>, CallFailure>,
 }
 
 impl PendingCall {
     /// Waits at most the call's budget for the writer's answer.
-    pub async fn answer(self) -> Result<Reports, CallError> {
+    pub async fn answer(self) -> Result<Reports, CallFailure> {
         let PendingCall {
             writer,
-            op,
+            kind,
             budget,
             answer,
         } = self;
         let answer = answer?;
         match tokio::time::timeout(budget, answer).await {
             Ok(Ok(Ok(reports))) => Ok(reports),
-            Ok(Ok(Err(BackendError::Failed(message)))) => Err(CallError::Failed {
-                writer,
-                op,
-                message,
-            }),
-            Ok(Ok(Err(BackendError::Panicked(message)))) => Err(CallError::Panicked {
-                writer,
-                op,
-                message,
-            }),
-            Ok(Err(_)) => Err(CallError::Gone { writer }),
+            Ok(Ok(Err(backend))) => Err(failure(&writer, kind, backend)),
+            Ok(Err(_)) => Err(gone(&writer)),
             Err(_) => {
-                tracing::error!(writer = %writer, op, budget_ms = budget.as_millis() as u64,
+                tracing::error!(writer = %writer, call = %kind, budget_ms = budget.as_millis() as u64,
                     "writer did not answer within its deadline; the call is abandoned");
-                Err(CallError::Timeout {
-                    writer,
-                    op,
-                    budget_ms: budget.as_millis() as u64,
-                })
+                Err(timed_out(&writer, kind, budget))
             }
         }
     }
@@ -403,31 +369,29 @@ impl Worker {
 
     fn run_job(&mut self, job: Job) {
         let started = Instant::now();
-        let name = job.op.name();
+        let kind = job.call.kind();
         self.status.send_modify(|s| {
             s.queued = s.queued.saturating_sub(1);
             s.busy = Some(Busy {
-                op: name,
+                call: kind,
+                by_watchdog: false,
                 since: started,
                 deadline: started + job.budget,
             });
         });
-        let result = self.call(&job.op, &job.set_id, job.budget);
+        let result = self.call(&job.call, &job.set_id, job.budget);
         self.status.send_modify(|s| {
             s.busy = None;
-            s.state = State::after(&job.op, result.is_ok(), s.state);
-            s.last_error = match &result {
-                Ok(_) => None,
-                Err(BackendError::Failed(m)) | Err(BackendError::Panicked(m)) => Some(m.clone()),
-            };
-            match job.op {
+            s.state = State::after(kind, result.is_ok(), s.state);
+            s.last_error = result.as_ref().err().map(|e| e.reason.clone());
+            match kind {
                 // Even a failed freeze may have half-frozen the writer: the watchdog covers it.
-                Op::Freeze => s.frozen_since = Some(started),
-                Op::Thaw | Op::Abort => s.frozen_since = None,
+                CallKind::Freeze => s.frozen_since = Some(started),
+                CallKind::Thaw | CallKind::Abort => s.frozen_since = None,
                 _ => {}
             }
         });
-        if job.op == Op::Freeze {
+        if kind == CallKind::Freeze {
             self.frozen_by = job.set_id.clone();
         }
         // The caller may have given up (deadline passed): then nobody listens, which is fine.
@@ -436,10 +400,15 @@ impl Worker {
 
     /// Calls the backend; a panic (a bug in a backend that is not an SDK plugin, whose panics the
     /// SDK already catches) becomes an error instead of ending this thread.
-    fn call(&mut self, op: &Op, set_id: &str, budget: Duration) -> Result<Reports, BackendError> {
+    fn call(
+        &mut self,
+        call: &WriterCall,
+        set_id: &str,
+        budget: Duration,
+    ) -> Result<Reports, CallFailure> {
         let backend = &mut self.backend;
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            backend.call(op, set_id, budget)
+            backend.call(call, set_id, budget)
         }))
         .unwrap_or_else(|payload| {
             let message = payload
@@ -447,7 +416,7 @@ impl Worker {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a panic without a message".into());
-            Err(BackendError::Panicked(message))
+            Err(CallFailure::panicked(message))
         })
     }
 
@@ -458,20 +427,21 @@ impl Worker {
         let started = Instant::now();
         self.status.send_modify(|s| {
             s.busy = Some(Busy {
-                op: "thaw (watchdog)",
+                call: CallKind::Thaw,
+                by_watchdog: true,
                 since: started,
                 deadline: started + self.hold_limit,
             })
         });
         let set_id = self.frozen_by.clone();
-        let result = self.call(&Op::Thaw, &set_id, self.hold_limit);
+        let result = self.call(&WriterCall::Thaw, &set_id, self.hold_limit);
         if let Err(e) = &result {
             tracing::error!(writer = %self.writer, error = ?e, "watchdog thaw failed");
         }
         self.status.send_modify(|s| {
             s.busy = None;
             s.frozen_since = None;
-            s.state = State::after(&Op::Thaw, result.is_ok(), s.state);
+            s.state = State::after(CallKind::Thaw, result.is_ok(), s.state);
             s.watchdog_thaws += 1;
         });
     }

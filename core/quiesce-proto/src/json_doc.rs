@@ -2,7 +2,7 @@
 //! exactly as shown; every enum's documented list of values is complete; and both `SetRecord`
 //! examples are what the machine records for the timelines they describe.
 
-use crate::machine::CallKind;
+use crate::call::CallKind;
 use crate::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -139,10 +139,10 @@ fn all_writer_states() -> Vec<WriterState> {
 
 fn all_failure_kinds() -> Vec<FailureKind> {
     use FailureKind::*;
-    let all = vec![Error, Timeout, Lost];
+    let all = FailureKind::ALL.to_vec();
     for k in &all {
         match k {
-            Error | Timeout | Lost => {}
+            Error | Panicked | TimedOut | Lost | RefusedConfig => {}
         }
     }
     all
@@ -362,7 +362,13 @@ fn hold_limit_record() -> SetRecord {
             provider: "btrfs".into(),
         }),
     );
-    set.handle_deleted(ms(base, 15040), Err("subvolume busy".into()));
+    set.handle_deleted(
+        ms(base, 15040),
+        Err(crate::call::ProviderFailure::new(
+            crate::call::ProviderOp::Delete,
+            "subvolume busy",
+        )),
+    );
     assert!(set.is_ended());
     set.record().unwrap()
 }

@@ -9,6 +9,7 @@
 //! The JSON form of every type here is stable and documented in `JSON.md` beside this crate:
 //! it is what crosses the plugin ABI (writer metadata), D-Bus and the broker link.
 
+pub mod call;
 pub mod machine;
 pub mod metadata;
 pub mod set;
@@ -16,9 +17,10 @@ pub mod set;
 #[cfg(test)]
 mod json_doc;
 
-pub use machine::{Command, Deadlines, SnapshotSet, Timeouts, WriterCall};
+pub use call::{CallFailure, CallKind, FailureKind, ProviderFailure, ProviderOp, WriterCall};
+pub use machine::{Command, Deadlines, SnapshotSet, Timeouts};
 pub use metadata::{Component, ComponentKind, Level, MetadataError, WriterMetadata};
 pub use set::{
-    FailureKind, Outcome, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,
+    Outcome, OutcomeKind, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,
     WriterFailure, WriterRef, WriterResult, WriterState,
 };

@@ -16,9 +16,10 @@
 //! - `Abort` is never sent once post-snapshot began;
 //! - each writer is sent `Abort` at most once, and late or repeated replies change nothing.
 
+use crate::call::{CallFailure, CallKind, FailureKind, ProviderFailure, ProviderOp, WriterCall};
 use crate::metadata::{Level, WriterMetadata};
 use crate::set::{
-    FailureKind, Outcome, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,
+    Outcome, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,
     WriterFailure, WriterRef, WriterResult, WriterState,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -54,61 +55,6 @@ impl Default for Deadlines {
             provider: Duration::from_secs(60),
             hold_limit: Duration::from_secs(10),
             lease: Duration::from_secs(15),
-        }
-    }
-}
-
-/// Which call a reply answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CallKind {
-    Prepare,
-    Freeze,
-    Thaw,
-    PostSnapshot,
-    Abort,
-    Complete,
-}
-
-impl CallKind {
-    pub fn phase(self) -> Phase {
-        match self {
-            CallKind::Prepare => Phase::Prepare,
-            CallKind::Freeze => Phase::Freeze,
-            CallKind::Thaw => Phase::Thaw,
-            CallKind::PostSnapshot => Phase::PostSnapshot,
-            CallKind::Abort => Phase::Abort,
-            CallKind::Complete => Phase::Complete,
-        }
-    }
-}
-
-/// A call to one writer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriterCall {
-    Prepare,
-    Freeze,
-    Thaw,
-    /// Finish the writer's part on the still-writable snapshot at `snapshot.path`.
-    PostSnapshot {
-        snapshot: SnapshotInfo,
-    },
-    /// Forget the set: thaw if frozen, drop what prepare set up. Idempotent.
-    Abort,
-    /// The set ended with this outcome (a notification: its reply is not awaited).
-    Complete {
-        outcome: Outcome,
-    },
-}
-
-impl WriterCall {
-    pub fn kind(&self) -> CallKind {
-        match self {
-            WriterCall::Prepare => CallKind::Prepare,
-            WriterCall::Freeze => CallKind::Freeze,
-            WriterCall::Thaw => CallKind::Thaw,
-            WriterCall::PostSnapshot { .. } => CallKind::PostSnapshot,
-            WriterCall::Abort => CallKind::Abort,
-            WriterCall::Complete { .. } => CallKind::Complete,
         }
     }
 }
@@ -200,13 +146,6 @@ enum Stage {
     /// A failure happened: waiting for aborts, the provider, and the deletion of any snapshot.
     Failing,
     Ended,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ProviderOp {
-    Take,
-    Finalize,
-    Delete,
 }
 
 #[derive(Debug)]
@@ -491,7 +430,7 @@ impl SnapshotSet {
         now: Instant,
         writer: &WriterRef,
         kind: CallKind,
-        result: Result<Reports, String>,
+        result: Result<Reports, CallFailure>,
     ) {
         let Some(i) = self.index(writer) else { return };
         match self.participants[i].pending {
@@ -501,7 +440,7 @@ impl SnapshotSet {
         self.set_pending(i, None);
         let took = now.saturating_duration_since(self.participants[i].sent_at);
         self.participants[i].call_us.insert(
-            kind.phase().as_str().to_string(),
+            kind.as_str().to_string(),
             took.as_micros().try_into().unwrap_or(u64::MAX),
         );
         if matches!(kind, CallKind::Thaw | CallKind::Abort) && self.participants[i].freeze_sent {
@@ -522,7 +461,7 @@ impl SnapshotSet {
                     };
                 }
             }
-            Err(reason) => self.writer_failed(now, i, kind, FailureKind::Error, reason),
+            Err(failure) => self.writer_failed(now, i, kind, failure),
         }
         self.advance(now);
     }
@@ -539,12 +478,16 @@ impl SnapshotSet {
             .unwrap_or_else(|| self.current_call_kind());
         self.update_release(i, |p| p.lost = true);
         self.set_pending(i, None);
-        self.writer_failed(now, i, kind, FailureKind::Lost, reason);
+        self.writer_failed(now, i, kind, CallFailure::lost(reason));
         self.advance(now);
     }
 
     /// The provider answered `TakeSnapshot`.
-    pub fn handle_snapshot_taken(&mut self, now: Instant, result: Result<SnapshotInfo, String>) {
+    pub fn handle_snapshot_taken(
+        &mut self,
+        now: Instant,
+        result: Result<SnapshotInfo, ProviderFailure>,
+    ) {
         if self.provider_pending.map(|x| x.0) != Some(ProviderOp::Take) {
             // A repeat of an answer already handled (the driver delivered it twice): the
             // snapshot is already kept, or already being deleted. Without this check a
@@ -589,13 +532,13 @@ impl SnapshotSet {
                     };
                 }
             }
-            Err(reason) => self.fail(now, Phase::Snapshot, None, reason),
+            Err(failure) => self.fail(now, Phase::Snapshot, None, failure.reason),
         }
         self.advance(now);
     }
 
     /// The provider answered `FinalizeSnapshot`.
-    pub fn handle_finalized(&mut self, now: Instant, result: Result<(), String>) {
+    pub fn handle_finalized(&mut self, now: Instant, result: Result<(), ProviderFailure>) {
         if self.provider_pending.map(|x| x.0) != Some(ProviderOp::Finalize) {
             return;
         }
@@ -605,8 +548,8 @@ impl SnapshotSet {
             // epoch change, a writer lost): it must end failed and the snapshot must go, even
             // when finalizing worked. `advance` (stage Failing) deletes it and ends the set.
             // Finishing here instead ended such a set app- or crash-consistent.
-        } else if let Err(reason) = result {
-            self.fail(now, Phase::Finalize, None, reason);
+        } else if let Err(failure) = result {
+            self.fail(now, Phase::Finalize, None, failure.reason);
         } else {
             self.finish(now);
         }
@@ -614,16 +557,16 @@ impl SnapshotSet {
     }
 
     /// The provider answered `DeleteSnapshot`.
-    pub fn handle_deleted(&mut self, now: Instant, result: Result<(), String>) {
+    pub fn handle_deleted(&mut self, now: Instant, result: Result<(), ProviderFailure>) {
         if self.provider_pending.map(|x| x.0) != Some(ProviderOp::Delete) {
             return;
         }
         self.provider_pending = None;
         self.snapshot_deleted = true;
-        if let Err(reason) = result {
+        if let Err(failure) = result {
             let id = self.snapshot.as_ref().map(|s| s.id.as_str()).unwrap_or("?");
             self.cleanup_error = Some(format!(
-                "the partial snapshot {id} could not be deleted ({reason}): delete it by hand"
+                "the partial snapshot {id} could not be deleted ({failure}): delete it by hand"
             ));
         }
         self.advance(now);
@@ -684,8 +627,10 @@ impl SnapshotSet {
                         {
                             self.last_release = Some(now);
                         }
-                        let reason = format!("no answer to {} within its deadline", kind.phase());
-                        self.writer_failed(now, i, kind, FailureKind::Timeout, reason);
+                        let failure = CallFailure::timed_out(format!(
+                            "no answer to {kind} within its deadline"
+                        ));
+                        self.writer_failed(now, i, kind, failure);
                     }
                 }
             }
@@ -854,22 +799,15 @@ impl SnapshotSet {
 
     /// Records a writer's failure and decides: leave it out (best effort, before the snapshot is
     /// final) or fail the whole set.
-    fn writer_failed(
-        &mut self,
-        now: Instant,
-        i: usize,
-        kind: CallKind,
-        failure: FailureKind,
-        reason: String,
-    ) {
+    fn writer_failed(&mut self, now: Instant, i: usize, kind: CallKind, failure: CallFailure) {
         let phase = kind.phase();
         {
             let p = &mut self.participants[i];
             if p.failure.is_none() {
                 p.failure = Some(WriterFailure {
                     phase,
-                    kind: failure,
-                    reason: reason.clone(),
+                    kind: failure.kind,
+                    reason: failure.reason.clone(),
                 });
             }
             p.state = WriterState::Failed;
@@ -888,10 +826,12 @@ impl SnapshotSet {
                 self.send_abort(i, now);
             }
         } else {
-            let what = match failure {
-                FailureKind::Error => reason,
-                FailureKind::Timeout => reason,
-                FailureKind::Lost => format!("lost: {reason}"),
+            let what = match failure.kind {
+                FailureKind::Lost => format!("lost: {}", failure.reason),
+                FailureKind::Error
+                | FailureKind::Panicked
+                | FailureKind::TimedOut
+                | FailureKind::RefusedConfig => failure.reason,
             };
             self.fail(now, phase, Some(writer), what);
         }
@@ -1074,7 +1014,7 @@ impl SnapshotSet {
         for i in 0..self.participants.len() {
             if self.participants[i].touched && !self.participants[i].lost {
                 let call = WriterCall::Complete {
-                    outcome: outcome.clone(),
+                    outcome: outcome.kind(),
                 };
                 self.send(i, call, now, now + self.deadlines.abort);
             }

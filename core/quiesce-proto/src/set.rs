@@ -1,5 +1,6 @@
 //! The record of one snapshot set: identity, request, per-writer results, outcome.
 
+use crate::call::FailureKind;
 use crate::metadata::WriterMetadata;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -108,18 +109,6 @@ pub enum WriterState {
     Failed,
 }
 
-/// How a writer failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FailureKind {
-    /// The writer answered with an error.
-    Error,
-    /// The writer did not answer within its deadline.
-    Timeout,
-    /// The writer or its node went away (process exited, bus name vanished, link cut).
-    Lost,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriterFailure {
     pub phase: Phase,
@@ -174,13 +163,53 @@ pub enum Outcome {
     },
 }
 
-impl Outcome {
-    pub fn label(&self) -> &'static str {
+/// Which outcome, without its details: what a writer's `complete` is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutcomeKind {
+    AppConsistent,
+    CrashConsistent,
+    Failed,
+}
+
+impl OutcomeKind {
+    pub const ALL: [OutcomeKind; 3] = [
+        OutcomeKind::AppConsistent,
+        OutcomeKind::CrashConsistent,
+        OutcomeKind::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::AppConsistent => "app-consistent",
-            Outcome::CrashConsistent { .. } => "crash-consistent",
-            Outcome::Failed { .. } => "failed",
+            OutcomeKind::AppConsistent => "app-consistent",
+            OutcomeKind::CrashConsistent => "crash-consistent",
+            OutcomeKind::Failed => "failed",
         }
+    }
+
+    /// The kind named `label` (as [`OutcomeKind::as_str`] writes it).
+    pub fn from_label(label: &str) -> Option<OutcomeKind> {
+        OutcomeKind::ALL.into_iter().find(|k| k.as_str() == label)
+    }
+}
+
+impl fmt::Display for OutcomeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Outcome {
+    pub fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::AppConsistent => OutcomeKind::AppConsistent,
+            Outcome::CrashConsistent { .. } => OutcomeKind::CrashConsistent,
+            Outcome::Failed { .. } => OutcomeKind::Failed,
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        self.kind().as_str()
     }
 
     pub fn is_failed(&self) -> bool {

@@ -13,10 +13,10 @@
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
-use quiesce_proto::machine::CallKind;
 use quiesce_proto::{
-    Command, Deadlines, Level, Outcome, Phase, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,
-    SnapshotSet, WriterCall, WriterMetadata, WriterRef, WriterState,
+    CallFailure, CallKind, Command, Deadlines, FailureKind, Level, Outcome, Phase, ProviderFailure,
+    ProviderOp, Reports, SetId, SetRecord, SetRequest, SnapshotInfo, SnapshotSet, WriterCall,
+    WriterMetadata, WriterRef, WriterState,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -246,7 +246,7 @@ enum Ev {
     Reply {
         writer: WriterRef,
         kind: CallKind,
-        result: Result<Reports, String>,
+        result: Result<Reports, CallFailure>,
         call: Option<usize>,
     },
     Lost(WriterRef),
@@ -413,7 +413,8 @@ impl Sim<'_> {
                         self.schedule_with_dup(d, dup, reply(Ok(reports)));
                     }
                     WriterAnswer::Err(d) => {
-                        let err = format!("{kind:?} refused by the simulated writer");
+                        let err =
+                            CallFailure::error(format!("{kind:?} refused by the simulated writer"));
                         self.schedule_with_dup(d, dup, reply(Err(err)));
                     }
                     WriterAnswer::Silent => {}
@@ -507,7 +508,14 @@ impl Sim<'_> {
             Ev::Provider { op, ok, rec } => {
                 self.mark_answer(rec, ok);
                 self.log.push((self.now, Obs::Provider { op, ok }));
-                let err = || format!("{op:?} failed in the simulated provider");
+                let err = || {
+                    let op = match op {
+                        Op::Take => ProviderOp::Take,
+                        Op::Finalize => ProviderOp::Finalize,
+                        Op::Delete => ProviderOp::Delete,
+                    };
+                    ProviderFailure::new(op, format!("{op} failed in the simulated provider"))
+                };
                 match op {
                     Op::Take => self
                         .set
@@ -685,7 +693,7 @@ struct Seen {
     thaw: Vec<usize>,
     post: Vec<usize>,
     abort: Vec<usize>,
-    complete: Vec<(usize, Outcome)>,
+    complete: Vec<(usize, quiesce_proto::OutcomeKind)>,
     freeze_ok: Option<usize>,
     thaw_ok: Option<usize>,
     post_ok: Option<usize>,
@@ -788,7 +796,7 @@ fn check(world: &World, run: &Run) -> Result<(), TestCaseError> {
                         );
                         s.abort.push(i);
                     }
-                    WriterCall::Complete { outcome } => s.complete.push((i, outcome.clone())),
+                    WriterCall::Complete { outcome } => s.complete.push((i, *outcome)),
                 }
             }
             Obs::Cmd(Command::TakeSnapshot { .. }) => {
@@ -917,7 +925,7 @@ fn check(world: &World, run: &Run) -> Result<(), TestCaseError> {
         if touched && s.lost.is_none() {
             prop_assert_eq!(s.complete.len(), 1, "{} is not told the end", w);
             let (i, told) = &s.complete[0];
-            prop_assert_eq!(told, outcome, "{} is told another outcome", w);
+            prop_assert_eq!(*told, outcome.kind(), "{} is told another outcome", w);
             prop_assert!(*i < end);
         }
     }
@@ -1391,7 +1399,7 @@ fn describe(cmd: &Command) -> String {
                     format!("post-snapshot {who} {}", snapshot.path)
                 }
                 WriterCall::Abort => format!("abort {who}"),
-                WriterCall::Complete { outcome } => format!("complete {who} {}", outcome.label()),
+                WriterCall::Complete { outcome } => format!("complete {who} {}", outcome),
             }
         }
         Command::TakeSnapshot { .. } => "take-snapshot".into(),
@@ -1469,14 +1477,14 @@ impl Scenario {
         ms: u64,
         w: &WriterRef,
         kind: CallKind,
-        result: Result<Reports, String>,
+        result: Result<Reports, CallFailure>,
     ) -> Vec<String> {
         let w = w.clone();
         self.set.handle_reply(self.at(ms), &w, kind, result);
         self.cmds(ms)
     }
 
-    fn taken(&mut self, ms: u64, result: Result<SnapshotInfo, String>) -> Vec<String> {
+    fn taken(&mut self, ms: u64, result: Result<SnapshotInfo, ProviderFailure>) -> Vec<String> {
         self.set.handle_snapshot_taken(self.at(ms), result);
         self.cmds(ms)
     }
@@ -1629,7 +1637,7 @@ fn a_failed_freeze_aborts_every_writer_and_deletes_nothing() {
     let (app, db, fs) = (s.app.clone(), s.db.clone(), s.fs.clone());
     assert_eq!(s.prepare_all(), ["freeze n1/app"]);
     assert_eq!(s.ok(4, &app, CallKind::Freeze), ["freeze n2/db"]);
-    let err = Err("CHECKPOINT failed: disk full".to_string());
+    let err = Err(CallFailure::error("CHECKPOINT failed: disk full"));
     assert_eq!(
         s.reply(5, &db, CallKind::Freeze, err),
         ["abort n1/fs", "abort n2/db", "abort n1/app"]
@@ -1662,7 +1670,7 @@ fn a_failed_freeze_aborts_every_writer_and_deletes_nothing() {
     assert_eq!(db_result.state, WriterState::Failed);
     let failure = db_result.failure.as_ref().unwrap();
     assert_eq!(failure.phase, Phase::Freeze);
-    assert_eq!(failure.kind, quiesce_proto::FailureKind::Error);
+    assert_eq!(failure.kind, FailureKind::Error);
     assert_eq!(r.writers[2].state, WriterState::Aborted);
 }
 
@@ -1672,7 +1680,13 @@ fn a_provider_failure_aborts_every_writer() {
     let (app, db, fs) = (s.app.clone(), s.db.clone(), s.fs.clone());
     s.freeze_all();
     assert_eq!(
-        s.taken(10, Err("btrfs: no space left".into())),
+        s.taken(
+            10,
+            Err(ProviderFailure::new(
+                ProviderOp::Take,
+                "btrfs: no space left"
+            ))
+        ),
         ["abort n1/fs", "abort n2/db", "abort n1/app"]
     );
     s.ok(11, &fs, CallKind::Abort);
@@ -1808,7 +1822,7 @@ fn the_hold_limit_after_the_snapshot_thaws_every_level_at_once() {
 fn best_effort_leaves_out_a_writer_that_fails_prepare() {
     let (mut s, _) = Scenario::new(true, Deadlines::default());
     let (app, db, fs) = (s.app.clone(), s.db.clone(), s.fs.clone());
-    let err = Err("cannot connect to the database".to_string());
+    let err = Err(CallFailure::error("cannot connect to the database"));
     assert_eq!(s.reply(1, &db, CallKind::Prepare, err), ["abort n2/db"]);
     assert_eq!(s.ok(2, &fs, CallKind::Prepare), Vec::<String>::new());
     assert_eq!(s.ok(3, &app, CallKind::Prepare), ["freeze n1/app"]);
@@ -1856,7 +1870,7 @@ fn a_post_snapshot_failure_deletes_the_snapshot_without_abort() {
         s.ok(13, &app, CallKind::Thaw),
         ["post-snapshot n2/db /snapshots/snap-1"]
     );
-    let err = Err("cannot write backup_label".to_string());
+    let err = Err(CallFailure::error("cannot write backup_label"));
     assert_eq!(
         s.reply(14, &db, CallKind::PostSnapshot, err),
         ["delete snap-1"]
@@ -1894,7 +1908,7 @@ fn an_answer_after_the_end_changes_nothing() {
     assert_eq!(s.prepare_all(), ["freeze n1/app"]);
     assert_eq!(s.ok(4, &app, CallKind::Freeze), ["freeze n2/db"]);
     assert_eq!(
-        s.reply(5, &db, CallKind::Freeze, Err("no".into())),
+        s.reply(5, &db, CallKind::Freeze, Err(CallFailure::error("no"))),
         ["abort n2/db", "freeze n1/fs"]
     );
     assert_eq!(s.ok(6, &fs, CallKind::Freeze), ["take-snapshot"]);

@@ -1,6 +1,6 @@
 //! How a plugin tests its writers: in-process, through the same boundary code as the export.
 
-use quiesce_sdk::harness::{FailureKind, Plugin, Step};
+use quiesce_sdk::harness::{FailureKind, Phase, Plugin};
 
 #[test]
 fn a_set_labels_the_snapshot() {
@@ -14,7 +14,7 @@ fn a_set_labels_the_snapshot() {
         "shared"
     );
     assert_eq!(
-        run.report(Step::Freeze, "frozen_at"),
+        run.report(Phase::Freeze, "frozen_at"),
         Some(run.set_id.as_str())
     );
     let label = std::fs::read_to_string(run.snapshot_path().join("hello-writer.label")).unwrap();
@@ -24,12 +24,12 @@ fn a_set_labels_the_snapshot() {
 #[test]
 fn an_aborted_set_thaws() {
     let mut writers = Plugin::new("hello", hello_writer::init).init("").unwrap();
-    let run = writers[0].run_failing_after(Step::Freeze);
+    let run = writers[0].run_failing_after(Phase::Freeze);
     assert_eq!(
         run.steps(),
-        [Step::Prepare, Step::Freeze, Step::Abort, Step::Complete]
+        [Phase::Prepare, Phase::Freeze, Phase::Abort, Phase::Complete]
     );
-    assert_eq!(run.result(Step::Abort), Some(&Ok(vec![])));
+    assert_eq!(run.result(Phase::Abort), Some(&Ok(vec![])));
 }
 
 #[test]
@@ -37,6 +37,6 @@ fn a_misspelt_key_is_refused() {
     let error = Plugin::new("hello", hello_writer::init)
         .init("volum = \"x\"")
         .unwrap_err();
-    assert_eq!(error.kind, FailureKind::InvalidConfig);
-    assert!(error.message.contains("unknown field `volum`"), "{error}");
+    assert_eq!(error.kind, FailureKind::RefusedConfig);
+    assert!(error.reason.contains("unknown field `volum`"), "{error}");
 }

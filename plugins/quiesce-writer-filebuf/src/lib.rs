@@ -648,7 +648,7 @@ mod tests {
 
     #[test]
     fn an_application_that_is_not_there_fails_prepare_before_anything_is_frozen() {
-        use quiesce_sdk::harness::{Plugin, Step};
+        use quiesce_sdk::harness::{Phase, Plugin};
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path().display();
         std::fs::write(tmp.path().join("f.log"), "").unwrap();
@@ -667,9 +667,9 @@ mod tests {
         ] {
             let run = writers[writer].run(|_| Ok(()));
             let (step, error) = run.error().expect("the set fails");
-            assert_eq!(step, Step::Prepare, "{run:#?}");
-            assert!(error.message.contains(expected), "{}", error.message);
-            assert!(!run.steps().contains(&Step::Freeze));
+            assert_eq!(step, Phase::Prepare, "{run:#?}");
+            assert!(error.reason.contains(expected), "{}", error.reason);
+            assert!(!run.steps().contains(&Phase::Freeze));
         }
     }
 

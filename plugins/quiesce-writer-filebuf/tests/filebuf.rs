@@ -7,8 +7,8 @@
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use quiesce_host::worker::Op;
 use quiesce_host::{Config, Host};
+use quiesce_proto::WriterCall;
 use quiesce_proto::{Outcome, Phase, SetRecord, SetRequest};
 use quiesce_testbed::BtrfsVolume;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -337,7 +337,7 @@ async fn the_app_holds_its_writes_while_frozen_until_thaw() {
     let writer = host.writers().pop().unwrap();
 
     let reports = writer
-        .call(Op::Freeze, "set-manual", Duration::from_secs(5))
+        .call(WriterCall::Freeze, "set-manual", Duration::from_secs(5))
         .await
         .unwrap();
     let last: u64 = reports["last_record"].parse().unwrap();
@@ -356,7 +356,7 @@ async fn the_app_holds_its_writes_while_frozen_until_thaw() {
     assert_records_exactly(&app.records(), last, "still frozen");
 
     writer
-        .call(Op::Thaw, "set-manual", Duration::from_secs(5))
+        .call(WriterCall::Thaw, "set-manual", Duration::from_secs(5))
         .await
         .unwrap();
     assert!(
@@ -366,7 +366,7 @@ async fn the_app_holds_its_writes_while_frozen_until_thaw() {
     app.wait_acked(last + 1);
     // Thaw is idempotent.
     writer
-        .call(Op::Thaw, "set-manual", Duration::from_secs(5))
+        .call(WriterCall::Thaw, "set-manual", Duration::from_secs(5))
         .await
         .unwrap();
 }
@@ -505,7 +505,7 @@ async fn the_signal_variant_end_to_end() {
     // Held while frozen by signal, too.
     let writer = host.writers().pop().unwrap();
     let reports = writer
-        .call(Op::Freeze, "set-manual", Duration::from_secs(5))
+        .call(WriterCall::Freeze, "set-manual", Duration::from_secs(5))
         .await
         .unwrap();
     let frozen: u64 = reports["last_record"].parse().unwrap();
@@ -516,7 +516,7 @@ async fn the_signal_variant_end_to_end() {
     );
     assert_records_exactly(&app.records(), frozen, "frozen by signal");
     writer
-        .call(Op::Thaw, "set-manual", Duration::from_secs(5))
+        .call(WriterCall::Thaw, "set-manual", Duration::from_secs(5))
         .await
         .unwrap();
     assert!(

@@ -3,7 +3,7 @@
 
 use quiesce_host::{Config, Host};
 use quiesce_proto::{FailureKind, Outcome, Phase, SetRecord, SetRequest};
-use quiesce_sdk::harness::{Plugin, Step};
+use quiesce_sdk::harness::Plugin;
 use quiesce_sdk::ComponentKind;
 use quiesce_testbed::{host_config, plugin, wait_until, BtrfsVolume};
 use std::os::unix::fs::PermissionsExt;
@@ -368,10 +368,10 @@ fn the_configuration_is_checked_at_init() {
         let error = plugin.init(config).unwrap_err();
         assert_eq!(
             error.kind,
-            quiesce_sdk::harness::FailureKind::InvalidConfig,
+            quiesce_sdk::harness::FailureKind::RefusedConfig,
             "{config}"
         );
-        assert!(error.message.contains(expected), "{config}: {error}");
+        assert!(error.reason.contains(expected), "{config}: {error}");
     }
     let writers = plugin
         .init("[[writers]]\nid = \"a\"\ndirectory = \"/a\"\nvolume = \"v\"\n[[writers]]\nid = \"b\"\ndirectory = \"/b\"")
@@ -389,12 +389,12 @@ fn output_is_captured_up_to_its_last_bytes() {
     hooks.add("10-loud", "head -c 10000 /dev/zero | tr '\\0' x; echo end");
     let run = writer(&hooks, "output_bytes = 100").run(|_| Ok(()));
     assert!(run.is_app_consistent(), "{run:#?}");
-    let out = run.report(Step::Freeze, "freeze.10-loud.stdout").unwrap();
+    let out = run.report(Phase::Freeze, "freeze.10-loud.stdout").unwrap();
     assert_eq!(
         out,
         format!("[9904 earlier bytes dropped]{}end\n", "x".repeat(96))
     );
-    assert_eq!(run.report(Step::Freeze, "freeze.10-loud.stderr"), None);
+    assert_eq!(run.report(Phase::Freeze, "freeze.10-loud.stderr"), None);
 }
 
 /// Thaw and abort are idempotent: once thawed, nothing runs again; a failing thaw hook does
@@ -412,12 +412,12 @@ fn thaw_reaches_every_frozen_hook_once() {
     let mut w = writer(&hooks, "");
     let run = w.run(|_| Ok(()));
     let (step, error) = run.error().unwrap();
-    assert_eq!(step, Step::Thaw);
+    assert_eq!(step, Phase::Thaw);
     assert!(
-        error.message.contains("20-b") && error.message.contains("exit 7"),
+        error.reason.contains("20-b") && error.reason.contains("exit 7"),
         "{error}"
     );
-    assert!(error.message.contains("thaw went wrong"), "{error}");
+    assert!(error.reason.contains("thaw went wrong"), "{error}");
     // Every hook got its thaw; the abort the harness sends after the failed thaw runs nothing.
     assert_eq!(
         hooks.calls(),
@@ -433,12 +433,12 @@ fn thaw_reaches_every_frozen_hook_once() {
     assert_eq!(
         run.steps(),
         [
-            Step::Prepare,
-            Step::Freeze,
-            Step::Snapshot,
-            Step::Thaw,
-            Step::Abort,
-            Step::Complete
+            Phase::Prepare,
+            Phase::Freeze,
+            Phase::Snapshot,
+            Phase::Thaw,
+            Phase::Abort,
+            Phase::Complete
         ]
     );
     assert_eq!(w.abort(), Ok(vec![]));
@@ -452,9 +452,9 @@ fn abort_after_a_freeze_sends_freeze_fail_once() {
     let hooks = Hooks::new();
     hooks.add("10-a", "").add("20-b", "");
     let mut w = writer(&hooks, "");
-    let run = w.run_failing_after(Step::Snapshot);
+    let run = w.run_failing_after(Phase::Snapshot);
     assert_eq!(run.outcome, "failed");
-    assert_eq!(run.result(Step::Abort).unwrap().as_ref().unwrap().len(), 2);
+    assert_eq!(run.result(Phase::Abort).unwrap().as_ref().unwrap().len(), 2);
     assert_eq!(w.abort(), Ok(vec![]));
     assert_eq!(
         hooks.calls(),
@@ -473,13 +473,12 @@ fn a_hook_that_cannot_start_or_a_missing_directory_fails_clearly() {
     hooks.add_file("10-no-interpreter", "#!/nonexistent/interpreter\n", 0o755);
     let run = writer(&hooks, "").run(|_| Ok(()));
     let (step, error) = run.error().unwrap();
-    assert_eq!(step, Step::Freeze);
+    assert_eq!(step, Phase::Freeze);
     assert!(
-        error.message.contains("10-no-interpreter")
-            && error.message.contains("could not be started"),
+        error.reason.contains("10-no-interpreter") && error.reason.contains("could not be started"),
         "{error}"
     );
-    assert!(error.message.contains("no hook had frozen"), "{error}");
+    assert!(error.reason.contains("no hook had frozen"), "{error}");
 
     let missing = Plugin::new("hooks", quiesce_writer_hooks::init)
         .init("directory = \"/nonexistent/hooks.d\"")
@@ -487,9 +486,9 @@ fn a_hook_that_cannot_start_or_a_missing_directory_fails_clearly() {
         .remove(0)
         .run(|_| Ok(()));
     let (step, error) = missing.error().unwrap();
-    assert_eq!(step, Step::Prepare);
+    assert_eq!(step, Phase::Prepare);
     assert!(
-        error.message.contains("/nonexistent/hooks.d") && error.message.contains("create it"),
+        error.reason.contains("/nonexistent/hooks.d") && error.reason.contains("create it"),
         "{error}"
     );
 }
@@ -499,5 +498,5 @@ fn an_empty_directory_is_a_writer_with_nothing_to_do() {
     let hooks = Hooks::new();
     let run = writer(&hooks, "").run(|_| Ok(()));
     assert!(run.is_app_consistent(), "{run:#?}");
-    assert_eq!(run.report(Step::Freeze, "frozen"), Some(""));
+    assert_eq!(run.report(Phase::Freeze, "frozen"), Some(""));
 }

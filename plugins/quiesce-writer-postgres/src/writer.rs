@@ -526,7 +526,7 @@ impl Writer for PostgresWriter {
 
 #[cfg(test)]
 mod tests {
-    use quiesce_sdk::harness::{Plugin, Step};
+    use quiesce_sdk::harness::{Phase, Plugin};
     use quiesce_sdk::ComponentKind;
 
     #[test]
@@ -545,14 +545,14 @@ mod tests {
         assert_eq!(metadata.components[0].kind, ComponentKind::Database);
         assert!(!metadata.needs_post_snapshot);
         let (step, error) = run.error().unwrap();
-        assert_eq!(step, Step::Prepare);
+        assert_eq!(step, Phase::Prepare);
         assert!(
-            error.message.contains("cannot connect to PostgreSQL at"),
+            error.reason.contains("cannot connect to PostgreSQL at"),
             "{error}"
         );
         assert_eq!(
             run.steps(),
-            [Step::Prepare, Step::Abort, Step::Complete],
+            [Phase::Prepare, Phase::Abort, Phase::Complete],
             "{run:#?}"
         );
     }

@@ -6,8 +6,9 @@
 //! on other ports, and check every record acknowledged before the set is there.
 
 use postgres::NoTls;
-use quiesce_host::worker::{Backend, BackendError, Op};
+use quiesce_host::worker::Backend;
 use quiesce_host::{Config, Host};
+use quiesce_proto::{CallFailure, WriterCall};
 use quiesce_proto::{
     ComponentKind, Level, Outcome, Phase, Reports, SetRecord, SetRequest, WriterMetadata,
     WriterState,
@@ -652,9 +653,14 @@ struct Meddler {
 }
 
 impl Backend for Meddler {
-    fn call(&mut self, op: &Op, _set: &str, _budget: Duration) -> Result<Reports, BackendError> {
-        if *op == Op::Freeze {
-            (self.action)().map_err(BackendError::Failed)?;
+    fn call(
+        &mut self,
+        call: &WriterCall,
+        _set: &str,
+        _budget: Duration,
+    ) -> Result<Reports, CallFailure> {
+        if *call == WriterCall::Freeze {
+            (self.action)().map_err(CallFailure::error)?;
         }
         Ok(Reports::new())
     }

@@ -2,10 +2,10 @@
 //! `tests/sqlite_app.py`) uses during the test: through the real host on a real btrfs volume,
 //! and in-process through the SDK's harness.
 
-use quiesce_host::worker::Op;
 use quiesce_host::{Config, Host};
+use quiesce_proto::WriterCall;
 use quiesce_proto::{Outcome, Phase, Reports, SetRecord, SetRequest};
-use quiesce_sdk::harness::{FailureKind, Plugin, Step};
+use quiesce_sdk::harness::{FailureKind, Plugin};
 use quiesce_sdk::{Call, ComponentKind};
 use quiesce_testbed::wait_until;
 use quiesce_testbed::{host_config, plugin, BtrfsVolume};
@@ -398,8 +398,14 @@ async fn the_write_lock_holds_until_the_snapshot_and_the_write_lands_after_thaw(
     let host = start_host(dir.path(), &volume, &body);
     let writer = host.writer("app").unwrap();
     let budget = Duration::from_secs(10);
-    writer.call(Op::Prepare, "by-hand", budget).await.unwrap();
-    let frozen = writer.call(Op::Freeze, "by-hand", budget).await.unwrap();
+    writer
+        .call(WriterCall::Prepare, "by-hand", budget)
+        .await
+        .unwrap();
+    let frozen = writer
+        .call(WriterCall::Freeze, "by-hand", budget)
+        .await
+        .unwrap();
     for db in [&wal, &journal] {
         report(&frozen, db, "lock_taken_at");
     }
@@ -430,7 +436,10 @@ async fn the_write_lock_holds_until_the_snapshot_and_the_write_lands_after_thaw(
     for app in &apps {
         app.silent_for(Duration::from_millis(50), "the database is frozen");
     }
-    let thawed = writer.call(Op::Thaw, "by-hand", budget).await.unwrap();
+    let thawed = writer
+        .call(WriterCall::Thaw, "by-hand", budget)
+        .await
+        .unwrap();
     for db in [&wal, &journal] {
         report(&thawed, db, "held_ms");
     }
@@ -455,7 +464,10 @@ async fn the_write_lock_holds_until_the_snapshot_and_the_write_lands_after_thaw(
     }
     // Thaw again: nothing happens.
     assert_eq!(
-        writer.call(Op::Thaw, "by-hand", budget).await.unwrap(),
+        writer
+            .call(WriterCall::Thaw, "by-hand", budget)
+            .await
+            .unwrap(),
         Reports::new()
     );
 }
@@ -581,8 +593,8 @@ fn the_configuration_is_checked_at_init() {
         ),
     ] {
         let error = plugin.init(config).unwrap_err();
-        assert_eq!(error.kind, FailureKind::InvalidConfig, "{config}: {error}");
-        assert!(error.message.contains(expected), "{config}: {error}");
+        assert_eq!(error.kind, FailureKind::RefusedConfig, "{config}: {error}");
+        assert!(error.reason.contains(expected), "{config}: {error}");
     }
     let writers = plugin
         .init("[[writers]]\nid = \"a\"\nvolume = \"v\"\ndatabases = [\"/a.db\"]\n[[writers]]\nid = \"b\"\nvolume = \"v\"\ndatabases = [\"/b/*.db\"]")
@@ -682,7 +694,7 @@ fn a_set_holds_the_write_lock_and_lets_readers_read() {
         Ok(())
     });
     assert!(run.is_app_consistent(), "{run:#?}");
-    let prepared = |db: &Path, k: &str| run.report(Step::Prepare, &key(db, k)).map(str::to_string);
+    let prepared = |db: &Path, k: &str| run.report(Phase::Prepare, &key(db, k)).map(str::to_string);
     assert_eq!(prepared(&wal, "journal_mode").as_deref(), Some("wal"));
     assert_eq!(prepared(&wal, "checkpoint.busy").as_deref(), Some("0"));
     assert_eq!(
@@ -695,27 +707,27 @@ fn a_set_holds_the_write_lock_and_lets_readers_read() {
         "no checkpoint in rollback mode"
     );
     assert_eq!(
-        run.report(Step::Freeze, &key(&wal, "report_query")),
+        run.report(Phase::Freeze, &key(&wal, "report_query")),
         Some("3")
     );
     assert_eq!(
-        run.report(Step::Freeze, &key(&journal, "report_query")),
+        run.report(Phase::Freeze, &key(&journal, "report_query")),
         Some("5")
     );
     let taken = run
-        .report(Step::Freeze, &key(&wal, "lock_taken_at"))
+        .report(Phase::Freeze, &key(&wal, "lock_taken_at"))
         .unwrap();
     assert!(taken.ends_with('Z') && taken.len() == 24, "{taken}");
-    assert!(run.report(Step::Thaw, &key(&wal, "held_ms")).is_some());
+    assert!(run.report(Phase::Thaw, &key(&wal, "held_ms")).is_some());
     for db in [&wal, &journal] {
         try_write(db, 100).unwrap();
     }
 
     // An aborted set lets go as well; a second abort does nothing.
-    let aborted = writers[0].run_failing_after(Step::Freeze);
+    let aborted = writers[0].run_failing_after(Phase::Freeze);
     assert_eq!(
         aborted.steps(),
-        [Step::Prepare, Step::Freeze, Step::Abort, Step::Complete]
+        [Phase::Prepare, Phase::Freeze, Phase::Abort, Phase::Complete]
     );
     for db in [&wal, &journal] {
         try_write(db, 101).unwrap();
@@ -763,12 +775,12 @@ fn a_report_query_that_writes_is_refused_and_nothing_stays_locked() {
         .unwrap();
     let run = writers[0].run(|_| panic!("no snapshot after a failed freeze"));
     let (step, error) = run.error().unwrap();
-    assert_eq!(step, Step::Freeze);
+    assert_eq!(step, Phase::Freeze);
     assert!(
-        error.message.contains("must be a read-only query"),
+        error.reason.contains("must be a read-only query"),
         "{error}"
     );
-    assert!(error.message.contains("nothing stays locked"), "{error}");
+    assert!(error.reason.contains("nothing stays locked"), "{error}");
     try_write(&db, 2).unwrap();
     assert_eq!(count(&db), 2);
 }
@@ -786,9 +798,9 @@ fn a_missing_database_or_a_file_that_is_no_database_fails_prepare_clearly() {
         .unwrap();
     let run = writers[0].run(|_| Ok(()));
     let (step, error) = run.error().unwrap();
-    assert_eq!(step, Step::Prepare);
+    assert_eq!(step, Phase::Prepare);
     assert!(
-        error.message.contains("missing.db") && error.message.contains("fix `databases`"),
+        error.reason.contains("missing.db") && error.reason.contains("fix `databases`"),
         "{error}"
     );
     assert!(!missing.exists(), "the plugin must never create a database");
@@ -803,9 +815,9 @@ fn a_missing_database_or_a_file_that_is_no_database_fails_prepare_clearly() {
         .unwrap();
     let run = writers[0].run(|_| Ok(()));
     let (step, error) = run.error().unwrap();
-    assert_eq!(step, Step::Prepare);
+    assert_eq!(step, Phase::Prepare);
     assert!(
-        error.message.contains("junk.db") && error.message.contains("not an SQLite database"),
+        error.reason.contains("junk.db") && error.reason.contains("not an SQLite database"),
         "{error}"
     );
 }

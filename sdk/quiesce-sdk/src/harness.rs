@@ -1,7 +1,7 @@
 //! Drive a writer through whole snapshot sets in a test, the way the host does.
 //!
 //! ```rust
-//! use quiesce_sdk::harness::{Plugin, Step};
+//! use quiesce_sdk::harness::{Plugin, Phase};
 //! use quiesce_sdk::{Call, Config, Error, Level, Writer, WriterMetadata};
 //!
 //! struct Hello(String);
@@ -27,11 +27,11 @@
 //! let mut writers = Plugin::new("hello", init).init("id = \"h1\"")?;
 //! let run = writers[0].run(|_snapshot_dir| Ok(()));
 //! assert!(run.is_app_consistent(), "{run:#?}");
-//! assert_eq!(run.report(Step::Freeze, "frozen_at"), Some(run.set_id.as_str()));
+//! assert_eq!(run.report(Phase::Freeze, "frozen_at"), Some(run.set_id.as_str()));
 //!
-//! let aborted = writers[0].run_failing_after(Step::Freeze);
-//! assert_eq!(aborted.steps(), [Step::Prepare, Step::Freeze, Step::Abort, Step::Complete]);
-//! # Ok::<(), quiesce_sdk::harness::CallError>(())
+//! let aborted = writers[0].run_failing_after(Phase::Freeze);
+//! assert_eq!(aborted.steps(), [Phase::Prepare, Phase::Freeze, Phase::Abort, Phase::Complete]);
+//! # Ok::<(), quiesce_sdk::harness::CallFailure>(())
 //! ```
 //!
 //! Every call goes through the same adapter as an exported plugin (panics caught, errors mapped),
@@ -48,7 +48,7 @@
 //! | post-snapshot (only when the metadata says `needs_post_snapshot`) | complete `failed` |
 //! | complete (`app-consistent` or `failed`) | recorded |
 //!
-//! A call that returns after its budget is recorded as [`FailureKind::OverBudget`]: the host
+//! A call that returns after its budget is recorded as [`FailureKind::TimedOut`]: the host
 //! would have abandoned it and aborted the set.
 
 use crate::adapter::{self, Adapter};
@@ -58,6 +58,7 @@ use abi_stable::std_types::{RResult, RStr};
 use quiesce_abi::{AbiError, CallContext, CallResult, ErrorKind, HostServices, LogLevel};
 use quiesce_abi::{PluginModuleRef, WriterBox};
 use quiesce_proto::WriterMetadata;
+pub use quiesce_proto::{CallFailure, CallKind, FailureKind, Phase};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -65,71 +66,14 @@ use std::time::{Duration, Instant};
 /// Key/value results of one call, in the order the writer reported them.
 pub type Reports = Vec<(String, String)>;
 
-/// One step of a snapshot set, as the harness records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Step {
-    Prepare,
-    Freeze,
-    /// Not a writer call: the closure standing in for the provider.
-    Snapshot,
-    Thaw,
-    PostSnapshot,
-    Abort,
-    Complete,
-}
-
-impl Step {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Step::Prepare => "prepare",
-            Step::Freeze => "freeze",
-            Step::Snapshot => "snapshot",
-            Step::Thaw => "thaw",
-            Step::PostSnapshot => "post_snapshot",
-            Step::Abort => "abort",
-            Step::Complete => "complete",
-        }
-    }
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// How a call failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The writer returned an error.
-    Failed,
-    /// The writer panicked; the SDK caught it.
-    Panicked,
-    /// Init refused the configuration.
-    InvalidConfig,
-    /// The call returned after its budget; the host would have abandoned it.
-    OverBudget,
-}
-
-/// A failed call, init or writer method.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct CallError {
-    pub kind: FailureKind,
-    pub message: String,
-}
-
-impl From<AbiError> for CallError {
-    fn from(error: AbiError) -> Self {
-        CallError {
-            kind: match error.kind {
-                ErrorKind::Failed => FailureKind::Failed,
-                ErrorKind::Panicked => FailureKind::Panicked,
-                ErrorKind::InvalidConfig => FailureKind::InvalidConfig,
-            },
-            message: error.message.into_string(),
-        }
-    }
+/// How the harness tells a failure from the ABI: the kind the host would record.
+fn failure(error: AbiError) -> CallFailure {
+    let kind = match error.kind {
+        ErrorKind::Failed => FailureKind::Error,
+        ErrorKind::Panicked => FailureKind::Panicked,
+        ErrorKind::InvalidConfig => FailureKind::RefusedConfig,
+    };
+    CallFailure::new(kind, error.message.into_string())
 }
 
 /// Why [`Plugin::load`] could not load a library.
@@ -143,8 +87,8 @@ pub struct LoadError {
 /// One recorded step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    pub step: Step,
-    pub result: Result<Reports, CallError>,
+    pub step: Phase,
+    pub result: Result<Reports, CallFailure>,
     pub elapsed: Duration,
 }
 
@@ -163,12 +107,12 @@ pub struct Run {
 
 impl Run {
     /// The steps made, in order.
-    pub fn steps(&self) -> Vec<Step> {
+    pub fn steps(&self) -> Vec<Phase> {
         self.records.iter().map(|r| r.step).collect()
     }
 
     /// The result of the last call of `step`, if it was made.
-    pub fn result(&self, step: Step) -> Option<&Result<Reports, CallError>> {
+    pub fn result(&self, step: Phase) -> Option<&Result<Reports, CallFailure>> {
         self.records
             .iter()
             .rev()
@@ -177,7 +121,7 @@ impl Run {
     }
 
     /// The value `step` reported under `key`.
-    pub fn report(&self, step: Step, key: &str) -> Option<&str> {
+    pub fn report(&self, step: Phase, key: &str) -> Option<&str> {
         let reports = self.result(step)?.as_ref().ok()?;
         reports
             .iter()
@@ -186,7 +130,7 @@ impl Run {
     }
 
     /// The first failed step and its error.
-    pub fn error(&self) -> Option<(Step, &CallError)> {
+    pub fn error(&self) -> Option<(Phase, &CallFailure)> {
         self.records
             .iter()
             .find_map(|r| r.result.as_ref().err().map(|e| (r.step, e)))
@@ -283,14 +227,14 @@ impl Plugin {
 
     /// Runs the plugin's init with `config_toml` (its table as TOML text) and returns a harness
     /// for each writer it made.
-    pub fn init(&self, config_toml: &str) -> Result<Vec<Harness>, CallError> {
+    pub fn init(&self, config_toml: &str) -> Result<Vec<Harness>, CallFailure> {
         let result = match self.source {
             Source::InProcess(name, init) => {
                 adapter::init_plugin(name, config_toml.into(), host(), init)
             }
             Source::Loaded(module) => (module.init())(config_toml.into(), host()),
         };
-        let writers = result.into_result()?;
+        let writers = result.into_result().map_err(failure)?;
         Ok(writers
             .into_iter()
             .map(|writer| Harness::from_box(&self.name, writer))
@@ -323,8 +267,8 @@ impl Harness {
 
     /// A harness for one writer, wrapped as the export macro wraps it (messages name the
     /// plugin `writer`). Fails only if the writer's `metadata()` panics.
-    pub fn new(writer: Box<dyn Writer>) -> Result<Harness, CallError> {
-        let adapter = Adapter::new("writer", writer)?;
+    pub fn new(writer: Box<dyn Writer>) -> Result<Harness, CallFailure> {
+        let adapter = Adapter::new("writer", writer).map_err(failure)?;
         Ok(Harness::from_box("writer", adapter.into_writer_box()))
     }
 
@@ -368,9 +312,9 @@ impl Harness {
     /// A set that fails right after this writer's `step` succeeded, for a reason outside it
     /// (another writer, the provider): the writer is aborted. `step` is `Prepare` or `Freeze`;
     /// `Snapshot` is the same as a `run` whose closure fails.
-    pub fn run_failing_after(&mut self, step: Step) -> Run {
+    pub fn run_failing_after(&mut self, step: Phase) -> Run {
         assert!(
-            matches!(step, Step::Prepare | Step::Freeze | Step::Snapshot),
+            matches!(step, Phase::Prepare | Phase::Freeze | Phase::Snapshot),
             "a set can only be made to fail after prepare, freeze or snapshot, not {step}"
         );
         self.drive(Some(step), |_| Ok(()))
@@ -378,13 +322,13 @@ impl Harness {
 
     /// Calls abort alone, for the set of the last run (abort must be idempotent: a second abort
     /// after a run that aborted must succeed).
-    pub fn abort(&mut self) -> Result<Reports, CallError> {
-        self.call(Step::Abort, None, None).result
+    pub fn abort(&mut self) -> Result<Reports, CallFailure> {
+        self.call(CallKind::Abort, None, None).result
     }
 
     fn drive(
         &mut self,
-        fail_after: Option<Step>,
+        fail_after: Option<Phase>,
         snapshot: impl FnOnce(&Path) -> Result<(), Error>,
     ) -> Run {
         self.sets += 1;
@@ -407,8 +351,8 @@ impl Harness {
         let path = run.snapshot.path().to_string_lossy().into_owned();
 
         let mut failed = false;
-        for step in [Step::Prepare, Step::Freeze] {
-            failed = !self.record(&mut run, step, None, None) || fail_after == Some(step);
+        for kind in [CallKind::Prepare, CallKind::Freeze] {
+            failed = !self.record(&mut run, kind, None, None) || fail_after == Some(kind.phase());
             if failed {
                 break;
             }
@@ -416,31 +360,30 @@ impl Harness {
         if !failed {
             let start = Instant::now();
             let result = match fail_after {
-                Some(Step::Snapshot) => Err(Error::new("the harness was told to fail the set")),
+                Some(Phase::Snapshot) => Err(Error::new("the harness was told to fail the set")),
                 _ => snapshot(run.snapshot.path()),
             };
-            let result = result.map(|()| Vec::new()).map_err(|e| CallError {
-                kind: FailureKind::Failed,
-                message: e.to_string(),
-            });
+            let result = result
+                .map(|()| Vec::new())
+                .map_err(|e| CallFailure::error(e.to_string()));
             failed = result.is_err();
             run.records.push(Record {
-                step: Step::Snapshot,
+                step: Phase::Snapshot,
                 result,
                 elapsed: start.elapsed(),
             });
         }
         if !failed {
-            failed = !self.record(&mut run, Step::Thaw, None, None);
+            failed = !self.record(&mut run, CallKind::Thaw, None, None);
         }
         if failed {
-            self.record(&mut run, Step::Abort, None, None);
+            self.record(&mut run, CallKind::Abort, None, None);
         } else if needs_post_snapshot {
-            failed = !self.record(&mut run, Step::PostSnapshot, Some(&path), None);
+            failed = !self.record(&mut run, CallKind::PostSnapshot, Some(&path), None);
         }
         run.outcome = if failed { "failed" } else { "app-consistent" };
         let outcome = run.outcome;
-        self.record(&mut run, Step::Complete, None, Some(outcome));
+        self.record(&mut run, CallKind::Complete, None, Some(outcome));
         run
     }
 
@@ -448,17 +391,17 @@ impl Harness {
     fn record(
         &mut self,
         run: &mut Run,
-        step: Step,
+        kind: CallKind,
         snapshot: Option<&str>,
         outcome: Option<&str>,
     ) -> bool {
-        let record = self.call(step, snapshot, outcome);
+        let record = self.call(kind, snapshot, outcome);
         let ok = record.result.is_ok();
         run.records.push(record);
         ok
     }
 
-    fn call(&mut self, step: Step, snapshot: Option<&str>, outcome: Option<&str>) -> Record {
+    fn call(&mut self, kind: CallKind, snapshot: Option<&str>, outcome: Option<&str>) -> Record {
         let ctx = CallContext {
             set_id: self.set_id.as_str().into(),
             budget_ms: u64::try_from(self.budget.as_millis()).unwrap_or(u64::MAX),
@@ -466,21 +409,20 @@ impl Harness {
             outcome: outcome.map(Into::into).into(),
         };
         let start = Instant::now();
-        let result: CallResult = match step {
-            Step::Prepare => self.writer.prepare(&ctx),
-            Step::Freeze => self.writer.freeze(&ctx),
-            Step::Thaw => self.writer.thaw(&ctx),
-            Step::PostSnapshot => self.writer.post_snapshot(&ctx),
-            Step::Abort => self.writer.abort(&ctx),
-            Step::Complete => self.writer.complete(&ctx),
-            Step::Snapshot => unreachable!("the snapshot is not a writer call"),
+        let result: CallResult = match kind {
+            CallKind::Prepare => self.writer.prepare(&ctx),
+            CallKind::Freeze => self.writer.freeze(&ctx),
+            CallKind::Thaw => self.writer.thaw(&ctx),
+            CallKind::PostSnapshot => self.writer.post_snapshot(&ctx),
+            CallKind::Abort => self.writer.abort(&ctx),
+            CallKind::Complete => self.writer.complete(&ctx),
         };
         let elapsed = start.elapsed();
         let result = match result {
-            _ if elapsed > self.budget => Err(CallError {
-                kind: FailureKind::OverBudget,
-                message: format!(
-                    "{step} returned after {elapsed:?}, over its budget of {:?}: the host would \
+            _ if elapsed > self.budget => Err(CallFailure {
+                kind: FailureKind::TimedOut,
+                reason: format!(
+                    "{kind} returned after {elapsed:?}, over its budget of {:?}: the host would \
                      have abandoned the call and aborted the set",
                     self.budget
                 ),
@@ -489,10 +431,10 @@ impl Harness {
                 .into_iter()
                 .map(|pair| (pair.0.into_string(), pair.1.into_string()))
                 .collect()),
-            RResult::RErr(error) => Err(error.into()),
+            RResult::RErr(error) => Err(failure(error)),
         };
         Record {
-            step,
+            step: kind.phase(),
             result,
             elapsed,
         }
@@ -581,7 +523,7 @@ mod tests {
         Harness::new(Box::new(probe.clone())).unwrap()
     }
 
-    use Step::*;
+    use Phase::*;
 
     #[test]
     fn a_whole_set_in_protocol_order() {
@@ -632,8 +574,8 @@ mod tests {
         assert!(!run.is_app_consistent());
         let (step, error) = run.error().unwrap();
         assert_eq!(step, Freeze);
-        assert_eq!(error.kind, FailureKind::Failed);
-        assert_eq!(error.message, "probe told to fail in freeze");
+        assert_eq!(error.kind, FailureKind::Error);
+        assert_eq!(error.reason, "probe told to fail in freeze");
         assert_eq!(run.report(Complete, "outcome"), Some("failed"));
     }
 
@@ -651,9 +593,10 @@ mod tests {
         let (step, error) = run.error().unwrap();
         assert_eq!(step, Thaw);
         assert_eq!(error.kind, FailureKind::Panicked);
-        assert_eq!(
-            error.message,
-            "writer panicked in thaw: probe told to panic in thaw"
+        crate::adapter::tests::assert_panic_message(
+            &error.reason,
+            "writer panicked in thaw: probe told to panic in thaw",
+            "src/harness.rs",
         );
     }
 
@@ -685,7 +628,7 @@ mod tests {
     fn a_failing_snapshot_aborts() {
         let run = harness(&Probe::default()).run(|_| Err(Error::new("disk full")));
         assert_eq!(run.steps(), [Prepare, Freeze, Snapshot, Abort, Complete]);
-        assert_eq!(run.error().unwrap().1.message, "disk full");
+        assert_eq!(run.error().unwrap().1.reason, "disk full");
     }
 
     #[test]
@@ -698,8 +641,8 @@ mod tests {
         let mut h = harness(&probe).with_budget(Duration::ZERO);
         let run = h.run(|_| Ok(()));
         let (step, error) = run.error().unwrap();
-        assert_eq!((step, error.kind), (Prepare, FailureKind::OverBudget));
-        assert!(error.message.contains("abandoned"), "{error}");
+        assert_eq!((step, error.kind), (Prepare, FailureKind::TimedOut));
+        assert!(error.reason.contains("abandoned"), "{error}");
         assert_eq!(run.steps(), [Prepare, Abort, Complete]);
     }
 
@@ -737,7 +680,7 @@ mod tests {
         assert_eq!(writers.len(), 2);
         assert_eq!(writers[0].plugin(), "probes");
         let refused = plugin.init("count = \"two\"").unwrap_err();
-        assert_eq!(refused.kind, FailureKind::InvalidConfig);
-        assert!(refused.message.contains("`count`"), "{refused}");
+        assert_eq!(refused.kind, FailureKind::RefusedConfig);
+        assert!(refused.reason.contains("`count`"), "{refused}");
     }
 }

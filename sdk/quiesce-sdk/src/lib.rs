@@ -82,7 +82,7 @@ pub use config::Config;
 pub use error::Error;
 /// The `log` facade: plugin code logs with `quiesce_sdk::log::info!(...)` and friends.
 pub use log;
-pub use quiesce_proto::{Component, ComponentKind, Level, WriterMetadata};
+pub use quiesce_proto::{CallKind, Component, ComponentKind, Level, WriterMetadata};
 
 use std::path::Path;
 

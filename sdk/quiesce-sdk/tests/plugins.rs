@@ -7,7 +7,7 @@
 use abi_stable::library::lib_header_from_path;
 use abi_stable::std_types::{ROption, RStr};
 use quiesce_abi::{CallContext, ErrorKind, HostServices, LogLevel, PluginModuleRef};
-use quiesce_sdk::harness::{FailureKind, Plugin, Step};
+use quiesce_sdk::harness::{FailureKind, Phase, Plugin};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -102,12 +102,12 @@ fn hello_writer_loads_through_abi_stable_and_runs_a_set() {
     assert_eq!(
         run.steps(),
         [
-            Step::Prepare,
-            Step::Freeze,
-            Step::Snapshot,
-            Step::Thaw,
-            Step::PostSnapshot,
-            Step::Complete
+            Phase::Prepare,
+            Phase::Freeze,
+            Phase::Snapshot,
+            Phase::Thaw,
+            Phase::PostSnapshot,
+            Phase::Complete
         ]
     );
     let label = std::fs::read_to_string(run.snapshot_path().join("hello-writer.label")).unwrap();
@@ -169,7 +169,7 @@ fn misbehave_fails_and_panics_where_told_and_logs_every_call() {
     let run = writers[0].run(|_| Ok(()));
     assert!(run.is_app_consistent(), "{run:#?}");
     let mut expected: Vec<String> = Vec::new();
-    for call in ["prepare", "freeze", "thaw", "post_snapshot", "complete"] {
+    for call in ["prepare", "freeze", "thaw", "post-snapshot", "complete"] {
         expected.push(format!("ok {call}"));
         expected.push(format!("ok {call}-done"));
     }
@@ -177,12 +177,12 @@ fn misbehave_fails_and_panics_where_told_and_logs_every_call() {
 
     let run = writers[1].run(|_| Ok(()));
     let (step, error) = run.error().unwrap();
-    assert_eq!(step, Step::Freeze);
-    assert_eq!(error.kind, FailureKind::Failed);
-    assert_eq!(error.message, "w1 was told to fail in freeze");
+    assert_eq!(step, Phase::Freeze);
+    assert_eq!(error.kind, FailureKind::Error);
+    assert_eq!(error.reason, "w1 was told to fail in freeze");
     assert_eq!(
         run.steps(),
-        [Step::Prepare, Step::Freeze, Step::Abort, Step::Complete]
+        [Phase::Prepare, Phase::Freeze, Phase::Abort, Phase::Complete]
     );
     let w1: Vec<_> = events(&log)
         .into_iter()
@@ -205,13 +205,18 @@ fn misbehave_fails_and_panics_where_told_and_logs_every_call() {
     // callable (abort) afterwards.
     let run = writers[2].run(|_| Ok(()));
     let (step, error) = run.error().unwrap();
-    assert_eq!(step, Step::Thaw);
+    assert_eq!(step, Phase::Thaw);
     assert_eq!(error.kind, FailureKind::Panicked);
-    assert_eq!(
-        error.message,
-        "misbehave panicked in thaw: w2 was told to panic in thaw"
+    // What panicked and where (the plugin's source), nothing slower to make.
+    let where_ = "(at tests/quiesce-test-plugin/src/lib.rs:";
+    assert!(
+        error
+            .reason
+            .starts_with("misbehave panicked in thaw: w2 was told to panic in thaw ")
+            && error.reason.contains(where_),
+        "{error}"
     );
-    assert_eq!(run.result(Step::Abort), Some(&Ok(vec![])));
+    assert_eq!(run.result(Phase::Abort), Some(&Ok(vec![])));
     assert!(events(&log).contains(&"w2 thaw".to_string()));
     assert!(!events(&log).contains(&"w2 thaw-done".to_string()));
 }
@@ -254,14 +259,19 @@ fn misbehave_init_fails_panics_and_refuses_configs_as_told() {
     let plugin = misbehave();
     let error = plugin.init("panic_in_init = true").unwrap_err();
     assert_eq!(error.kind, FailureKind::Panicked);
-    assert_eq!(
-        error.message,
-        "misbehave panicked in init: misbehave was told to panic in init"
+    // What panicked and where (the plugin's source), nothing slower to make.
+    let where_ = "(at tests/quiesce-test-plugin/src/lib.rs:";
+    assert!(
+        error
+            .reason
+            .starts_with("misbehave panicked in init: misbehave was told to panic in init ")
+            && error.reason.contains(where_),
+        "{error}"
     );
 
     let error = plugin.init("fail_init = \"no database\"").unwrap_err();
-    assert_eq!(error.kind, FailureKind::Failed);
-    assert_eq!(error.message, "no database");
+    assert_eq!(error.kind, FailureKind::Error);
+    assert_eq!(error.reason, "no database");
 
     for config in [
         "[[writers]]\nid = \"w\"\nhang_in = \"freeze\"",
@@ -270,7 +280,7 @@ fn misbehave_init_fails_panics_and_refuses_configs_as_told() {
         "colour = \"red\"",
     ] {
         let error = plugin.init(config).unwrap_err();
-        assert_eq!(error.kind, FailureKind::InvalidConfig, "{config}: {error}");
+        assert_eq!(error.kind, FailureKind::RefusedConfig, "{config}: {error}");
     }
 
     assert!(plugin.init("").unwrap().is_empty());

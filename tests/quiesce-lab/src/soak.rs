@@ -20,7 +20,7 @@
 
 use crate::acks::{unix_ns, Gap};
 use crate::lab::{expected_writers, wait_probe_call, Lab, Settings, APP_NODE, NODES, PG_NODE};
-use quiesce_proto::{Outcome, Phase, SetRecord};
+use quiesce_proto::{CallKind, Outcome, Phase, SetRecord};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -58,44 +58,20 @@ impl Fault {
     }
 }
 
-/// The writer call during which a fault is injected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Call {
-    Prepare,
-    Freeze,
-    Thaw,
-    PostSnapshot,
-}
-
-impl Call {
-    pub const ALL: [Call; 4] = [Call::Prepare, Call::Freeze, Call::Thaw, Call::PostSnapshot];
-
-    /// As the misbehave plugin names it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Call::Prepare => "prepare",
-            Call::Freeze => "freeze",
-            Call::Thaw => "thaw",
-            Call::PostSnapshot => "post_snapshot",
-        }
-    }
-
-    pub fn phase(self) -> Phase {
-        match self {
-            Call::Prepare => Phase::Prepare,
-            Call::Freeze => Phase::Freeze,
-            Call::Thaw => Phase::Thaw,
-            Call::PostSnapshot => Phase::PostSnapshot,
-        }
-    }
-}
+/// The writer calls during which a fault is injected (the probe writer holds the set there).
+pub const HELD_CALLS: [CallKind; 4] = [
+    CallKind::Prepare,
+    CallKind::Freeze,
+    CallKind::Thaw,
+    CallKind::PostSnapshot,
+];
 
 /// One fault: what, on which node, during which call.
 #[derive(Debug, Clone, Copy)]
 pub struct Injection {
     pub fault: Fault,
     pub node: usize,
-    pub call: Call,
+    pub call: CallKind,
     /// The node whose probe writer holds the set at `call` while the fault is injected: `node`,
     /// except for a cut of node1's link, which cuts the broker (in node1's namespace) off from
     /// node2 and node3 — the set is held on one of those, so that it waits for the cut side.
@@ -169,7 +145,7 @@ pub fn plan(cycles: usize, seed: u64) -> Vec<Injection> {
                 Fault::AppWriterExit => APP_NODE,
                 _ => rng.below(NODES.len()),
             };
-            let call = Call::ALL[rng.below(Call::ALL.len())];
+            let call = HELD_CALLS[rng.below(HELD_CALLS.len())];
             let held = match (fault, node) {
                 (Fault::LinkCut, PG_NODE) => 1 + rng.below(2),
                 _ => node,
@@ -204,7 +180,7 @@ pub struct Summary {
     /// Sets by outcome: `app-consistent`, `failed (fault injected)`, `failed (unexpected)`, …
     pub outcomes: BTreeMap<String, u64>,
     /// Faults injected, by fault and call.
-    pub faults: BTreeMap<Fault, BTreeMap<Call, u64>>,
+    pub faults: BTreeMap<Fault, BTreeMap<CallKind, u64>>,
     pub restores: u64,
     /// Acknowledged records found in restores, by application (summed over restores).
     pub records_verified: BTreeMap<String, u64>,
@@ -452,13 +428,13 @@ impl Lab {
             // is injected.
             _ => "hang_in",
         };
-        self.order_probe(held, Some(&format!("{key} = \"{}\"\n", call.name())));
+        self.order_probe(held, Some(&format!("{key} = \"{}\"\n", call.as_str())));
         let t0 = unix_ns();
         let mut create = self.spawn_create(requester);
         let reached = wait_probe_call(
             self.probe_events(held),
             offset,
-            call.name(),
+            call.as_str(),
             &mut create,
             Duration::from_secs(60),
         );

@@ -6,6 +6,9 @@
 //!                               # before the call acts, and "<writer-id> <call>-done" after a
 //!                               # call that succeeded
 //! panic_in_init = false
+//! default_panic_hook = false    # true: panics are printed by std's default hook, as before the
+//!                               # SDK installed its own (the negative control of the test that
+//!                               # a panic is reported fast with RUST_BACKTRACE=1)
 //! fail_init = "message"         # optional: init fails with this message
 //!
 //! [[writers]]
@@ -20,7 +23,8 @@
 //! control = "/path/control"     # optional: read at every call, see below
 //! ```
 //!
-//! Calls are `prepare`, `freeze`, `thaw`, `post_snapshot`, `abort`, `complete`. Where one call is
+//! Calls are `prepare`, `freeze`, `thaw`, `post-snapshot`, `abort`, `complete` (the names of
+//! `quiesce_sdk::CallKind`). Where one call is
 //! told several things, it panics first, else fails, else hangs.
 //!
 //! **The control file** changes a writer's behaviour while the host runs (a fault injected in
@@ -39,7 +43,9 @@
 //! writers called concurrently do not interleave, and a test can read them as soon as the call
 //! has started (no buffering).
 
-use quiesce_sdk::{Call, Component, ComponentKind, Config, Error, Level, Writer, WriterMetadata};
+use quiesce_sdk::{
+    Call, CallKind, Component, ComponentKind, Config, Error, Level, Writer, WriterMetadata,
+};
 use serde::Deserialize;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -51,6 +57,8 @@ struct Settings {
     events: Option<PathBuf>,
     #[serde(default)]
     panic_in_init: bool,
+    #[serde(default)]
+    default_panic_hook: bool,
     fail_init: Option<String>,
     #[serde(default)]
     writers: Vec<WriterSettings>,
@@ -66,9 +74,9 @@ struct WriterSettings {
     volume: String,
     #[serde(default)]
     needs_post_snapshot: bool,
-    fail_in: Option<CallName>,
-    panic_in: Option<CallName>,
-    hang_in: Option<CallName>,
+    fail_in: Option<CallKind>,
+    panic_in: Option<CallKind>,
+    hang_in: Option<CallKind>,
     hang_fifo: Option<PathBuf>,
     control: Option<PathBuf>,
 }
@@ -77,9 +85,9 @@ struct WriterSettings {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Control {
-    fail_in: Option<CallName>,
-    panic_in: Option<CallName>,
-    hang_in: Option<CallName>,
+    fail_in: Option<CallKind>,
+    panic_in: Option<CallKind>,
+    hang_in: Option<CallKind>,
 }
 
 fn back_end() -> Level {
@@ -90,33 +98,10 @@ fn demo() -> String {
     "demo".into()
 }
 
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
-#[serde(rename_all = "snake_case")]
-enum CallName {
-    Prepare,
-    Freeze,
-    Thaw,
-    PostSnapshot,
-    Abort,
-    Complete,
-}
-
-impl CallName {
-    fn as_str(self) -> &'static str {
-        match self {
-            CallName::Prepare => "prepare",
-            CallName::Freeze => "freeze",
-            CallName::Thaw => "thaw",
-            CallName::PostSnapshot => "post_snapshot",
-            CallName::Abort => "abort",
-            CallName::Complete => "complete",
-        }
-    }
-}
-
 struct Misbehave {
     settings: WriterSettings,
     events: Option<PathBuf>,
+    default_panic_hook: bool,
 }
 
 impl Misbehave {
@@ -166,11 +151,15 @@ impl Misbehave {
         })
     }
 
-    fn act(&self, call: CallName) -> Result<(), Error> {
+    fn act(&self, call: CallKind) -> Result<(), Error> {
         let (id, name) = (&self.settings.id, call.as_str());
         let orders = self.orders()?;
         self.event(name)?;
         if orders.panic_in == Some(call) {
+            if self.default_panic_hook {
+                // `take_hook` leaves std's default hook in place of the SDK's.
+                drop(std::panic::take_hook());
+            }
             panic!("{id} was told to panic in {name}");
         }
         if orders.fail_in == Some(call) {
@@ -207,27 +196,27 @@ impl Writer for Misbehave {
     }
 
     fn prepare(&mut self, _: &mut Call) -> Result<(), Error> {
-        self.act(CallName::Prepare)
+        self.act(CallKind::Prepare)
     }
 
     fn freeze(&mut self, _: &mut Call) -> Result<(), Error> {
-        self.act(CallName::Freeze)
+        self.act(CallKind::Freeze)
     }
 
     fn thaw(&mut self, _: &mut Call) -> Result<(), Error> {
-        self.act(CallName::Thaw)
+        self.act(CallKind::Thaw)
     }
 
     fn post_snapshot(&mut self, _: &mut Call, _: &Path) -> Result<(), Error> {
-        self.act(CallName::PostSnapshot)
+        self.act(CallKind::PostSnapshot)
     }
 
     fn abort(&mut self, _: &mut Call) -> Result<(), Error> {
-        self.act(CallName::Abort)
+        self.act(CallKind::Abort)
     }
 
     fn complete(&mut self, _: &mut Call, _: &str) -> Result<(), Error> {
-        self.act(CallName::Complete)
+        self.act(CallKind::Complete)
     }
 }
 
@@ -240,7 +229,7 @@ pub fn init(config: &Config) -> Result<Vec<Box<dyn Writer>>, Error> {
     if let Some(message) = settings.fail_init {
         return Err(Error::new(message));
     }
-    let events = settings.events;
+    let (events, default_panic_hook) = (settings.events, settings.default_panic_hook);
     settings
         .writers
         .into_iter()
@@ -255,6 +244,7 @@ pub fn init(config: &Config) -> Result<Vec<Box<dyn Writer>>, Error> {
             Ok(Box::new(Misbehave {
                 settings: writer,
                 events: events.clone(),
+                default_panic_hook,
             }) as Box<dyn Writer>)
         })
         .collect()

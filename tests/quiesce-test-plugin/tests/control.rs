@@ -1,7 +1,7 @@
 //! The control file: read at every call, it replaces the configured misbehaviour while the
 //! host runs (through the SDK's in-process harness).
 
-use quiesce_sdk::harness::{FailureKind, Plugin, Step};
+use quiesce_sdk::harness::{FailureKind, Phase, Plugin};
 
 #[test]
 fn the_control_file_changes_what_a_writer_does_from_one_call_to_the_next() {
@@ -16,19 +16,19 @@ fn the_control_file_changes_what_a_writer_does_from_one_call_to_the_next() {
     let writer = &mut writers[0];
     let first_error = |run: &quiesce_sdk::harness::Run| {
         run.error()
-            .map(|(step, e)| (step, e.kind, e.message.clone()))
+            .map(|(step, e)| (step, e.kind, e.reason.clone()))
     };
 
     // No control file: the configuration applies.
     let run = writer.run(|_| Ok(()));
     let (step, kind, _) = first_error(&run).unwrap();
-    assert_eq!((step, kind), (Step::Thaw, FailureKind::Failed));
+    assert_eq!((step, kind), (Phase::Thaw, FailureKind::Error));
 
     // The control file's orders replace the configured ones.
     std::fs::write(&control, "panic_in = \"freeze\"\n").unwrap();
     let run = writer.run(|_| Ok(()));
     let (step, kind, message) = first_error(&run).unwrap();
-    assert_eq!((step, kind), (Step::Freeze, FailureKind::Panicked));
+    assert_eq!((step, kind), (Phase::Freeze, FailureKind::Panicked));
     assert!(
         message.contains("w was told to panic in freeze"),
         "{message}"
@@ -37,16 +37,16 @@ fn the_control_file_changes_what_a_writer_does_from_one_call_to_the_next() {
     // Empty (or removed): the configuration again.
     std::fs::write(&control, "").unwrap();
     let run = writer.run(|_| Ok(()));
-    assert_eq!(first_error(&run).unwrap().0, Step::Thaw);
+    assert_eq!(first_error(&run).unwrap().0, Phase::Thaw);
     std::fs::remove_file(&control).unwrap();
     let run = writer.run(|_| Ok(()));
-    assert_eq!(first_error(&run).unwrap().0, Step::Thaw);
+    assert_eq!(first_error(&run).unwrap().0, Phase::Thaw);
 
     // Orders it cannot read fail the call, saying why.
     std::fs::write(&control, "hang_in = \"never\"\n").unwrap();
     let run = writer.run(|_| Ok(()));
     let (step, kind, message) = first_error(&run).unwrap();
-    assert_eq!((step, kind), (Step::Prepare, FailureKind::Failed));
+    assert_eq!((step, kind), (Phase::Prepare, FailureKind::Error));
     assert!(message.contains("control file"), "{message}");
 
     // A hang it orders waits on the FIFO until someone opens it for writing.

@@ -656,13 +656,13 @@ fn a_node_cut_off_mid_freeze_releases_its_writers_at_the_lease_and_the_set_fails
 #[test]
 fn a_broker_killed_after_taking_the_snapshot_deletes_it_when_it_restarts() {
     let mut cluster = Cluster::start(&[Spec {
-        db: "needs_post_snapshot = true\nhang_in = \"post_snapshot\"",
+        db: "needs_post_snapshot = true\nhang_in = \"post-snapshot\"",
         ..Spec::default()
     }]);
     let create = cluster.spawn_create(0);
     wait_for(
         "the set to hang in post-snapshot",
-        || cluster.nodes[0].called("post_snapshot").then_some(()),
+        || cluster.nodes[0].called("post-snapshot").then_some(()),
         || cluster.logs(),
     );
     assert_eq!(

@@ -3,8 +3,9 @@
 
 use crate::support::{self, events, plugin, plugin_dir, position};
 use quiesce_host::plugins::LoadError;
-use quiesce_host::worker::{Op, WriterHandle};
+use quiesce_host::worker::WriterHandle;
 use quiesce_host::{Config, Host, SetError};
+use quiesce_proto::{CallKind, WriterCall};
 use quiesce_proto::{FailureKind, Outcome, Phase, SetRequest, WriterState};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -276,6 +277,58 @@ panic_in = "freeze"
     );
 }
 
+/// Runs `quiesce-host --once demo --json` with a misbehave writer that panics in freeze, under
+/// a 100 ms freeze deadline and `RUST_BACKTRACE=full`, and returns how its freeze was recorded.
+fn panic_in_freeze_under_a_short_deadline(tmp: &Path, default_panic_hook: bool) -> FailureKind {
+    let plugins = plugin_dir(tmp, &[&plugin("quiesce-test-plugin")]);
+    std::fs::create_dir_all(tmp.join("data")).unwrap();
+    let config = tmp.join("host.toml");
+    let text = format!(
+        "node = \"n1\"\nplugin_dir = \"{}\"\n[timeouts]\nfreeze_ms = 100\n\
+         [plugins.misbehave]\ndefault_panic_hook = {default_panic_hook}\n\
+         [[plugins.misbehave.writers]]\nid = \"w\"\npanic_in = \"freeze\"\n\
+         [volumes.demo]\nprovider = \"dir-copy\"\nsource = \"{}\"\nsnapshots = \"{}\"\n",
+        plugins.display(),
+        tmp.join("data").display(),
+        tmp.join("snaps").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_quiesce-host"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--once", "demo", "--json"])
+        .env("RUST_BACKTRACE", "full")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let record: quiesce_proto::SetRecord = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("no record on stdout ({e}); stderr:\n{stderr}"));
+    assert!(record.outcome.is_failed(), "{record:?}");
+    let failure = record.writers[0].failure.clone().expect("the writer failed");
+    assert_eq!(failure.phase, Phase::Freeze);
+    failure.kind
+}
+
+/// Reporting a plugin's panic costs nothing inside the freeze window, even with backtraces on:
+/// the SDK notes what panicked and where, and resolves a backtrace only after the call, on a
+/// thread of its own. std's default hook resolved it inside the call: hundreds of milliseconds
+/// of reading debug information, past a short freeze deadline (the negative control), so that a
+/// panicking writer was reported as one that did not answer.
+#[test]
+fn a_panicking_writer_is_reported_as_panicked_within_a_short_deadline_with_backtraces_on() {
+    let (fast, slow) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert_eq!(
+        panic_in_freeze_under_a_short_deadline(fast.path(), false),
+        FailureKind::Panicked
+    );
+    assert_eq!(
+        panic_in_freeze_under_a_short_deadline(slow.path(), true),
+        FailureKind::TimedOut,
+        "negative control: with std's default panic hook the backtrace is resolved inside the \
+         call; if this passes, the test above no longer shows that the SDK's hook matters"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_writer_hanging_past_its_deadline_is_abandoned_and_aborted_when_it_returns() {
     let tmp = tempfile::tempdir().unwrap();
@@ -323,7 +376,7 @@ hang_fifo = "{}"
         .iter()
         .find(|w| w.writer.writer == "sleepy")
         .unwrap();
-    assert_eq!(sleepy.failure.as_ref().unwrap().kind, FailureKind::Timeout);
+    assert_eq!(sleepy.failure.as_ref().unwrap().kind, FailureKind::TimedOut);
     // Freeze deadline plus abort deadline bound the set, whatever the writer does.
     assert!(took < Duration::from_secs(5), "the set took {took:?}");
     // The steady writer was released at once.
@@ -337,9 +390,9 @@ hang_fifo = "{}"
 
     // While it hangs, the writer is reported stuck and no new set starts with it.
     match host.run_local_set(demo()).await {
-        Err(SetError::WriterStuck { writer, op, .. }) => {
+        Err(SetError::WriterStuck { writer, call, .. }) => {
             assert_eq!(writer, "sleepy");
-            assert_eq!(op, "freeze");
+            assert_eq!(call, CallKind::Freeze);
         }
         other => panic!("expected WriterStuck, got {other:?}"),
     }
@@ -368,7 +421,7 @@ async fn the_watchdog_thaws_a_frozen_writer_at_the_hold_limit_without_any_caller
     let held: Arc<WriterHandle> = host.writers().pop().unwrap();
 
     let frozen_at = Instant::now();
-    held.call(Op::Freeze, "set-manual", Duration::from_secs(2))
+    held.call(WriterCall::Freeze, "set-manual", Duration::from_secs(2))
         .await
         .unwrap();
     assert!(held.status().frozen_since.is_some());

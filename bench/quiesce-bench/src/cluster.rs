@@ -149,7 +149,7 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "catalog = {:?}\nhold_limit_ms = 10000\nlease_ms = 15000\n[volumes.shared]\nprovider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n",
+                "catalog = {:?}\nhold_limit_ms = 10000\nlease_ms = 5000\n[volumes.shared]\nprovider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n",
                 dir.join("catalog.sqlite"),
                 volume.data,
                 volume.snapshots

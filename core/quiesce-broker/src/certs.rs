@@ -39,7 +39,7 @@ pub struct CertRequest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("{what} {name:?} is not a valid name: use 1 to 63 of A-Z a-z 0-9 - _ . (a node name as in the host configuration)")]
+    #[error("{what} {name:?} is not a valid name: {rule} (a node name as in the host configuration)", rule = quiesce_proto::NODE_NAME_RULE)]
     InvalidName { what: &'static str, name: String },
     #[error("the name {name:?} is given twice (as {first} and as {second}); every node, client and the broker need distinct names: their files are NAME.pem and NAME.key")]
     Duplicate {
@@ -66,17 +66,6 @@ pub enum CertError {
         #[source]
         cause: rcgen::Error,
     },
-}
-
-/// Whether a name can be a node, client or broker name (and a file name, and a DNS SAN).
-pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && !name.starts_with('.')
-        && !name.starts_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Makes (or reuses) the CA and makes every requested certificate. Returns the files written,
@@ -187,7 +176,7 @@ fn check_names(request: &CertRequest) -> Result<(), CertError> {
         .chain(request.nodes.iter().map(|n| ("node", n)))
         .chain(request.clients.iter().map(|c| ("client", c)));
     for (what, name) in named {
-        if !is_valid_name(name) {
+        if !quiesce_proto::is_valid_node_name(name) {
             return Err(CertError::InvalidName {
                 what,
                 name: name.clone(),

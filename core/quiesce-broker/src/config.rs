@@ -47,53 +47,29 @@ fn default_lease() -> u64 {
     Deadlines::default().lease.as_millis() as u64
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read the broker configuration {path}: {cause}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        cause: std::io::Error,
-    },
-    #[error("the broker configuration {path} is not valid: {cause}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        cause: toml::de::Error,
-    },
-    #[error("the broker configuration {path} is not valid: {reason}")]
-    Invalid { path: PathBuf, reason: String },
-}
+pub use quiesce_config::ConfigError;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
-            path: path.into(),
-            cause,
-        })?;
-        Self::parse(&text, path)
+        let config: Config = quiesce_config::load(path)?;
+        config.check(path)?;
+        Ok(config)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|cause| ConfigError::Parse {
-            path: path.into(),
-            cause,
-        })?;
-        let invalid = |reason: &str| ConfigError::Invalid {
-            path: path.into(),
-            reason: reason.into(),
-        };
-        if config.hold_limit_ms == 0 {
-            return Err(invalid("hold_limit_ms must be more than 0"));
-        }
-        // Renewed every third of the lease: under 30 ms the renewals would be the whole traffic.
-        if config.lease_ms < 30 {
-            return Err(invalid("lease_ms must be at least 30"));
-        }
-        if config.catalog.as_os_str().is_empty() {
-            return Err(invalid("catalog must name a file"));
-        }
+        let config: Config = quiesce_config::parse(text, path)?;
+        config.check(path)?;
         Ok(config)
+    }
+
+    /// What the configuration says must be able to work.
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        quiesce_config::check_set_limits(path, self.hold_limit_ms, &self.timeouts)?;
+        quiesce_config::check_lease(path, self.lease_ms, self.hold_limit_ms)?;
+        if self.catalog.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(path, "catalog", "must name a file"));
+        }
+        Ok(())
     }
 
     /// The deadlines every set runs under.
@@ -136,10 +112,7 @@ mod tests {
         let e = Config::parse("hold_limit_ms = 5", Path::new("b.toml")).unwrap_err();
         assert!(e.to_string().contains("missing field `catalog`"), "{e}");
         let e = Config::parse("catalog = \"c\"\nlease_ms = 3", Path::new("b.toml")).unwrap_err();
-        assert!(
-            e.to_string().contains("lease_ms must be at least 30"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("lease_ms: 3 is out of range"), "{e}");
         let e = Config::parse("catalog = \"c\"\nbogus = 1", Path::new("b.toml")).unwrap_err();
         assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
     }

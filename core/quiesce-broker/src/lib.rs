@@ -2,23 +2,27 @@
 //!
 //! - [`registry`]: the live nodes, their writers per volume, and the membership epoch (plain
 //!   data, no I/O);
-//! - [`service`]: the gRPC services of `quiesce.link.v1`: `Link` (hosts attach, register, send
-//!   writer changes and heartbeats, answer set commands), `Catalog` (requesters list writers and
-//!   nodes) and `Sets` (requesters create, list, show and delete snapshot sets);
+//! - [`broker`]: the shared state — live nodes and their current links, set commands waiting
+//!   for replies, membership changes broadcast to running sets;
+//! - [`services`]: the gRPC services of `quiesce.link.v1`, one module each: `Link` (hosts
+//!   attach, register, send writer changes and heartbeats, answer set commands), `Catalog`
+//!   (requesters list writers and nodes) and `Sets` (requesters create, list, show and delete
+//!   snapshot sets);
 //! - [`sets`]: driving a snapshot set across the nodes, with the volume's provider;
 //! - [`catalog`]: every set in an embedded SQLite file, surviving restarts;
 //! - [`config`]: the broker's configuration (volumes, deadlines, catalog);
 //! - [`certs`]: the cluster CA and the broker, node and client certificates;
 //! - [`bind`]: binding and running the broker over mutual TLS (or plaintext, for demos).
 
+pub mod broker;
 pub mod catalog;
 pub mod certs;
 pub mod config;
 pub mod registry;
-pub mod service;
+pub mod services;
 pub mod sets;
 
-pub use service::{Broker, BrokerConfig};
+pub use broker::{Broker, BrokerConfig};
 
 use quiesce_link::identity::Role;
 use quiesce_link::v1::{
@@ -163,11 +167,11 @@ impl Bound {
         }
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         server
-            .add_service(LinkServer::new(service::LinkService(self.broker.clone())))
-            .add_service(CatalogServer::new(service::CatalogService(
+            .add_service(LinkServer::new(services::LinkService(self.broker.clone())))
+            .add_service(CatalogServer::new(services::CatalogService(
                 self.broker.clone(),
             )))
-            .add_service(SetsServer::new(service::SetsService {
+            .add_service(SetsServer::new(services::SetsService {
                 broker: self.broker,
                 sets: self.sets,
             }))

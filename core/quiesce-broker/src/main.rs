@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use quiesce_broker::certs::{self, CertRequest};
 use quiesce_broker::{ServeOptions, DEFAULT_LISTEN};
-use quiesce_link::{Security, TlsFiles};
+use quiesce_link::Security;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -116,13 +116,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(serve: Serve) -> anyhow::Result<()> {
-    let security = match (serve.ca, serve.cert, serve.key) {
-        (Some(ca), Some(cert), Some(key)) => Security::Tls(TlsFiles { ca, cert, key }),
-        _ => {
+    let security = Security::from_flags(serve.ca, serve.cert, serve.key, serve.insecure)?;
+    match security {
+        Security::Tls(_) => {}
+        Security::Insecure => {
             tracing::warn!("INSECURE MODE (--insecure): plaintext gRPC, no certificates; any process that reaches this port can register as any node and read the catalog. Use it only for a local demo; a cluster runs with --ca, --cert and --key (`quiesce-broker certs` makes them).");
-            Security::Insecure
         }
-    };
+    }
     let config = match &serve.config {
         Some(path) => {
             let config = quiesce_broker::config::Config::load(path)?;

@@ -6,7 +6,7 @@
 //!   epoch, read together under the registry's lock.
 //! - **Transport**: each of the machine's calls becomes one `SetCommand` on the writer's node's
 //!   link, sent without waiting (the calls of a level go out together); each `CommandReply`
-//!   comes back through [`crate::service`] to the set's inputs. Leases become `Lease` /
+//!   comes back through [`crate::services`] to the set's inputs. Leases become `Lease` /
 //!   `EndLease` messages.
 //! - **Membership**: a node leaving, re-attaching, or a writer of the set going away mid-set is
 //!   fed to the set as that writer lost (so the failure names the node and the writer), then as
@@ -15,9 +15,9 @@
 //!   stop it halfway; its checkpoints go to the catalog as it moves; a broker that restarts finds
 //!   the sets it abandoned, records them failed and deletes their snapshots ([`Sets::open`]).
 
+use crate::broker::{Awaiting, Broker, Membership};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
-use crate::service::{Awaiting, Broker, Membership};
 use quiesce_driver::{Input, Inputs, Transport};
 use quiesce_link::v1::{self, broker_message};
 use quiesce_proto::{
@@ -27,7 +27,7 @@ use quiesce_proto::{
 use quiesce_provider::Provider;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 
@@ -77,7 +77,7 @@ pub struct Sets {
     deadlines: Deadlines,
     providers: BTreeMap<String, Arc<dyn Provider>>,
     catalog: Catalog,
-    running: Mutex<Option<(SetId, Inputs)>>,
+    running: Arc<quiesce_driver::RunningSlot>,
     counter: AtomicU64,
 }
 
@@ -151,13 +151,9 @@ impl Sets {
             deadlines: config.deadlines(),
             providers,
             catalog,
-            running: Mutex::new(None),
+            running: quiesce_driver::RunningSlot::new(),
             counter: AtomicU64::new(0),
         }))
-    }
-
-    fn running(&self) -> std::sync::MutexGuard<'_, Option<(SetId, Inputs)>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs one set across the cluster and returns its record, whatever its outcome. The set
@@ -198,15 +194,13 @@ impl Sets {
             self.counter.fetch_add(1, Ordering::Relaxed)
         ));
         let (inputs, inbox) = quiesce_driver::inputs();
-        {
-            let mut running = self.running();
-            if let Some((running, _)) = running.as_ref() {
-                return Err(CreateError::Busy {
-                    running: running.0.clone(),
-                });
-            }
-            *running = Some((id.clone(), inputs.clone()));
-        }
+        // Released when the set's task ends, a panic in it included.
+        let running = self
+            .running
+            .claim(id.clone(), inputs.clone())
+            .map_err(|busy| CreateError::Busy {
+                running: busy.running.0,
+            })?;
         let now = Instant::now();
         let set = SnapshotSet::new(
             id.clone(),
@@ -220,7 +214,6 @@ impl Sets {
             .catalog
             .start(&set.record_if_abandoned(now, ABANDONED.into()), started)
         {
-            *self.running() = None;
             return Err(e.into());
         }
         tracing::info!(set = %id, epoch, writers = participants.len(), volume = %volume, "cluster set started");
@@ -254,7 +247,7 @@ impl Sets {
             if let Err(e) = sets.catalog.finish(record.clone()).await {
                 tracing::error!(set = %record.id, "the set's record could not be written: {e}");
             }
-            *sets.running() = None;
+            drop(running);
             tracing::info!(set = %record.id, outcome = %record.outcome, freeze_window_ms = ?record.freeze_window_ms, provider_ms = ?record.provider_ms, "cluster set ended");
             record
         });
@@ -264,7 +257,7 @@ impl Sets {
     /// Aborts the running set, if any, and waits (at most `patience`) for it to end: a broker
     /// that stops on purpose releases every writer first.
     pub async fn shutdown(&self, patience: Duration) {
-        let Some((id, inputs)) = self.running().clone() else {
+        let Some((id, inputs)) = self.running.current() else {
             return;
         };
         tracing::warn!(set = %id, "the broker is stopping: aborting the running set");

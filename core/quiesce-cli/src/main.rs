@@ -57,7 +57,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use quiesce_link::v1::catalog_client::CatalogClient;
 use quiesce_link::v1::{ListNodesRequest, ListWritersRequest};
-use quiesce_link::{Security, TlsFiles};
+use quiesce_link::Security;
 use quiesce_proto::WriterMetadata;
 use serde::Serialize;
 use snapshot::SnapshotCommand;
@@ -183,18 +183,19 @@ struct NodeDoc {
 }
 
 fn security(cli: &BrokerArgs) -> anyhow::Result<Security> {
-    if cli.insecure {
+    let security = Security::from_flags(
+        cli.ca.clone(),
+        cli.cert.clone(),
+        cli.key.clone(),
+        cli.insecure,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!("{e} (QUIESCE_CA, QUIESCE_CERT, QUIESCE_KEY may give the files; a client certificate comes from `quiesce-broker certs --clients NAME`)")
+    })?;
+    if security == Security::Insecure {
         eprintln!("quiesce: WARNING: --insecure: plaintext, no certificates; only for a local demo broker");
-        return Ok(Security::Insecure);
     }
-    match (&cli.ca, &cli.cert, &cli.key) {
-        (Some(ca), Some(cert), Some(key)) => Ok(Security::Tls(TlsFiles {
-            ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-        })),
-        _ => bail!("the broker is reached over mutual TLS: pass --ca, --cert and --key (or set QUIESCE_CA, QUIESCE_CERT, QUIESCE_KEY) with a client certificate from `quiesce-broker certs --clients NAME`; --insecure only for a demo broker started with --insecure"),
-    }
+    Ok(security)
 }
 
 fn refused(url: &str, status: tonic::Status) -> anyhow::Error {

@@ -16,6 +16,10 @@
 //! - a provider call still running when the set ends is waited for in the background: if it
 //!   yields a snapshot after all, the machine asks for its deletion and that is carried out too.
 
+mod slot;
+
+pub use slot::{Busy, RunningGuard, RunningSlot};
+
 use quiesce_proto::{
     CallFailure, CallKind, Command, ProviderFailure, ProviderOp, Reports, SetId, SetRecord,
     SnapshotInfo, SnapshotSet, WriterCall, WriterRef,

@@ -15,7 +15,7 @@
 use crate::remote_sets::{self, Leases};
 use crate::Host;
 use quiesce_link::v1::{self, broker_message, host_message, link_client::LinkClient};
-use quiesce_link::{ConnectError, Security, TlsFiles, LINK_VERSION};
+use quiesce_link::{ConnectError, Security, LINK_VERSION};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,11 +32,10 @@ pub struct LinkOptions {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum LinkOptionsError {
-    #[error("--broker {url} needs --ca, --cert and --key (the cluster CA and this node's certificate from `quiesce-broker certs`), or --insecure for a local demo; missing: {missing}")]
-    MissingTls { url: String, missing: String },
-    #[error("--insecure cannot be combined with --ca, --cert or --key: either mutual TLS or, for a local demo, plaintext")]
-    InsecureWithTls,
+#[error("--broker {url}: {flags}")]
+pub struct LinkOptionsError {
+    url: String,
+    flags: quiesce_link::SecurityFlagsError,
 }
 
 impl LinkOptions {
@@ -48,33 +47,9 @@ impl LinkOptions {
         key: Option<PathBuf>,
         insecure: bool,
     ) -> Result<LinkOptions, LinkOptionsError> {
-        if insecure {
-            if ca.is_some() || cert.is_some() || key.is_some() {
-                return Err(LinkOptionsError::InsecureWithTls);
-            }
-            return Ok(LinkOptions {
-                url,
-                security: Security::Insecure,
-            });
-        }
-        match (ca, cert, key) {
-            (Some(ca), Some(cert), Some(key)) => Ok(LinkOptions {
-                url,
-                security: Security::Tls(TlsFiles { ca, cert, key }),
-            }),
-            (ca, cert, key) => {
-                let missing = [
-                    ("--ca", ca.is_none()),
-                    ("--cert", cert.is_none()),
-                    ("--key", key.is_none()),
-                ]
-                .into_iter()
-                .filter(|(_, m)| *m)
-                .map(|(f, _)| f)
-                .collect::<Vec<_>>()
-                .join(", ");
-                Err(LinkOptionsError::MissingTls { url, missing })
-            }
+        match Security::from_flags(ca, cert, key, insecure) {
+            Ok(security) => Ok(LinkOptions { url, security }),
+            Err(flags) => Err(LinkOptionsError { url, flags }),
         }
     }
 }
@@ -187,6 +162,23 @@ fn wire_writer((json, origin): &(String, String)) -> v1::Writer {
         metadata_json: json.clone(),
         origin: origin.clone(),
     }
+}
+
+/// What to tell a broker that was last told `told` when the writers are `now`: every writer
+/// gone or changed is removed, every writer new or changed is added (a changed writer is in
+/// both, which the broker applies as removed-then-added). `None` when nothing changed.
+fn writers_changed(told: &WriterList, now: &WriterList) -> Option<v1::WritersChanged> {
+    let removed: Vec<String> = told
+        .iter()
+        .filter(|(id, w)| now.get(*id) != Some(w))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let added: Vec<v1::Writer> = now
+        .iter()
+        .filter(|(id, w)| told.get(*id) != Some(w))
+        .map(|(_, w)| wire_writer(w))
+        .collect();
+    (!removed.is_empty() || !added.is_empty()).then_some(v1::WritersChanged { removed, added })
 }
 
 /// One link, from connecting until it fails.
@@ -305,21 +297,11 @@ async fn session(
             Ok(()) = generation.changed() => {
                 generation.borrow_and_update();
                 let now = writer_list(host);
-                let removed: Vec<String> = told
-                    .iter()
-                    .filter(|(id, w)| now.get(*id) != Some(w))
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                let added: Vec<v1::Writer> = now
-                    .iter()
-                    .filter(|(id, w)| told.get(*id) != Some(w))
-                    .map(|(_, w)| wire_writer(w))
-                    .collect();
-                if removed.is_empty() && added.is_empty() {
+                let Some(change) = writers_changed(&told, &now) else {
                     continue;
-                }
-                tracing::info!(broker = url, removed = ?removed, added = added.len(), "telling the broker of writer changes");
-                tx.send(message(host_message::Body::WritersChanged(v1::WritersChanged { removed, added })))
+                };
+                tracing::info!(broker = url, removed = ?change.removed, added = change.added.len(), "telling the broker of writer changes");
+                tx.send(message(host_message::Body::WritersChanged(change)))
                     .await
                     .map_err(broken)?;
                 told = now;
@@ -405,14 +387,36 @@ mod tests {
     }
 
     #[test]
-    fn flags_need_all_three_files_or_insecure() {
-        let p = |s: &str| Some(PathBuf::from(s));
-        let url = || "https://b:7645".to_string();
-        let e = LinkOptions::from_flags(url(), p("ca.pem"), None, p("k"), false).unwrap_err();
-        assert!(e.to_string().contains("missing: --cert"), "{e}");
-        let e = LinkOptions::from_flags(url(), p("ca.pem"), None, None, true).unwrap_err();
-        assert!(matches!(e, LinkOptionsError::InsecureWithTls));
-        let ok = LinkOptions::from_flags(url(), None, None, None, true).unwrap();
-        assert_eq!(ok.security, Security::Insecure);
+    fn writer_changes_name_what_left_what_came_and_what_changed() {
+        let list = |items: &[(&str, &str)]| -> WriterList {
+            items
+                .iter()
+                .map(|(id, json)| (id.to_string(), (json.to_string(), "test".to_string())))
+                .collect()
+        };
+        let told = list(&[("a", "{a}"), ("b", "{b}"), ("c", "{c}")]);
+        assert_eq!(writers_changed(&told, &told), None);
+        let now = list(&[("a", "{a}"), ("b", "{b2}"), ("d", "{d}")]);
+        let change = writers_changed(&told, &now).unwrap();
+        assert_eq!(change.removed, ["b", "c"]);
+        let added: Vec<&str> = change
+            .added
+            .iter()
+            .map(|w| w.metadata_json.as_str())
+            .collect();
+        assert_eq!(added, ["{b2}", "{d}"]);
+        let change = writers_changed(&told, &WriterList::new()).unwrap();
+        assert_eq!(change.removed, ["a", "b", "c"]);
+        assert!(change.added.is_empty());
+    }
+
+    #[test]
+    fn link_flags_errors_name_the_broker() {
+        let e =
+            LinkOptions::from_flags("https://b:7645".into(), None, None, None, false).unwrap_err();
+        assert!(
+            e.to_string().starts_with("--broker https://b:7645: "),
+            "{e}"
+        );
     }
 }

@@ -60,52 +60,36 @@ fn default_node() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read the configuration {path}: {cause}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        cause: std::io::Error,
-    },
-    #[error("the configuration {path} is not valid: {cause}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        cause: toml::de::Error,
-    },
-    #[error("the configuration {path} is not valid: {reason}")]
-    Invalid { path: PathBuf, reason: String },
-}
+pub use quiesce_config::ConfigError;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
-            path: path.into(),
-            cause,
-        })?;
-        Self::parse(&text, path)
+        let config: Config = quiesce_config::load(path)?;
+        config.check(path)?;
+        Ok(config)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|cause| ConfigError::Parse {
-            path: path.into(),
-            cause,
-        })?;
-        let invalid = |reason: String| ConfigError::Invalid {
-            path: path.into(),
-            reason,
-        };
-        if config.hold_limit_ms == 0 {
-            return Err(invalid("hold_limit_ms must be more than 0".into()));
-        }
-        if !quiesce_proto::metadata::is_valid_id(&config.node) {
-            return Err(invalid(format!(
-                "node {:?} is not a valid node name: use letters, digits, '-', '_' or '.'",
-                config.node
-            )));
-        }
+        let config: Config = quiesce_config::parse(text, path)?;
+        config.check(path)?;
         Ok(config)
+    }
+
+    /// What the configuration says must be able to work.
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        quiesce_config::check_set_limits(path, self.hold_limit_ms, &self.timeouts)?;
+        if !quiesce_proto::is_valid_node_name(&self.node) {
+            return Err(ConfigError::invalid(
+                path,
+                "node",
+                format!(
+                    "{:?} is not a valid node name: {}",
+                    self.node,
+                    quiesce_proto::NODE_NAME_RULE
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The deadlines every set on this node runs under.
@@ -157,6 +141,15 @@ mod tests {
             "{err}"
         );
         let err = Config::parse("hold_limit_ms = 0", Path::new("c.toml")).unwrap_err();
-        assert!(err.to_string().contains("more than 0"), "{err}");
+        assert!(
+            err.to_string().contains("hold_limit_ms: 0 is out of range"),
+            "{err}"
+        );
+        let err = Config::parse("node = \"-n1\"", Path::new("c.toml")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("node: \"-n1\" is not a valid node name"),
+            "{err}"
+        );
     }
 }

@@ -49,7 +49,7 @@ pub struct Host {
     providers: BTreeMap<String, Arc<dyn Provider>>,
     history: Mutex<Vec<SetRecord>>,
     /// The set running now, and where to tell it that one of its writers is gone.
-    running: RunningSet,
+    running: Arc<quiesce_driver::RunningSlot>,
     counter: AtomicU64,
     /// Bumped whenever a writer is added or removed (the broker link follows it).
     writer_list: watch::Sender<u64>,
@@ -88,7 +88,7 @@ impl Host {
             load_errors: report.errors,
             providers,
             history: Mutex::new(Vec::new()),
-            running: Mutex::new(None),
+            running: quiesce_driver::RunningSlot::new(),
             counter: AtomicU64::new(0),
             writer_list: watch::channel(0).0,
         }
@@ -149,7 +149,7 @@ impl Host {
     /// that includes it is told, so that set fails naming it and releases everyone else.
     pub fn writer_lost(&self, id: &str, reason: &str) {
         self.remove_writer(id);
-        if let Some((set, inputs)) = self.running.lock().unwrap().as_ref() {
+        if let Some((set, inputs)) = self.running.current() {
             tracing::warn!(set = %set, writer = id, "writer lost during the set: {reason}");
             let _ = inputs.send(quiesce_driver::Input::WriterLost {
                 writer: quiesce_proto::WriterRef::new(self.node(), id),
@@ -235,18 +235,14 @@ impl Host {
         }
         let id = self.new_set_id();
         let (inputs, inbox) = quiesce_driver::inputs();
-        {
-            let mut running = self.running.lock().unwrap();
-            if let Some((running, _)) = running.as_ref() {
-                return Err(SetError::Busy {
-                    node,
-                    running: running.0.clone(),
-                });
-            }
-            *running = Some((id.clone(), inputs.clone()));
-        }
-        // Cleared however this future ends, even if the caller drops it midway.
-        let _running = ClearOnDrop(&self.running);
+        // Released however this future ends, even if the caller drops it midway.
+        let _running = self
+            .running
+            .claim(id.clone(), inputs.clone())
+            .map_err(|busy| SetError::Busy {
+                node: node.clone(),
+                running: busy.running.0,
+            })?;
         let record = crate::local_set::run(
             id,
             &node,
@@ -259,15 +255,5 @@ impl Host {
         .await;
         self.history.lock().unwrap().push(record.clone());
         Ok(record)
-    }
-}
-
-type RunningSet = Mutex<Option<(SetId, quiesce_driver::Inputs)>>;
-
-struct ClearOnDrop<'a>(&'a RunningSet);
-
-impl Drop for ClearOnDrop<'_> {
-    fn drop(&mut self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }

@@ -25,7 +25,7 @@ pub mod v1 {
 }
 
 pub use identity::{IdentityError, PeerIdentity, Role};
-pub use tls::{connect, ConnectError, Security, TlsError, TlsFiles};
+pub use tls::{connect, ConnectError, Security, SecurityFlagsError, TlsError, TlsFiles};
 
 /// The link protocol version this build speaks (`Register.link_version`).
 pub const LINK_VERSION: u32 = 1;

@@ -28,6 +28,50 @@ pub enum Security {
     Insecure,
 }
 
+/// Why the TLS flags of a command (`--ca`, `--cert`, `--key`, `--insecure`) do not make a
+/// [`Security`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecurityFlagsError {
+    #[error("the broker is reached over mutual TLS: pass --ca, --cert and --key (the cluster CA, and this peer's certificate and key from `quiesce-broker certs`), or --insecure for a local demo only; missing: {missing}")]
+    MissingTls { missing: String },
+    #[error("--insecure cannot be combined with --ca, --cert or --key: either mutual TLS or, for a local demo, plaintext")]
+    InsecureWithTls,
+}
+
+impl Security {
+    /// The security the TLS flags of any quiesce command ask for: all three files, or
+    /// `--insecure` alone. One rule for the host, the broker and the CLI.
+    pub fn from_flags(
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        insecure: bool,
+    ) -> Result<Security, SecurityFlagsError> {
+        if insecure {
+            if ca.is_some() || cert.is_some() || key.is_some() {
+                return Err(SecurityFlagsError::InsecureWithTls);
+            }
+            return Ok(Security::Insecure);
+        }
+        match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(Security::Tls(TlsFiles { ca, cert, key })),
+            (ca, cert, key) => {
+                let missing = [
+                    ("--ca", ca.is_none()),
+                    ("--cert", cert.is_none()),
+                    ("--key", key.is_none()),
+                ]
+                .into_iter()
+                .filter(|(_, m)| *m)
+                .map(|(f, _)| f)
+                .collect::<Vec<_>>()
+                .join(", ");
+                Err(SecurityFlagsError::MissingTls { missing })
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error(
@@ -232,5 +276,41 @@ pub fn endpoint(url: &str, security: &Security) -> Result<Endpoint, ConnectError
                 })
         }
         Security::Insecure => Ok(endpoint),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_need_all_three_files_or_insecure_alone() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        let e = Security::from_flags(p("ca.pem"), None, p("k"), false).unwrap_err();
+        assert_eq!(
+            e,
+            SecurityFlagsError::MissingTls {
+                missing: "--cert".into()
+            }
+        );
+        let e = Security::from_flags(None, None, None, false).unwrap_err();
+        assert!(
+            e.to_string().contains("missing: --ca, --cert, --key"),
+            "{e}"
+        );
+        let e = Security::from_flags(p("ca.pem"), None, None, true).unwrap_err();
+        assert_eq!(e, SecurityFlagsError::InsecureWithTls);
+        assert_eq!(
+            Security::from_flags(None, None, None, true).unwrap(),
+            Security::Insecure
+        );
+        assert_eq!(
+            Security::from_flags(p("a"), p("b"), p("c"), false).unwrap(),
+            Security::Tls(TlsFiles {
+                ca: "a".into(),
+                cert: "b".into(),
+                key: "c".into()
+            })
+        );
     }
 }

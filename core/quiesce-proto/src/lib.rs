@@ -19,7 +19,10 @@ mod json_doc;
 
 pub use call::{CallFailure, CallKind, FailureKind, ProviderFailure, ProviderOp, WriterCall};
 pub use machine::{Command, Deadlines, SnapshotSet, Timeouts};
-pub use metadata::{Component, ComponentKind, Level, MetadataError, WriterMetadata};
+pub use metadata::{
+    is_valid_node_name, Component, ComponentKind, Level, MetadataError, WriterMetadata,
+    NODE_NAME_RULE,
+};
 pub use set::{
     Outcome, OutcomeKind, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,
     WriterFailure, WriterRef, WriterResult, WriterState,

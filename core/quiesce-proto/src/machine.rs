@@ -48,13 +48,13 @@ impl Default for Deadlines {
     fn default() -> Self {
         Deadlines {
             prepare: Duration::from_secs(60),
-            freeze: Duration::from_secs(10),
+            freeze: Duration::from_secs(5),
             thaw: Duration::from_secs(10),
             post_snapshot: Duration::from_secs(60),
             abort: Duration::from_secs(10),
             provider: Duration::from_secs(60),
             hold_limit: Duration::from_secs(10),
-            lease: Duration::from_secs(15),
+            lease: Duration::from_secs(5),
         }
     }
 }

@@ -115,6 +115,23 @@ pub fn is_valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// What a node name must be, for messages.
+pub const NODE_NAME_RULE: &str =
+    "a node name is 1 to 63 of A-Z a-z 0-9 - _ . and starts with neither '-' nor '.'";
+
+/// A node's name: in its host's configuration, its certificate's CN and file names
+/// (`node1.pem`), messages and records. One rule for all of them ([`NODE_NAME_RULE`]): a name
+/// the certificate command refuses must not start a host.
+pub fn is_valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 impl WriterMetadata {
     /// Metadata with the required fields; add components with [`WriterMetadata::with_component`].
     pub fn new(id: impl Into<String>, name: impl Into<String>, level: Level) -> Self {

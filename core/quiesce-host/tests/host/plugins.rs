@@ -222,7 +222,7 @@ async fn init_that_panics_or_fails_is_reported_and_skipped() {
 
 fn misbehave_config(events: &Path, writers: &str) -> String {
     format!(
-        "[timeouts]\nfreeze_ms = 400\nabort_ms = 400\nthaw_ms = 400\n\
+        "[timeouts]\nfreeze_ms = 250\nabort_ms = 400\nthaw_ms = 400\n\
          [plugins.misbehave]\nevents = \"{}\"\n{writers}",
         events.display()
     )
@@ -304,7 +304,10 @@ fn panic_in_freeze_under_a_short_deadline(tmp: &Path, default_panic_hook: bool) 
     let record: quiesce_proto::SetRecord = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("no record on stdout ({e}); stderr:\n{stderr}"));
     assert!(record.outcome.is_failed(), "{record:?}");
-    let failure = record.writers[0].failure.clone().expect("the writer failed");
+    let failure = record.writers[0]
+        .failure
+        .clone()
+        .expect("the writer failed");
     assert_eq!(failure.phase, Phase::Freeze);
     failure.kind
 }

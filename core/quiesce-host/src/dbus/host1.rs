@@ -1,0 +1,218 @@
+//! `org.quiesce.Host1`: the node's writers and sets, application writers registering, and the
+//! cluster snapshot requests forwarded to the broker.
+
+use super::app_writers::{self, Apps};
+use super::authorize;
+use crate::host::{Host, SetError};
+use crate::set_requests::{SetRequestError, SetRequests};
+use quiesce_dbus::{writer_path, Error, SetRow, WriterRow};
+use quiesce_proto::SetRequest;
+use std::sync::Arc;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::OwnedObjectPath;
+use zbus::Connection;
+
+fn set_error(e: SetError) -> Error {
+    let message = e.to_string();
+    match e {
+        SetError::UnknownVolume { .. } => Error::UnknownVolume(message),
+        SetError::OneVolume { .. } => Error::InvalidRequest(message),
+        SetError::Busy { .. } => Error::Busy(message),
+        SetError::WriterStuck { .. } => Error::WriterStuck(message),
+    }
+}
+
+fn set_request_error(e: SetRequestError) -> Error {
+    let message = e.to_string();
+    // The requester gets the message too, but a backup tool may not show it: the operator
+    // should find what is wrong between host and broker in the host's log.
+    if matches!(
+        e,
+        SetRequestError::Unreachable { .. } | SetRequestError::Failed { .. }
+    ) {
+        tracing::warn!("a snapshot request got no answer from the broker: {message}");
+    }
+    match e {
+        SetRequestError::NoBroker => Error::NoBroker(message),
+        SetRequestError::InvalidRequest(_) => Error::InvalidRequest(message),
+        SetRequestError::Unreachable { .. } => Error::BrokerUnreachable(message),
+        SetRequestError::Refused { .. } => Error::SetRefused(message),
+        SetRequestError::UnknownSet { .. } => Error::UnknownSet(message),
+        SetRequestError::Failed { .. } => Error::BrokerFailed(message),
+    }
+}
+
+pub(super) struct HostIface {
+    host: Arc<Host>,
+    apps: Apps,
+    set_requests: SetRequests,
+}
+
+impl HostIface {
+    pub(super) fn new(host: Arc<Host>, apps: Apps, set_requests: SetRequests) -> Self {
+        HostIface {
+            host,
+            apps,
+            set_requests,
+        }
+    }
+}
+
+#[zbus::interface(name = "org.quiesce.Host1")]
+impl HostIface {
+    /// The writers of this node: (id, name, level, state, object path).
+    async fn list_writers(&self) -> Vec<WriterRow> {
+        self.host
+            .writers()
+            .iter()
+            .map(|w| {
+                (
+                    w.id().to_string(),
+                    w.metadata.name.clone(),
+                    w.metadata.level.as_str().to_string(),
+                    w.status().state.as_str().to_string(),
+                    writer_path(w.id()),
+                )
+            })
+            .collect()
+    }
+
+    /// Runs a snapshot set of `volume` on this node: (set id, outcome, snapshot path or "").
+    async fn run_local_set(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        volume: String,
+        best_effort: bool,
+    ) -> Result<(String, String, String), Error> {
+        authorize(connection, &header, "start a snapshot set").await?;
+        if volume.is_empty() {
+            return Err(Error::InvalidRequest(
+                "no volume given: name one of the volumes configured on this node".into(),
+            ));
+        }
+        let request = SetRequest {
+            volumes: vec![volume],
+            best_effort,
+        };
+        let record = self.host.run_local_set(request).await.map_err(set_error)?;
+        let outcome = record.outcome.to_string();
+        Self::set_ended(&emitter, &record.id.0, record.outcome.label()).await?;
+        let path = record.snapshot.map(|s| s.path).unwrap_or_default();
+        Ok((record.id.0, outcome, path))
+    }
+
+    /// The sets this node ran: (id, outcome label, snapshot path or "").
+    async fn list_sets(&self) -> Vec<SetRow> {
+        self.host
+            .history()
+            .into_iter()
+            .map(|r| {
+                let path = r.snapshot.map(|s| s.path).unwrap_or_default();
+                (r.id.0, r.outcome.label().to_string(), path)
+            })
+            .collect()
+    }
+
+    /// The full record of a set as JSON (the documented form of `quiesce_proto::SetRecord`).
+    async fn show_set(&self, id: String) -> Result<String, Error> {
+        let record = self.host.set(&id).ok_or_else(|| {
+            Error::UnknownSet(format!(
+                "no set {id:?} on this node; ListSets shows the known ones"
+            ))
+        })?;
+        serde_json::to_string_pretty(&record).map_err(|e| Error::CallFailed(e.to_string()))
+    }
+
+    /// Runs one snapshot set of `volumes` across the cluster, through the broker this host was
+    /// started with (`--broker`), and returns its record as JSON (SetRecord,
+    /// `core/quiesce-proto/JSON.md`) once it ended. A failed set is an answer, not an error:
+    /// read its `outcome`.
+    async fn create_snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        volumes: Vec<String>,
+        best_effort: bool,
+    ) -> Result<String, Error> {
+        authorize(connection, &header, "start a snapshot set").await?;
+        self.set_requests
+            .create(volumes, best_effort)
+            .await
+            .map_err(set_request_error)
+    }
+
+    /// The cluster's snapshot sets as JSON records (SetRecord), oldest first.
+    async fn list_snapshots(&self) -> Result<Vec<String>, Error> {
+        self.set_requests.list().await.map_err(set_request_error)
+    }
+
+    /// The record of one cluster snapshot set as JSON (SetRecord).
+    async fn show_snapshot(&self, id: String) -> Result<String, Error> {
+        self.set_requests.show(id).await.map_err(set_request_error)
+    }
+
+    /// Deletes the snapshot a cluster set kept; returns the set's record after the deletion
+    /// (it stays in the catalog, marked deleted).
+    async fn delete_snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        id: String,
+    ) -> Result<String, Error> {
+        authorize(connection, &header, "delete a snapshot").await?;
+        self.set_requests
+            .delete(id)
+            .await
+            .map_err(set_request_error)
+    }
+
+    /// Registers the `org.quiesce.AppWriter1` object the caller exports at `object`; returns the
+    /// writer's object path. The writer is dropped when the caller's bus name vanishes.
+    async fn register_writer(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        object: OwnedObjectPath,
+    ) -> Result<OwnedObjectPath, Error> {
+        authorize(connection, &header, "register a writer").await?;
+        app_writers::register(connection, &header, &self.host, &self.apps, object).await
+    }
+
+    /// Unregisters an application writer.
+    async fn unregister_writer(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        id: String,
+    ) -> Result<(), Error> {
+        authorize(connection, &header, "unregister a writer").await?;
+        if !self.apps.lock().unwrap().contains_key(&id) {
+            return Err(Error::UnknownWriter(if self.host.writer(&id).is_some() {
+                format!("writer {id:?} is a plugin writer: remove its plugin and restart the host instead")
+            } else {
+                format!("no application writer {id:?} on this node; ListWriters shows the writers")
+            }));
+        }
+        app_writers::drop_app(
+            connection,
+            &self.host,
+            &self.apps,
+            &id,
+            "the application unregistered it",
+        )
+        .await;
+        Ok(())
+    }
+
+    #[zbus(property)]
+    async fn node(&self) -> String {
+        self.host.node().to_string()
+    }
+
+    /// A set ended on this node: (set id, outcome label).
+    #[zbus(signal)]
+    async fn set_ended(emitter: &SignalEmitter<'_>, id: &str, outcome: &str) -> zbus::Result<()>;
+}

@@ -14,7 +14,9 @@
 //! - answers that arrive together are applied together, then the commands they lead to go out:
 //!   the loop turns once per burst, not once per writer;
 //! - a provider call still running when the set ends is waited for in the background: if it
-//!   yields a snapshot after all, the machine asks for its deletion and that is carried out too.
+//!   yields a snapshot after all, the machine asks for its deletion and that is carried out too;
+//! - time is tokio's clock ([`now`]): the real clock, except under `tokio::time::pause` in
+//!   tests, where the driver's deadlines follow the virtual clock.
 
 mod slot;
 
@@ -100,14 +102,14 @@ pub async fn run<T: Transport>(
             provider_busy += carry_out(&id, command, &mut transport, &provider, &inputs, &answers);
         }
         transport.flush(&inputs);
-        observe(&set, Instant::now());
+        observe(&set, now());
         if set.is_ended() {
             break;
         }
         let wake = set.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             Some(input) = inbox.recv() => {
-                let now = Instant::now();
+                let now = now();
                 set.handle_timeout(now);
                 apply_input(&mut set, now, input);
                 // Every answer that is already here goes in before the loop turns: a level of
@@ -119,11 +121,11 @@ pub async fn run<T: Transport>(
             }
             Some(answer) = provider_inbox.recv() => {
                 provider_busy -= 1;
-                let now = Instant::now();
+                let now = now();
                 set.handle_timeout(now);
                 apply_answer(&mut set, now, answer);
             }
-            () = sleep_until(wake) => set.handle_timeout(Instant::now()),
+            () = sleep_until(wake) => set.handle_timeout(now()),
         }
     }
     let record = set.record().expect("an ended set has a record");
@@ -135,7 +137,7 @@ pub async fn run<T: Transport>(
                     break;
                 };
                 provider_busy -= 1;
-                apply_answer(&mut set, Instant::now(), answer);
+                apply_answer(&mut set, now(), answer);
                 while let Some(command) = set.poll_command() {
                     provider_busy +=
                         carry_out(&id, command, &mut transport, &provider, &inputs, &answers);
@@ -145,6 +147,11 @@ pub async fn run<T: Transport>(
         });
     }
     record
+}
+
+/// The driver's clock: tokio's, as a `std` instant for the machine.
+pub fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 fn apply_input(set: &mut SnapshotSet, now: Instant, input: Input) {

@@ -343,7 +343,10 @@ fn hold_limit_record() -> SetRecord {
         },
         12,
         vec![(hooks.clone(), meta)],
-        Deadlines::default(),
+        Deadlines {
+            lease: Duration::from_secs(15),
+            ..Deadlines::default()
+        },
         base,
     );
     set.handle_reply(ms(base, 12), &hooks, CallKind::Prepare, Ok(Reports::new()));

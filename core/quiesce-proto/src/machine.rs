@@ -14,7 +14,14 @@
 //! - no writer goes longer than the hold limit between its `Freeze` and its `Thaw`/`Abort`;
 //! - a set never ends `app-consistent` when any writer failed, timed out or was lost;
 //! - `Abort` is never sent once post-snapshot began;
-//! - each writer is sent `Abort` at most once, and late or repeated replies change nothing.
+//! - each writer is sent `Abort` at most once, and late or repeated replies change nothing;
+//! - **proof of hold**: a set ends `app-consistent` (or `crash-consistent`) only if every writer
+//!   it keeps answered its thaw — which a node answers only for a writer it held frozen for the
+//!   set from its freeze until that thaw — and the leases were renewed in time across the
+//!   whole hold: when the driver itself stalls longer than the lease while a writer is held
+//!   (its nodes may have let their writers go), the set fails;
+//! - thaw runs in reverse level order **within each node**; no node waits for another's thaw;
+//! - every writer whose freeze did not answer when the hold limit released everyone is named.
 
 use crate::call::{CallFailure, CallKind, FailureKind, ProviderFailure, ProviderOp, WriterCall};
 use crate::metadata::{Level, WriterMetadata};
@@ -138,9 +145,8 @@ enum Stage {
         level: usize,
     },
     Snapshotting,
-    Thawing {
-        level: usize,
-    },
+    /// Each node thaws its writers in reverse level order on its own.
+    Thawing,
     PostSnapshot,
     Finalizing,
     /// A failure happened: waiting for aborts, the provider, and the deletion of any snapshot.
@@ -215,6 +221,13 @@ pub struct SnapshotSet {
     first_freeze: Option<Instant>,
     last_release: Option<Instant>,
     next_lease_renewal: Option<Instant>,
+    /// When the leases were last renewed: a driver that renews later than a lease after it
+    /// while writers are held cannot show that they stayed held.
+    last_lease_renewal: Option<Instant>,
+    /// Participants by node (indices), for thawing each node on its own.
+    by_node: BTreeMap<String, Vec<usize>>,
+    /// Nodes whose thaw may move on (a thaw answered, a writer failed or was lost there).
+    thaw_nodes: BTreeSet<String>,
     phases: Vec<PhaseTiming>,
     cleanup_error: Option<String>,
     ended_at: Option<Instant>,
@@ -275,6 +288,9 @@ impl SnapshotSet {
             first_freeze: None,
             last_release: None,
             next_lease_renewal: None,
+            last_lease_renewal: None,
+            by_node: BTreeMap::new(),
+            thaw_nodes: BTreeSet::new(),
             phases: Vec::new(),
             cleanup_error: None,
             ended_at: None,
@@ -282,6 +298,10 @@ impl SnapshotSet {
         for (i, p) in set.participants.iter().enumerate() {
             // The first of a writer named twice, as a search from the front would find.
             set.by_writer.entry(p.writer.clone()).or_insert(i);
+            set.by_node
+                .entry(p.writer.node.clone())
+                .or_default()
+                .push(i);
         }
         set.phases.push(PhaseTiming {
             phase: Phase::Identify,
@@ -358,7 +378,7 @@ impl SnapshotSet {
             Stage::Preparing => Phase::Prepare,
             Stage::Freezing { .. } => Phase::Freeze,
             Stage::Snapshotting => Phase::Snapshot,
-            Stage::Thawing { .. } => Phase::Thaw,
+            Stage::Thawing => Phase::Thaw,
             Stage::PostSnapshot => Phase::PostSnapshot,
             Stage::Finalizing => Phase::Finalize,
             Stage::Failing => Phase::Abort,
@@ -432,6 +452,7 @@ impl SnapshotSet {
         kind: CallKind,
         result: Result<Reports, CallFailure>,
     ) {
+        self.check_leases(now);
         let Some(i) = self.index(writer) else { return };
         match self.participants[i].pending {
             Some((pending, _)) if pending == kind => {}
@@ -468,9 +489,41 @@ impl SnapshotSet {
 
     /// A writer (or its whole node) is gone: no call reaches it any more.
     pub fn handle_writer_lost(&mut self, now: Instant, writer: &WriterRef, reason: String) {
-        let Some(i) = self.index(writer) else { return };
+        if let Some(i) = self.index(writer) {
+            self.lose(now, i, reason);
+        }
+        // After: a writer that is gone is not aborted by the failure this may cause.
+        self.check_leases(now);
+        self.advance(now);
+    }
+
+    /// Every writer of `node` is gone for this set: the node left, or its lease on the set
+    /// lapsed there (it released its writers on its own and says so).
+    pub fn handle_node_lost(&mut self, now: Instant, node: &str, reason: String) {
+        let indices = self.by_node.get(node).cloned().unwrap_or_default();
+        // All of them gone first: the failure the first one causes aborts none of the others.
+        let gone: Vec<(usize, CallKind)> = indices
+            .into_iter()
+            .filter_map(|i| self.mark_lost(i).map(|k| (i, k)))
+            .collect();
+        for (i, kind) in gone {
+            self.writer_failed(now, i, kind, CallFailure::lost(reason.clone()));
+        }
+        self.check_leases(now);
+        self.advance(now);
+    }
+
+    fn lose(&mut self, now: Instant, i: usize, reason: String) {
+        if let Some(kind) = self.mark_lost(i) {
+            self.writer_failed(now, i, kind, CallFailure::lost(reason));
+        }
+    }
+
+    /// Marks a writer lost; the call it was lost in, unless it was lost already or the set
+    /// is over.
+    fn mark_lost(&mut self, i: usize) -> Option<CallKind> {
         if self.participants[i].lost || self.stage == Stage::Ended {
-            return;
+            return None;
         }
         let kind = self.participants[i]
             .pending
@@ -478,8 +531,34 @@ impl SnapshotSet {
             .unwrap_or_else(|| self.current_call_kind());
         self.update_release(i, |p| p.lost = true);
         self.set_pending(i, None);
-        self.writer_failed(now, i, kind, CallFailure::lost(reason));
-        self.advance(now);
+        Some(kind)
+    }
+
+    /// Fails the set when the leases went unrenewed for longer than a lease while a writer was
+    /// held: the driver stalled (paused, starved of CPU), so a node may have released its
+    /// writers on its own before the snapshot was cut. Its thaw would tell, but a set must not
+    /// depend on hearing from a node that may be gone.
+    fn check_leases(&mut self, now: Instant) {
+        if self.stage == Stage::Ended || self.unreleased == 0 {
+            return;
+        }
+        let Some(last) = self.last_lease_renewal else {
+            return;
+        };
+        let gap = now.saturating_duration_since(last);
+        if gap > self.deadlines.lease {
+            let phase = self.phase();
+            self.fail(
+                now,
+                phase,
+                None,
+                format!(
+                    "the nodes' leases were not renewed for {} ms, longer than the lease of {} ms, while writers were held (the driver stalled: paused or starved of CPU); a node may have released its writers before the snapshot, so the set cannot be app-consistent",
+                    ms(gap),
+                    ms(self.deadlines.lease)
+                ),
+            );
+        }
     }
 
     /// The provider answered `TakeSnapshot`.
@@ -488,6 +567,7 @@ impl SnapshotSet {
         now: Instant,
         result: Result<SnapshotInfo, ProviderFailure>,
     ) {
+        self.check_leases(now);
         if self.provider_pending.map(|x| x.0) != Some(ProviderOp::Take) {
             // A repeat of an answer already handled (the driver delivered it twice): the
             // snapshot is already kept, or already being deleted. Without this check a
@@ -527,9 +607,8 @@ impl SnapshotSet {
                 self.snapshot = Some(snapshot);
                 if self.stage == Stage::Snapshotting {
                     self.enter_phase(now, Phase::Thaw);
-                    self.stage = Stage::Thawing {
-                        level: self.levels.len(),
-                    };
+                    self.stage = Stage::Thawing;
+                    self.thaw_nodes = self.by_node.keys().cloned().collect();
                 }
             }
             Err(failure) => self.fail(now, Phase::Snapshot, None, failure.reason),
@@ -539,6 +618,7 @@ impl SnapshotSet {
 
     /// The provider answered `FinalizeSnapshot`.
     pub fn handle_finalized(&mut self, now: Instant, result: Result<(), ProviderFailure>) {
+        self.check_leases(now);
         if self.provider_pending.map(|x| x.0) != Some(ProviderOp::Finalize) {
             return;
         }
@@ -558,6 +638,7 @@ impl SnapshotSet {
 
     /// The provider answered `DeleteSnapshot`.
     pub fn handle_deleted(&mut self, now: Instant, result: Result<(), ProviderFailure>) {
+        self.check_leases(now);
         if self.provider_pending.map(|x| x.0) != Some(ProviderOp::Delete) {
             return;
         }
@@ -575,6 +656,7 @@ impl SnapshotSet {
     /// The cluster's membership epoch changed (a node or writer joined or left): the set can
     /// no longer promise to cover every writer, so it fails.
     pub fn handle_epoch(&mut self, now: Instant, epoch: u64) {
+        self.check_leases(now);
         if epoch == self.epoch || self.stage == Stage::Ended {
             return;
         }
@@ -596,6 +678,7 @@ impl SnapshotSet {
         if self.stage == Stage::Ended {
             return;
         }
+        self.check_leases(now);
         let phase = self.phase();
         self.fail(now, phase, None, reason);
         self.advance(now);
@@ -606,6 +689,8 @@ impl SnapshotSet {
         if self.stage == Stage::Ended {
             return;
         }
+        // Before renewing: a renewal now does not make up for the gap behind it.
+        self.check_leases(now);
         if self.next_lease_renewal.is_some_and(|t| t <= now) {
             self.renew_leases(now);
         }
@@ -669,6 +754,11 @@ impl SnapshotSet {
 
     /// Sets a participant's outstanding call, keeping `pending_deadlines` in step.
     fn set_pending(&mut self, i: usize, pending: Option<(CallKind, Instant)>) {
+        if let Some((CallKind::Thaw, _)) = self.participants[i].pending {
+            // A thaw answered, timed out or lost: that node's next level may go.
+            self.thaw_nodes
+                .insert(self.participants[i].writer.node.clone());
+        }
         if let Some((_, old)) = self.participants[i].pending {
             if let Some(n) = self.pending_deadlines.get_mut(&old) {
                 *n -= 1;
@@ -706,7 +796,7 @@ impl SnapshotSet {
         match self.stage {
             Stage::Preparing => CallKind::Prepare,
             Stage::Freezing { .. } | Stage::Snapshotting => CallKind::Freeze,
-            Stage::Thawing { .. } => CallKind::Thaw,
+            Stage::Thawing => CallKind::Thaw,
             Stage::PostSnapshot | Stage::Finalizing => CallKind::PostSnapshot,
             Stage::Failing | Stage::Ended => CallKind::Abort,
         }
@@ -729,7 +819,7 @@ impl SnapshotSet {
     fn hold_limit_reached(&mut self, now: Instant) {
         let limit = ms(self.deadlines.hold_limit);
         match self.stage {
-            Stage::Thawing { .. } => {
+            Stage::Thawing => {
                 // The snapshot is taken: thaw everyone still frozen now, order no longer matters.
                 for i in 0..self.participants.len() {
                     let p = &self.participants[i];
@@ -740,14 +830,36 @@ impl SnapshotSet {
             }
             _ => {
                 let phase = self.phase();
-                self.fail(
-                    now,
-                    phase,
-                    None,
-                    format!(
+                // Writers whose freeze is still out are why the snapshot was not taken in time:
+                // name them, whatever the deadlines' sizes (a freeze deadline as long as the
+                // hold limit never fires first).
+                let late: Vec<usize> = (0..self.participants.len())
+                    .filter(|&i| {
+                        self.participants[i].pending.map(|x| x.0) == Some(CallKind::Freeze)
+                    })
+                    .collect();
+                for &i in &late {
+                    self.set_pending(i, None);
+                    let p = &mut self.participants[i];
+                    p.state = WriterState::Failed;
+                    p.failure.get_or_insert(WriterFailure {
+                        phase: Phase::Freeze,
+                        kind: FailureKind::TimedOut,
+                        reason: format!(
+                            "no answer to freeze before the hold limit of {limit} ms released every writer"
+                        ),
+                    });
+                }
+                let culprit = late.first().map(|&i| self.participants[i].writer.clone());
+                let reason = match &culprit {
+                    Some(_) => format!(
+                        "no answer to freeze before the hold limit of {limit} ms; every writer was released"
+                    ),
+                    None => format!(
                         "the hold limit of {limit} ms was reached before the snapshot was taken; every writer was released"
                     ),
-                );
+                };
+                self.fail(now, phase, culprit, reason);
             }
         }
     }
@@ -909,21 +1021,12 @@ impl SnapshotSet {
                 }
             }
             Stage::Snapshotting => {}
-            Stage::Thawing { level } => {
-                // `level` counts down: levels[level - 1] is the one being thawed.
-                if level < self.levels.len() && self.active_pending(Some(self.levels[level])) {
-                    return;
+            Stage::Thawing => {
+                for node in std::mem::take(&mut self.thaw_nodes) {
+                    self.thaw_node(&node, now);
                 }
-                if level > 0 {
-                    self.stage = Stage::Thawing { level: level - 1 };
-                    let lvl = self.levels[level - 1];
-                    for i in 0..self.participants.len() {
-                        let p = &self.participants[i];
-                        if p.active() && p.metadata.level == lvl && p.freeze_sent && !p.released() {
-                            self.send(i, WriterCall::Thaw, now, now + self.deadlines.thaw);
-                        }
-                    }
-                } else if !self.active_pending(None) {
+                // Every thaw sent (no writer held any more) and answered.
+                if self.unreleased == 0 && !self.active_pending(None) {
                     self.enter_phase(now, Phase::PostSnapshot);
                     self.stage = Stage::PostSnapshot;
                     let snapshot = self.snapshot.clone().expect("thawing follows a snapshot");
@@ -965,6 +1068,40 @@ impl SnapshotSet {
                 self.end(now, outcome);
             }
             Stage::Ended => {}
+        }
+    }
+
+    /// Thaws `node`'s highest level still held, unless a thaw of a higher level is still out
+    /// there: reverse level order within the node, and no wait for any other node.
+    fn thaw_node(&mut self, node: &str, now: Instant) {
+        let Some(indices) = self.by_node.get(node).cloned() else {
+            return;
+        };
+        let (mut held, mut thawing) = (None, None);
+        for &i in &indices {
+            let p = &self.participants[i];
+            if !p.active() {
+                continue;
+            }
+            let level = p.metadata.level;
+            if p.freeze_sent && !p.released() {
+                held = held.max(Some(level));
+            }
+            if p.pending.map(|x| x.0) == Some(CallKind::Thaw) {
+                thawing = thawing.max(Some(level));
+            }
+        }
+        let Some(level) = held else {
+            return;
+        };
+        if thawing.is_some_and(|t| t > level) {
+            return;
+        }
+        for i in indices {
+            let p = &self.participants[i];
+            if p.active() && p.metadata.level == level && p.freeze_sent && !p.released() {
+                self.send(i, WriterCall::Thaw, now, now + self.deadlines.thaw);
+            }
         }
     }
 
@@ -1034,6 +1171,7 @@ impl SnapshotSet {
     }
 
     fn renew_leases(&mut self, now: Instant) {
+        self.last_lease_renewal = Some(now);
         for node in self.nodes() {
             self.queue.push_back(Command::RenewLease {
                 node,

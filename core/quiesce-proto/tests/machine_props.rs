@@ -69,6 +69,9 @@ struct World {
     timeouts_first: bool,
     /// Instants at which `handle_timeout` is called although nothing is due.
     pokes: Vec<u16>,
+    /// The driver itself stalls (paused, starved of CPU): from `at` for `len` ms it neither
+    /// fires timeouts nor takes inputs, while the nodes' leases run on.
+    stalls: Vec<(u16, u16)>,
 }
 
 enum WriterAnswer {
@@ -87,6 +90,27 @@ enum ProviderAnswer {
 }
 
 impl World {
+    fn stalls(&self) -> impl Iterator<Item = (Duration, Duration)> + '_ {
+        self.stalls.iter().map(|&(a, l)| {
+            let a = Duration::from_millis(a.into());
+            (a, a + Duration::from_millis(l.into()))
+        })
+    }
+
+    /// When the driver can act on something due at `t`: at once, or when the stall over `t`
+    /// ends (stalls may follow one another).
+    fn after_stalls(&self, mut t: Duration) -> Duration {
+        while let Some((_, end)) = self.stalls().find(|&(a, b)| t >= a && t < b) {
+            t = end;
+        }
+        t
+    }
+
+    /// Whether the driver stalled at some point between `from` and `to`.
+    fn stalled_between(&self, from: Duration, to: Duration) -> bool {
+        self.stalls().any(|(a, b)| a < to && b > from)
+    }
+
     fn deadlines(&self) -> Deadlines {
         let d = self.deadlines.map(|x| Duration::from_millis(x.into()));
         Deadlines {
@@ -202,6 +226,8 @@ fn world() -> impl Strategy<Value = World> {
         prop::option::weighted(0.12, (0u16..300, any::<bool>())),
         any::<bool>(),
         prop::collection::vec(0u16..400, 0..4),
+        prop::option::weighted(0.25, prop::collection::vec((0u16..300, 1u16..700), 1..=2))
+            .prop_map(Option::unwrap_or_default),
     )
         .prop_map(
             |(
@@ -215,6 +241,7 @@ fn world() -> impl Strategy<Value = World> {
                 epoch_at,
                 timeouts_first,
                 pokes,
+                stalls,
             )| World {
                 writers,
                 best_effort,
@@ -226,6 +253,7 @@ fn world() -> impl Strategy<Value = World> {
                 epoch_at,
                 timeouts_first,
                 pokes,
+                stalls,
             },
         )
 }
@@ -258,6 +286,10 @@ enum Ev {
     Abort,
     Epoch(u64),
     Poke,
+    /// The world checks a node's lease (at the instant it would lapse without a renewal).
+    LeaseCheck(String),
+    /// A node tells the driver that its lease lapsed and it released its writers.
+    NodeLost(String),
 }
 
 /// What the test saw, in order: commands polled and inputs fed to the machine.
@@ -270,6 +302,7 @@ enum Obs {
         ok: bool,
     },
     Lost(WriterRef),
+    NodeLost(String),
     Provider {
         op: Op,
         ok: bool,
@@ -308,6 +341,12 @@ struct Sim<'w> {
     last_timeout: Option<Duration>,
     timeouts: usize,
     end_idx: Option<usize>,
+    /// Each node's lease: until when it holds (from the last renewal it received); `None` once
+    /// the driver ended it.
+    lease_until: BTreeMap<String, Option<Duration>>,
+    /// When a node's lease lapsed: from then on it has released its writers, remembers the
+    /// set as lost and answers every call of it with that failure.
+    lapsed: BTreeMap<String, Duration>,
 }
 
 struct Run {
@@ -320,6 +359,8 @@ struct Run {
     /// The record right when the set ended, and after everything in flight was delivered.
     record_at_end: SetRecord,
     record: SetRecord,
+    /// When each node's lease lapsed, if it did.
+    lapsed: BTreeMap<String, Duration>,
 }
 
 fn snap() -> SnapshotInfo {
@@ -398,6 +439,21 @@ impl Sim<'_> {
                     timeouts_before: self.timeouts,
                     ok_in_time: false,
                 });
+                if self.node_lapsed(&writer.node) {
+                    // The node let its writers go when its lease lapsed: it says so for every
+                    // call of the set, a thaw included, and never pretends to have held.
+                    let failure = CallFailure::lost("the node's lease on the set lapsed");
+                    self.schedule(
+                        1,
+                        Ev::Reply {
+                            writer,
+                            kind,
+                            result: Err(failure),
+                            call: Some(rec),
+                        },
+                    );
+                    return;
+                }
                 let a = self.world.calls.get(self.next_call).copied();
                 self.next_call += 1;
                 let (answer, dup) = self.world.writer_answer(a);
@@ -436,7 +492,36 @@ impl Sim<'_> {
                 assert_eq!(snapshot, snap());
                 self.provider_op(Op::Delete, deadline)
             }
-            Command::RenewLease { .. } | Command::EndLease { .. } => {}
+            Command::RenewLease { node, lease } => {
+                if self.node_lapsed(&node) {
+                    // A lapsed lease is never re-created by a late renewal.
+                    return;
+                }
+                self.lease_until
+                    .insert(node.clone(), Some(self.now + lease));
+                let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+                self.schedule(ms + 1, Ev::LeaseCheck(node));
+            }
+            Command::EndLease { node } => {
+                if !self.node_lapsed(&node) {
+                    self.lease_until.insert(node, None);
+                }
+            }
+        }
+    }
+
+    /// Whether `node`'s lease has lapsed by now (noting when it did, and telling the driver).
+    fn node_lapsed(&mut self, node: &str) -> bool {
+        if self.lapsed.contains_key(node) {
+            return true;
+        }
+        match self.lease_until.get(node) {
+            Some(Some(until)) if *until < self.now => {
+                self.lapsed.insert(node.to_string(), *until);
+                self.schedule(0, Ev::NodeLost(node.to_string()));
+                true
+            }
+            _ => false,
         }
     }
 
@@ -541,6 +626,14 @@ impl Sim<'_> {
                 ));
                 self.set.handle_epoch(now, epoch);
             }
+            Ev::LeaseCheck(node) => {
+                self.node_lapsed(&node);
+            }
+            Ev::NodeLost(node) => {
+                self.log.push((self.now, Obs::NodeLost(node.clone())));
+                self.set
+                    .handle_node_lost(now, &node, "its lease on the set lapsed".into());
+            }
             Ev::Poke => {
                 // A spurious timeout, and inputs about a writer the set does not know.
                 self.log.push((self.now, Obs::Timeout));
@@ -588,6 +681,8 @@ fn simulate(world: &World, base: Instant, dups: bool) -> Result<Run, TestCaseErr
         last_timeout: None,
         timeouts: 0,
         end_idx: None,
+        lease_until: BTreeMap::new(),
+        lapsed: BTreeMap::new(),
     };
     for &t in &world.aborts {
         sim.schedule(t.into(), Ev::Abort);
@@ -628,10 +723,24 @@ fn simulate(world: &World, base: Instant, dups: bool) -> Result<Run, TestCaseErr
                 )))
             }
         };
-        sim.now = sim.now.max(next);
+        // While the driver stalls, nothing reaches it and no timer fires: it next runs when
+        // the stall ends, with everything that came due meanwhile.
+        // Like the real driver, it then fires what came due before taking what waited.
+        let stall_end = world
+            .stalls
+            .iter()
+            .map(|&(a, l)| {
+                (
+                    Duration::from_millis(a.into()),
+                    Duration::from_millis(l.into()),
+                )
+            })
+            .find(|&(a, l)| next >= a && next < a + l)
+            .map(|(a, l)| a + l);
+        sim.now = sim.now.max(stall_end.unwrap_or(next));
         let timeout_due = timeout.is_some_and(|t| t <= sim.now);
         let event_due = next_event.is_some_and(|t| t <= sim.now);
-        if timeout_due && (world.timeouts_first || !event_due) {
+        if timeout_due && (world.timeouts_first || !event_due || stall_end.is_some()) {
             sim.log.push((sim.now, Obs::Timeout));
             sim.fire_timeout();
             sim.drain();
@@ -678,6 +787,7 @@ fn simulate(world: &World, base: Instant, dups: bool) -> Result<Run, TestCaseErr
         calls: sim.calls,
         record_at_end: record_at_end.expect("checked"),
         record: record.expect("checked"),
+        lapsed: sim.lapsed,
     })
 }
 
@@ -834,6 +944,13 @@ fn check(world: &World, run: &Run) -> Result<(), TestCaseError> {
                     seen[index[writer]].lost.get_or_insert(i);
                 }
             }
+            Obs::NodeLost(node) => {
+                if i < end {
+                    for (w, _) in writers.iter().filter(|(w, _)| &w.node == node) {
+                        seen[index[w]].lost.get_or_insert(i);
+                    }
+                }
+            }
             Obs::Provider { op, ok } => {
                 if *op == Op::Take && *ok {
                     snapshot_taken = true;
@@ -914,8 +1031,11 @@ fn check(world: &World, run: &Run) -> Result<(), TestCaseError> {
                 }
             };
             let held = at(until) - at(f);
+            // A driver that stalls over the hold limit releases the writer when it runs again
+            // (meanwhile the node's own watchdog and lease do).
+            let allowed = world.after_stalls(at(f) + d.hold_limit) - at(f);
             prop_assert!(
-                held <= d.hold_limit,
+                held <= allowed,
                 "{w} held {held:?} (Freeze at {:?}), past the hold limit {:?}",
                 at(f),
                 d.hold_limit
@@ -965,10 +1085,30 @@ fn check(world: &World, run: &Run) -> Result<(), TestCaseError> {
         let mut prev = Duration::ZERO;
         for &t in times.iter().skip(1).chain([&run.ended_at]) {
             prop_assert!(
-                t - prev < d.lease,
+                t - prev < d.lease || world.stalled_between(prev, t),
                 "the lease of {node} lapsed between {prev:?} and {t:?}"
             );
             prev = t;
+        }
+    }
+
+    // -- proof of hold ------------------------------------------------------------------------
+    // A set that keeps its snapshot kept writers that were held from their freeze until the
+    // snapshot was taken: no node it keeps a writer of had let its writers go (lease lapsed
+    // during a stall of the driver, or anything else) before the provider answered.
+    if !outcome.is_failed() {
+        let taken = at(take_ok.expect("a kept snapshot was taken"));
+        for r in &record.writers {
+            if r.excluded || r.failure.is_some() {
+                continue;
+            }
+            if let Some(&lapsed) = run.lapsed.get(&r.writer.node) {
+                prop_assert!(
+                    lapsed >= taken,
+                    "{} kept although its node's lease lapsed at {lapsed:?}, before the snapshot was taken at {taken:?}: {outcome:?}",
+                    r.writer
+                );
+            }
         }
     }
 
@@ -1060,8 +1200,10 @@ fn check(world: &World, run: &Run) -> Result<(), TestCaseError> {
     // Thaw or Abort by the hold limit; a Thaw may time out (its deadline) and be followed by an
     // Abort (its own deadline), whose answer then ends the window. So the bound is the hold
     // limit plus both deadlines: `hold_limit + thaw` alone is wrong (found by this test).
+    // A stall of the driver adds its length.
     if let Some(window) = record.freeze_window_ms {
-        let bound = d.hold_limit + d.thaw + d.abort;
+        let stalled: Duration = world.stalls().map(|(a, b)| b - a).sum();
+        let bound = d.hold_limit + d.thaw + d.abort + stalled;
         prop_assert!(
             Duration::from_millis(window) <= bound,
             "freeze window {window} ms > {bound:?}"
@@ -1140,9 +1282,10 @@ fn check(world: &World, run: &Run) -> Result<(), TestCaseError> {
                             n.level
                         );
                     }
-                    // Reverse order, unless the hold limit thawed everyone at once.
+                    // Reverse order within a node (nodes do not wait for one another),
+                    // unless the hold limit thawed everyone at once.
                     let forced = hold_end.is_some_and(|h| at(thaw) >= h);
-                    if level_rank(n.level) > rank && !forced {
+                    if level_rank(n.level) > rank && !forced && v.node == w.node {
                         prop_assert!(
                             thaw > t.thaw_ok.unwrap(),
                             "{w} ({}) sent Thaw before {v} ({}) was thawed",
@@ -1261,7 +1404,13 @@ proptest! {
     fn tiny_and_zero_deadlines_keep_the_promises(mut world in world(), tiny in prop::array::uniform8(0u16..6)) {
         world.deadlines = tiny;
         let run = simulate(&world, Instant::now(), true)?;
-        check(&world, &run)?;
+        let checked = check(&world, &run);
+        if checked.is_err() && std::env::var_os("QUIESCE_PROP_TRACE").is_some() {
+            for (t, o) in &run.log {
+                eprintln!("{t:?} {o:?}");
+            }
+        }
+        checked?;
     }
 
     /// Liveness: when every answer is quick and right and the hold limit leaves room for the
@@ -1271,6 +1420,7 @@ proptest! {
         world.fault_pct = 0;
         world.aborts.clear();
         world.epoch_at = None;
+        world.stalls.clear();
         // Three levels of at most 7 ms each and 7 ms for the provider.
         world.deadlines[6] = world.deadlines[6].max(30);
         let run = simulate(&world, Instant::now(), true)?;
@@ -1286,7 +1436,7 @@ fn the_generated_worlds_cover_every_path() {
     let mut runner = TestRunner::deterministic();
     let strategy = world();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..1024 {
+    for _ in 0..2048 {
         let world = strategy.new_tree(&mut runner).unwrap().current();
         let run = simulate(&world, Instant::now(), true).unwrap();
         let mut count = |k: &str| *counts.entry(k.to_string()).or_default() += 1;
@@ -1563,9 +1713,11 @@ fn happy_path_runs_every_step_in_order() {
         ["freeze n1/fs"]
     );
     assert_eq!(s.ok(6, &fs, CallKind::Freeze), ["take-snapshot"]);
-    assert_eq!(s.taken(20, Ok(snap())), ["thaw n1/fs"]);
-    assert_eq!(s.ok(21, &fs, CallKind::Thaw), ["thaw n2/db"]);
-    assert_eq!(s.ok(22, &db, CallKind::Thaw), ["thaw n1/app"]);
+    // Each node thaws on its own, in reverse level order: n1's system writer first, then its
+    // front end; n2's back end at once, without waiting for n1.
+    assert_eq!(s.taken(20, Ok(snap())), ["thaw n1/fs", "thaw n2/db"]);
+    assert_eq!(s.ok(21, &fs, CallKind::Thaw), ["thaw n1/app"]);
+    assert_eq!(s.ok(22, &db, CallKind::Thaw), Vec::<String>::new());
     assert_eq!(
         s.ok(23, &app, CallKind::Thaw),
         ["post-snapshot n2/db /snapshots/snap-1"]
@@ -1804,9 +1956,9 @@ fn the_hold_limit_after_the_snapshot_thaws_every_level_at_once() {
     let (mut s, _) = Scenario::new(false, deadlines);
     let (app, db, fs) = (s.app.clone(), s.db.clone(), s.fs.clone());
     s.freeze_all();
-    assert_eq!(s.taken(90, Ok(snap())), ["thaw n1/fs"]);
-    // fs is slow to thaw; at 103 ms db and app may wait no longer.
-    assert_eq!(s.timeout(103), ["thaw n2/db", "thaw n1/app"]);
+    assert_eq!(s.taken(90, Ok(snap())), ["thaw n1/fs", "thaw n2/db"]);
+    // fs is slow to thaw; at 103 ms app, on the same node, may wait no longer.
+    assert_eq!(s.timeout(103), ["thaw n1/app"]);
     assert_eq!(s.ok(104, &app, CallKind::Thaw), Vec::<String>::new());
     assert_eq!(s.ok(105, &db, CallKind::Thaw), Vec::<String>::new());
     assert_eq!(
@@ -2067,4 +2219,153 @@ fn an_empty_set_still_takes_the_snapshot() {
     let r = set.record().unwrap();
     assert_eq!(r.outcome, Outcome::AppConsistent);
     assert_eq!(r.freeze_window_ms, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Proof of hold
+// ---------------------------------------------------------------------------------------------
+
+fn lease_of(ms: u64) -> Deadlines {
+    Deadlines {
+        lease: Duration::from_millis(ms),
+        ..Deadlines::default()
+    }
+}
+
+/// The driver stalled (the broker SIGSTOPped, or starved of CPU) for longer than the lease
+/// while every writer was frozen: its nodes may have let their writers go. Even when every
+/// node then answers as if nothing happened (a node of an older release, or one whose lapse
+/// notice was lost), the set fails and its snapshot is deleted.
+#[test]
+fn a_stall_of_the_driver_longer_than_the_lease_fails_the_set_whatever_the_nodes_answer() {
+    let (mut s, _) = Scenario::new(false, lease_of(300));
+    let (app, db, fs) = (s.app.clone(), s.db.clone(), s.fs.clone());
+    s.freeze_all();
+    // The last renewal went out at 200 ms (every 100 ms); nothing runs until 700 ms, when the
+    // provider's answer is taken.
+    s.timeout(100);
+    s.timeout(200);
+    let after = s.taken(700, Ok(snap()));
+    assert!(after.contains(&"abort n2/db".to_string()), "{after:?}");
+    for w in [&app, &db, &fs] {
+        s.ok(701, w, CallKind::Abort);
+    }
+    assert_eq!(s.cmds(701), Vec::<String>::new());
+    let deleted = s.deleted(702);
+    assert!(deleted.contains(&"end-lease n1".to_string()), "{deleted:?}");
+    let r = s.record();
+    match &r.outcome {
+        Outcome::Failed { reason, .. } => {
+            assert!(reason.contains("not renewed for 500 ms"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(r.snapshot, None);
+    assert!(s
+        .log
+        .iter()
+        .any(|(_, c)| matches!(c, Command::DeleteSnapshot { .. })));
+}
+
+/// The same stall a little shorter than the lease changes nothing: the nodes held.
+#[test]
+fn a_stall_shorter_than_the_lease_changes_nothing() {
+    let (mut s, _) = Scenario::new(false, lease_of(300));
+    let (app, db, fs) = (s.app.clone(), s.db.clone(), s.fs.clone());
+    s.freeze_all();
+    s.timeout(100);
+    assert_eq!(s.taken(390, Ok(snap())), ["thaw n1/fs", "thaw n2/db"]);
+    s.ok(391, &fs, CallKind::Thaw);
+    s.ok(391, &db, CallKind::Thaw);
+    s.ok(392, &app, CallKind::Thaw);
+    s.ok(393, &db, CallKind::PostSnapshot);
+    s.finalized(394);
+    assert_eq!(s.record().outcome, Outcome::AppConsistent);
+}
+
+/// A node whose lease lapsed released its writers and answers the late thaw with "lost": the
+/// set fails naming it, and the snapshot (taken after the writers were let go) is deleted.
+#[test]
+fn a_thaw_answered_lost_by_a_node_whose_lease_lapsed_fails_the_set() {
+    let (mut s, _) = Scenario::new(false, Deadlines::default());
+    let (app, db, fs) = (s.app.clone(), s.db.clone(), s.fs.clone());
+    s.freeze_all();
+    s.taken(20, Ok(snap()));
+    s.ok(21, &fs, CallKind::Thaw);
+    let lost = Err(CallFailure::lost(
+        "node n2: the lease on set set-1 lapsed at 15 ms: its writers were released before this thaw",
+    ));
+    let after = s.reply(22, &db, CallKind::Thaw, lost);
+    assert!(after.contains(&"abort n1/app".to_string()), "{after:?}");
+    s.ok(23, &app, CallKind::Thaw);
+    for w in [&app, &db, &fs] {
+        s.ok(24, w, CallKind::Abort);
+    }
+    s.deleted(25);
+    let r = s.record();
+    assert_eq!(
+        r.outcome,
+        failed(
+            Phase::Thaw,
+            Some(&db),
+            "lost: node n2: the lease on set set-1 lapsed at 15 ms: its writers were released before this thaw"
+        )
+    );
+    assert_eq!(r.snapshot, None);
+    let db_result = r.writers.iter().find(|w| w.writer == db).unwrap();
+    assert_eq!(db_result.failure.as_ref().unwrap().kind, FailureKind::Lost);
+}
+
+/// A node reports its lease lapsed: all its writers are lost at once, none of them is called
+/// again, and everyone else is aborted.
+#[test]
+fn a_node_lost_loses_all_its_writers_and_aborts_the_others() {
+    let (mut s, _) = Scenario::new(false, Deadlines::default());
+    s.freeze_all();
+    s.set
+        .handle_node_lost(s.at(10), "n1", "its lease on the set lapsed".into());
+    assert_eq!(s.cmds(10), ["abort n2/db"]);
+    let r = s.set.record_if_abandoned(s.at(10), String::new());
+    for w in r.writers.iter().filter(|w| w.writer.node == "n1") {
+        assert_eq!(w.failure.as_ref().unwrap().kind, FailureKind::Lost);
+    }
+}
+
+/// With the freeze deadline as long as the hold limit (the old defaults), a writer that never
+/// answers freeze is still named: the hold limit releases everyone and blames it.
+#[test]
+fn a_freeze_that_never_answers_is_named_whatever_the_deadlines() {
+    let deadlines = Deadlines {
+        freeze: Duration::from_millis(100),
+        hold_limit: Duration::from_millis(100),
+        ..Deadlines::default()
+    };
+    let (mut s, _) = Scenario::new(false, deadlines);
+    let (app, db) = (s.app.clone(), s.db.clone());
+    assert_eq!(s.prepare_all(), ["freeze n1/app"]);
+    assert_eq!(s.ok(4, &app, CallKind::Freeze), ["freeze n2/db"]);
+    // db never answers; the hold limit (100 ms after the first freeze, at 3 ms) comes with its
+    // freeze deadline, and fires first.
+    let at_limit = s.timeout(103);
+    assert!(
+        at_limit.contains(&"abort n2/db".to_string()),
+        "{at_limit:?}"
+    );
+    for w in [&app, &db, &s.fs.clone()] {
+        s.ok(104, w, CallKind::Abort);
+    }
+    let r = s.record();
+    match &r.outcome {
+        Outcome::Failed { writer, reason, .. } => {
+            assert_eq!(writer.as_ref(), Some(&db), "{reason}");
+            assert!(reason.contains("no answer to freeze"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let db_result = r.writers.iter().find(|w| w.writer == db).unwrap();
+    let failure = db_result.failure.as_ref().unwrap();
+    assert_eq!(
+        (failure.phase, failure.kind),
+        (Phase::Freeze, FailureKind::TimedOut)
+    );
 }

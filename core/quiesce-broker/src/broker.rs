@@ -94,6 +94,8 @@ pub struct Broker {
     config: BrokerConfig,
     state: Mutex<State>,
     membership: broadcast::Sender<Membership>,
+    /// Nodes reporting that their lease on a set lapsed: (node, set id, why).
+    lapses: broadcast::Sender<(String, String, String)>,
     next_command: AtomicU64,
 }
 
@@ -117,6 +119,7 @@ impl Broker {
                 awaiting: HashMap::new(),
             }),
             membership: broadcast::channel(1024).0,
+            lapses: broadcast::channel(1024).0,
             next_command: AtomicU64::new(1),
         })
     }
@@ -128,6 +131,18 @@ impl Broker {
     /// Every membership change from now on, with what changed (running sets follow it).
     pub fn subscribe_membership(&self) -> broadcast::Receiver<Membership> {
         self.membership.subscribe()
+    }
+
+    /// Nodes' reports that their lease on a set lapsed, from now on (running sets follow it).
+    pub fn subscribe_lapses(&self) -> broadcast::Receiver<(String, String, String)> {
+        self.lapses.subscribe()
+    }
+
+    /// `node` reports that its lease on `set` lapsed and it released the set's writers.
+    pub fn lease_lapsed(&self, node: &str, set: String, reason: String) {
+        tracing::error!(node, set = %set, "{reason}");
+        // No receiver (no set running, or another set): the set is over already.
+        let _ = self.lapses.send((node.to_string(), set, reason));
     }
 
     /// Sends a message to `node`'s current link, without waiting; `false` when the node has no

@@ -178,6 +178,7 @@ impl Sets {
                 })?;
         // Subscribed before the registry is read: no change after the read can be missed.
         let membership = self.broker.subscribe_membership();
+        let lapses = self.broker.subscribe_lapses();
         let (epoch, participants) = {
             let registry = self.broker.registry();
             let writers = registry
@@ -225,6 +226,7 @@ impl Sets {
                 participants.into_iter().map(|(w, _)| w).collect(),
                 inputs.clone(),
             ));
+            let lapse_follower = tokio::spawn(follow_lapses(lapses, id.clone(), inputs.clone()));
             let transport = LinkTransport {
                 broker: sets.broker.clone(),
                 epoch,
@@ -244,6 +246,7 @@ impl Sets {
                 })
                 .await;
             follower.abort();
+            lapse_follower.abort();
             if let Err(e) = sets.catalog.finish(record.clone()).await {
                 tracing::error!(set = %record.id, "the set's record could not be written: {e}");
             }
@@ -452,6 +455,32 @@ impl Transport for LinkTransport {
 impl Drop for LinkTransport {
     fn drop(&mut self) {
         self.broker.forget_commands(&self.sent);
+    }
+}
+
+/// Feeds a running set the nodes that report their lease on it lapsed: they let its writers
+/// go, so the set fails naming them (and their late thaws are answered `lost` anyway).
+async fn follow_lapses(
+    mut lapses: broadcast::Receiver<(String, String, String)>,
+    set: SetId,
+    inputs: Inputs,
+) {
+    loop {
+        match lapses.recv().await {
+            Ok((node, id, reason)) if id == set.0 => {
+                if inputs.send(Input::NodeLost { node, reason }).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                let _ = inputs.send(Input::Abort(format!(
+                    "the broker missed {n} lease reports of nodes during the set; start a new set"
+                )));
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

@@ -40,8 +40,10 @@ pub enum Input {
         kind: CallKind,
         result: Result<Reports, CallFailure>,
     },
-    /// A writer, or its whole node, is gone.
+    /// A writer is gone.
     WriterLost { writer: WriterRef, reason: String },
+    /// Every writer of a node is gone for this set (its lease lapsed there: it released them).
+    NodeLost { node: String, reason: String },
     /// The cluster's membership epoch is now this.
     Epoch(u64),
     /// The requester or the driver's owner gives up on the set.
@@ -162,6 +164,7 @@ fn apply_input(set: &mut SnapshotSet, now: Instant, input: Input) {
             result,
         } => set.handle_reply(now, &writer, kind, result),
         Input::WriterLost { writer, reason } => set.handle_writer_lost(now, &writer, reason),
+        Input::NodeLost { node, reason } => set.handle_node_lost(now, &node, reason),
         Input::Epoch(epoch) => set.handle_epoch(now, epoch),
         Input::Abort(reason) => set.abort(now, reason),
     }

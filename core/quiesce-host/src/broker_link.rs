@@ -289,6 +289,14 @@ async fn session(
                     tx.send(message(other)).await.map_err(broken)?;
                 }
             }
+            () = leases.noticed() => {
+                for notice in leases.take_notices() {
+                    tracing::warn!(broker = url, set = %notice.set_id, "telling the broker this node's lease lapsed");
+                    tx.send(message(host_message::Body::LeaseLapsed(notice)))
+                        .await
+                        .map_err(broken)?;
+                }
+            }
             _ = heartbeat.tick() => {
                 tx.send(message(host_message::Body::Heartbeat(v1::Heartbeat {})))
                     .await

@@ -24,6 +24,8 @@ pub enum SetError {
     OneVolume { node: String, count: usize },
     #[error("node {node}: set {running} is still running; one set at a time per node — retry when it ends")]
     Busy { node: String, running: String },
+    #[error("node {node}: writer {writer} is frozen by a diagnostic freeze (Writer1.Freeze); thaw it (Writer1.Thaw) or wait for its hold limit, then start the set")]
+    WriterHeld { node: String, writer: String },
     #[error("node {node}: writer {writer} is still stuck in {call} for {stuck_ms} ms since an earlier set; restart the host to reload it")]
     WriterStuck {
         node: String,
@@ -231,6 +233,15 @@ impl Host {
                 writer: w.id().to_string(),
                 call,
                 stuck_ms: stuck.as_millis() as u64,
+            });
+        }
+        if let Some(w) = writers
+            .iter()
+            .find(|w| w.status().held_by == Some(crate::worker::Holder::Diagnosis))
+        {
+            return Err(SetError::WriterHeld {
+                node,
+                writer: w.id().to_string(),
             });
         }
         let id = self.new_set_id();

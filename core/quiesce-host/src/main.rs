@@ -139,14 +139,10 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("shutting down: releasing every writer");
     for w in host.writers() {
-        if w.status().frozen_since.is_some() {
-            let _ = w
-                .call(
-                    quiesce_proto::WriterCall::Thaw,
-                    "shutdown",
-                    host.config().deadlines().thaw,
-                )
-                .await;
+        if w.status().held_by.is_some() {
+            if let Err(e) = w.release(host.config().deadlines().abort).await {
+                tracing::error!("releasing writer {} at shutdown: {e}", w.id());
+            }
         }
     }
     Ok(())

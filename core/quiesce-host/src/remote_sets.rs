@@ -10,12 +10,17 @@
 //! lease lapses the node aborts, on its own, every writer the set called and did not release
 //! (sent `Abort` or `Complete`). The hold-limit watchdog in each worker remains the last line:
 //! it thaws a frozen writer even if this task is stuck.
+//!
+//! A lapsed lease is **remembered**: the node tells the broker (`LeaseLapsed` on whichever
+//! link is open), answers every later command of that set — a late thaw above all — with a
+//! `lost` failure, and never lets a late renewal re-create the lease. So a set whose writers
+//! this node let go can never be recorded app-consistent on this node's word.
 
 use crate::Host;
 use quiesce_link::calls::{call_from_wire, failure_to_wire};
 use quiesce_link::v1::{self, command_reply, host_message};
 use quiesce_proto::{CallFailure, WriterCall};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -30,11 +35,19 @@ struct Lease {
     open: BTreeSet<String>,
 }
 
+/// How many lapsed sets a node remembers (each answers its late commands with `lost`).
+const LAPSED_REMEMBERED: usize = 1024;
+
 /// The node's leases on the broker's sets, and the task that acts when one lapses.
 pub struct Leases {
     host: Arc<Host>,
     leases: Mutex<HashMap<String, Lease>>,
     changed: Notify,
+    /// Sets whose lease lapsed here, newest last, with why.
+    lapsed: Mutex<VecDeque<(String, String)>>,
+    /// Lapses the broker has not been told of yet; the open link sends them.
+    notices: Mutex<Vec<v1::LeaseLapsed>>,
+    noticed: Notify,
 }
 
 impl Leases {
@@ -44,6 +57,9 @@ impl Leases {
             host,
             leases: Mutex::new(HashMap::new()),
             changed: Notify::new(),
+            lapsed: Mutex::new(VecDeque::new()),
+            notices: Mutex::new(Vec::new()),
+            noticed: Notify::new(),
         });
         tokio::spawn(leases.clone().keep());
         leases
@@ -53,8 +69,45 @@ impl Leases {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The broker granted or renewed the lease on `set` for `lease` from now.
+    /// Why the lease on `set` lapsed here, if it did.
+    pub fn lapsed(&self, set: &str) -> Option<String> {
+        let lapsed = self.lapsed.lock().unwrap_or_else(|e| e.into_inner());
+        lapsed
+            .iter()
+            .rev()
+            .find(|(id, _)| id == set)
+            .map(|(_, why)| why.clone())
+    }
+
+    /// Lapses to tell the broker of, oldest first; empty when there are none.
+    pub fn take_notices(&self) -> Vec<v1::LeaseLapsed> {
+        std::mem::take(&mut *self.notices.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Completes when there may be lapses to tell the broker of.
+    pub async fn noticed(&self) {
+        self.noticed.notified().await
+    }
+
+    fn notice(&self, set: &str, reason: &str) {
+        self.notices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(v1::LeaseLapsed {
+                set_id: set.into(),
+                reason: reason.into(),
+            });
+        self.noticed.notify_one();
+    }
+
+    /// The broker granted or renewed the lease on `set` for `lease` from now. A lease that
+    /// lapsed here is not re-created: the broker is told again instead.
     pub fn renew(&self, set: &str, lease: Duration) {
+        if let Some(why) = self.lapsed(set) {
+            tracing::warn!(set, "a renewal came for a set whose lease lapsed here: not renewed; telling the broker again");
+            self.notice(set, &why);
+            return;
+        }
         let until = Instant::now() + lease;
         self.lock()
             .entry(set.to_string())
@@ -157,8 +210,20 @@ impl Leases {
             tracing::error!(
                 set,
                 writers = ?lease.open,
-                "the lease on this set lapsed (no renewal from the broker: it died or the link is cut); aborting its writers on our own"
+                "the lease on this set lapsed (no renewal from the broker: it died, paused, or the link is cut); aborting its writers on our own"
             );
+            let why = format!(
+                "node {}: its lease on set {set} lapsed (no renewal in time: the broker died, paused, or the link was cut); it released the set's writers on its own",
+                self.host.node()
+            );
+            {
+                let mut remembered = self.lapsed.lock().unwrap_or_else(|e| e.into_inner());
+                remembered.push_back((set.clone(), why.clone()));
+                while remembered.len() > LAPSED_REMEMBERED {
+                    remembered.pop_front();
+                }
+            }
+            self.notice(&set, &why);
             for id in lease.open {
                 let Some(writer) = self.host.writer(&id) else {
                     continue;
@@ -207,6 +272,13 @@ pub fn carry_out(host: &Host, leases: &Leases, command: v1::SetCommand, replies:
             ))))
         }
     };
+    if let Some(why) = leases.lapsed(&set_id) {
+        if matches!(call, WriterCall::Complete { .. }) {
+            return;
+        }
+        // Never a thaw that says "held" after this node let its writers go.
+        return reply(failed(CallFailure::lost(why)));
+    }
     let budget = Duration::from_millis(budget_ms.into());
     let Some(handle) = host.writer(&writer) else {
         return reply(failed(CallFailure::lost(format!(

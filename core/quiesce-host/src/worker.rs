@@ -158,6 +158,22 @@ pub struct Busy {
     pub deadline: Instant,
 }
 
+/// Who holds a frozen writer: a snapshot set, or an operator's diagnostic `Writer1.Freeze`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    Set(String),
+    Diagnosis,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Set(id) => write!(f, "set {id}"),
+            Holder::Diagnosis => f.write_str("a diagnostic freeze (Writer1.Freeze)"),
+        }
+    }
+}
+
 /// What the worker is doing, published for callers and observers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
@@ -166,17 +182,39 @@ pub struct Status {
     pub busy: Option<Busy>,
     /// Calls waiting behind it.
     pub queued: usize,
-    /// Since when the writer has been frozen (its freeze began), if it is.
+    /// Since when the writer has been frozen — its first freeze, by whatever path; another
+    /// freeze never restarts it — if it is.
     pub frozen_since: Option<Instant>,
+    /// Who holds it frozen.
+    pub held_by: Option<Holder>,
     /// How often the watchdog thawed this writer on its own.
     pub watchdog_thaws: u64,
     /// The last call's failure, if the last call failed.
     pub last_error: Option<String>,
 }
 
+/// What a caller asks of a writer's thread.
+#[derive(Debug)]
+enum Request {
+    /// A snapshot set's call.
+    Set { call: WriterCall, set_id: String },
+    /// An operator's diagnostic freeze or thaw.
+    Diagnose(WriterCall),
+    /// Let go of whatever holds the writer (the host is shutting down).
+    Release,
+}
+
+impl Request {
+    fn kind(&self) -> CallKind {
+        match self {
+            Request::Set { call, .. } | Request::Diagnose(call) => call.kind(),
+            Request::Release => CallKind::Abort,
+        }
+    }
+}
+
 struct Job {
-    call: WriterCall,
-    set_id: String,
+    request: Request,
     budget: Duration,
     reply: oneshot::Sender<Result<Reports, CallFailure>>,
 }
@@ -207,7 +245,7 @@ impl WriterHandle {
             jobs: rx,
             status: status.clone(),
             hold_limit,
-            frozen_by: String::new(),
+            released: None,
         };
         std::thread::Builder::new()
             .name(format!("writer-{}", metadata.id))
@@ -248,7 +286,7 @@ impl WriterHandle {
         let _ = rx.wait_for(|s| s.busy.is_none() && s.queued == 0).await;
     }
 
-    /// Calls the writer and waits at most `budget` for its answer.
+    /// Calls the writer for set `set_id` and waits at most `budget` for its answer.
     pub async fn call(
         &self,
         call: WriterCall,
@@ -258,7 +296,24 @@ impl WriterHandle {
         self.start_call(call, set_id, budget).answer().await
     }
 
-    /// Queues a call at once, in the order of the calls made, and returns its pending answer.
+    /// A diagnostic `Freeze` or `Thaw` outside any set (`Writer1` on D-Bus). It never touches
+    /// a writer a set holds, and a writer it freezes is held by it — no set starts with it —
+    /// until it is thawed or its hold limit passes.
+    pub async fn diagnose(
+        &self,
+        call: WriterCall,
+        budget: Duration,
+    ) -> Result<Reports, CallFailure> {
+        self.queue(Request::Diagnose(call), budget).answer().await
+    }
+
+    /// Lets go of the writer whoever holds it: aborts a set's hold, thaws a diagnostic one.
+    pub async fn release(&self, budget: Duration) -> Result<Reports, CallFailure> {
+        self.queue(Request::Release, budget).answer().await
+    }
+
+    /// Queues a call of set `set_id` at once, in the order of the calls made, and returns its
+    /// pending answer.
     ///
     /// Queuing is synchronous so that calls reach the writer in exactly the order the driver
     /// made them, even when their answers are awaited on different tasks: a set's closing
@@ -268,8 +323,18 @@ impl WriterHandle {
     /// so a writer that eventually returns from a hung freeze is still released. Other calls to a
     /// writer that is still busy with an abandoned call are refused at once.
     pub fn start_call(&self, call: WriterCall, set_id: &str, budget: Duration) -> PendingCall {
+        self.queue(
+            Request::Set {
+                call,
+                set_id: set_id.to_string(),
+            },
+            budget,
+        )
+    }
+
+    fn queue(&self, request: Request, budget: Duration) -> PendingCall {
         let writer = self.metadata.id.clone();
-        let kind = call.kind();
+        let kind = request.kind();
         let pending = |answer| PendingCall {
             writer: writer.clone(),
             kind,
@@ -284,8 +349,7 @@ impl WriterHandle {
         let (reply, answer) = oneshot::channel();
         self.status.send_modify(|s| s.queued += 1);
         let job = Job {
-            call,
-            set_id: set_id.to_string(),
+            request,
             budget,
             reply,
         };
@@ -317,7 +381,8 @@ impl PendingCall {
         let answer = answer?;
         match tokio::time::timeout(budget, answer).await {
             Ok(Ok(Ok(reports))) => Ok(reports),
-            Ok(Ok(Err(backend))) => Err(failure(&writer, kind, backend)),
+            // The worker's own refusals already name the writer.
+            Ok(Ok(Err(failure))) => Err(failure),
             Ok(Err(_)) => Err(gone(&writer)),
             Err(_) => {
                 tracing::error!(writer = %writer, call = %kind, budget_ms = budget.as_millis() as u64,
@@ -328,14 +393,35 @@ impl PendingCall {
     }
 }
 
+/// How a set's hold on the writer ended, to explain a thaw that comes after it.
+#[derive(Debug, Clone)]
+struct Released {
+    set: String,
+    at: Instant,
+    how: ReleasedBy,
+}
+
+#[derive(Debug, Clone)]
+enum ReleasedBy {
+    /// The hold limit passed: the watchdog thawed it.
+    Watchdog { held: Duration },
+    /// The set aborted it (its own abort, or its lease lapsing on this node).
+    Abort,
+    /// A newer set's call took the writer over (the set's broker was gone).
+    Superseded { by: String },
+    /// The host let go of it (shutdown).
+    Release,
+    /// The set thawed it.
+    Thaw,
+}
+
 struct Worker {
     writer: String,
     backend: Box<dyn Backend>,
     jobs: mpsc::Receiver<Job>,
     status: Arc<watch::Sender<Status>>,
     hold_limit: Duration,
-    /// The set whose freeze holds the writer, for the watchdog's thaw.
-    frozen_by: String,
+    released: Option<Released>,
 }
 
 impl Worker {
@@ -367,40 +453,222 @@ impl Worker {
         }
     }
 
+    fn held_by(&self) -> Option<Holder> {
+        self.status.borrow().held_by.clone()
+    }
+
     fn run_job(&mut self, job: Job) {
-        let started = Instant::now();
-        let kind = job.call.kind();
-        self.status.send_modify(|s| {
-            s.queued = s.queued.saturating_sub(1);
-            s.busy = Some(Busy {
-                call: kind,
-                by_watchdog: false,
-                since: started,
-                deadline: started + job.budget,
-            });
-        });
-        let result = self.call(&job.call, &job.set_id, job.budget);
-        self.status.send_modify(|s| {
-            s.busy = None;
-            s.state = State::after(kind, result.is_ok(), s.state);
-            s.last_error = result.as_ref().err().map(|e| e.reason.clone());
-            match kind {
-                // Even a failed freeze may have half-frozen the writer: the watchdog covers it.
-                CallKind::Freeze => s.frozen_since = Some(started),
-                CallKind::Thaw | CallKind::Abort => s.frozen_since = None,
-                _ => {}
-            }
-        });
-        if kind == CallKind::Freeze {
-            self.frozen_by = job.set_id.clone();
-        }
+        self.status
+            .send_modify(|s| s.queued = s.queued.saturating_sub(1));
+        let result = match job.request {
+            Request::Set { call, set_id } => self.set_call(call, &set_id, job.budget),
+            Request::Diagnose(call) => self.diagnostic_call(call, job.budget),
+            Request::Release => self.release(job.budget),
+        };
         // The caller may have given up (deadline passed): then nobody listens, which is fine.
         let _ = job.reply.send(result);
     }
 
+    /// A set's call, under the hold rules: a diagnostic freeze keeps every set out; a newer
+    /// set takes the writer over from an older one; a thaw answers OK only for the set that
+    /// holds the writer frozen now — the proof that it was held from its freeze until then.
+    fn set_call(
+        &mut self,
+        call: WriterCall,
+        set_id: &str,
+        budget: Duration,
+    ) -> Result<Reports, CallFailure> {
+        let kind = call.kind();
+        let holder = self.held_by();
+        let ours = holder.as_ref() == Some(&Holder::Set(set_id.to_string()));
+        match (&holder, kind) {
+            (Some(Holder::Diagnosis), CallKind::Prepare | CallKind::Freeze) => {
+                return Err(CallFailure::error(format!(
+                    "writer {}: frozen by a diagnostic freeze (Writer1.Freeze); no set may use it until it is thawed (Writer1.Thaw) or its hold limit passes",
+                    self.writer
+                )));
+            }
+            (Some(Holder::Set(other)), CallKind::Prepare | CallKind::Freeze) if !ours => {
+                // A new set would not start while the older one ran on its broker: that broker
+                // is gone (killed and restarted). Its lease would release the writer; the new
+                // set does it now, so that the old lease lapsing later cannot undo the new set.
+                let other = other.clone();
+                tracing::warn!(writer = %self.writer, old = %other, new = set_id,
+                    "a newer set takes over a writer still held by an older set: aborting the older set's hold");
+                let _ = self.invoke(&WriterCall::Abort, &other, budget);
+                self.let_go(&other, ReleasedBy::Superseded { by: set_id.into() });
+            }
+            (_, CallKind::Thaw) if !ours => {
+                let thawed_already = self
+                    .released
+                    .as_ref()
+                    .is_some_and(|r| r.set == set_id && matches!(r.how, ReleasedBy::Thaw));
+                // A thaw is idempotent; a thaw that finds the writer let go otherwise says so.
+                return if thawed_already {
+                    Ok(Reports::new())
+                } else {
+                    Err(self.not_held(set_id))
+                };
+            }
+            (Some(_), CallKind::Abort) if !ours => {
+                // Nothing of this set is left on the writer: another set or a diagnosis
+                // holds it now, and aborting would undo that one.
+                return Ok(Reports::new());
+            }
+            _ => {}
+        }
+        let started = Instant::now();
+        let result = self.invoke(&call, set_id, budget);
+        match kind {
+            // Even a failed freeze may have half-frozen the writer: the watchdog covers it.
+            // A second freeze of the same set never restarts the hold clock.
+            CallKind::Freeze if !ours => self.hold(Holder::Set(set_id.into()), started),
+            CallKind::Thaw => self.let_go(set_id, ReleasedBy::Thaw),
+            CallKind::Abort if ours => self.let_go(set_id, ReleasedBy::Abort),
+            _ => {}
+        }
+        result
+    }
+
+    /// The operator's `Freeze`/`Thaw`, which never touches a writer a set holds.
+    fn diagnostic_call(
+        &mut self,
+        call: WriterCall,
+        budget: Duration,
+    ) -> Result<Reports, CallFailure> {
+        let holder = self.held_by();
+        if let Some(Holder::Set(set)) = &holder {
+            return Err(CallFailure::error(format!(
+                "writer {}: held frozen by set {set}; a diagnostic {} must wait until that set releases it",
+                self.writer,
+                call.kind()
+            )));
+        }
+        match call.kind() {
+            // Frozen for diagnosis already: the first freeze's hold clock goes on.
+            CallKind::Freeze if holder.is_some() => Ok(Reports::new()),
+            CallKind::Freeze => {
+                let started = Instant::now();
+                let result = self.invoke(&call, "diagnosis", budget);
+                self.hold(Holder::Diagnosis, started);
+                result
+            }
+            CallKind::Thaw => {
+                let result = self.invoke(&call, "diagnosis", budget);
+                self.clear_hold();
+                result
+            }
+            other => Err(CallFailure::error(format!(
+                "writer {}: {other} is not a diagnostic call (only freeze and thaw are)",
+                self.writer
+            ))),
+        }
+    }
+
+    fn release(&mut self, budget: Duration) -> Result<Reports, CallFailure> {
+        match self.held_by() {
+            None => Ok(Reports::new()),
+            Some(Holder::Diagnosis) => {
+                let result = self.invoke(&WriterCall::Thaw, "diagnosis", budget);
+                self.clear_hold();
+                result
+            }
+            Some(Holder::Set(set)) => {
+                let result = self.invoke(&WriterCall::Abort, &set, budget);
+                self.let_go(&set, ReleasedBy::Release);
+                result
+            }
+        }
+    }
+
+    /// Why a thaw of `set` finds the writer not held for it.
+    fn not_held(&self, set: &str) -> CallFailure {
+        let w = &self.writer;
+        match self.released.as_ref().filter(|r| r.set == set) {
+            Some(Released {
+                how: ReleasedBy::Watchdog { held },
+                at,
+                ..
+            }) => CallFailure::timed_out(format!(
+                "writer {w}: the hold limit thawed it {} ms after its freeze, {} ms before this thaw of set {set} arrived: it may have written after its freeze point, so the snapshot cannot count on it",
+                held.as_millis(),
+                at.elapsed().as_millis()
+            )),
+            Some(Released { how, at, .. }) => {
+                let what = match how {
+                    ReleasedBy::Superseded { by } => format!("set {by} took it over"),
+                    ReleasedBy::Release => "the host let go of it".into(),
+                    ReleasedBy::Thaw => "it was thawed".into(),
+                    _ => "the set aborted it (its lease lapsed on this node, or it failed)".into(),
+                };
+                CallFailure::lost(format!(
+                    "writer {w}: released {} ms before this thaw of set {set} ({what}): it was not held until the snapshot",
+                    at.elapsed().as_millis()
+                ))
+            }
+            None => CallFailure::error(format!(
+                "writer {w}: not frozen for set {set}, so it cannot thaw for it (was its freeze lost?)"
+            )),
+        }
+    }
+
+    fn hold(&mut self, holder: Holder, since: Instant) {
+        self.status.send_modify(|s| {
+            s.frozen_since.get_or_insert(since);
+            s.held_by = Some(holder);
+        });
+    }
+
+    fn clear_hold(&mut self) {
+        self.status.send_modify(|s| {
+            s.frozen_since = None;
+            s.held_by = None;
+        });
+    }
+
+    /// The writer is no longer held for `set`; remember how, for a thaw that comes later.
+    fn let_go(&mut self, set: &str, how: ReleasedBy) {
+        if self.held_by() == Some(Holder::Set(set.to_string())) {
+            self.released = Some(Released {
+                set: set.to_string(),
+                at: Instant::now(),
+                how,
+            });
+        }
+        self.clear_hold();
+    }
+
+    /// Runs one call of the backend, publishing what the worker is doing.
+    fn invoke(
+        &mut self,
+        call: &WriterCall,
+        set_id: &str,
+        budget: Duration,
+    ) -> Result<Reports, CallFailure> {
+        let started = Instant::now();
+        let kind = call.kind();
+        self.status.send_modify(|s| {
+            s.busy = Some(Busy {
+                call: kind,
+                by_watchdog: false,
+                since: started,
+                deadline: started + budget,
+            });
+        });
+        let result = self
+            .call_backend(call, set_id, budget)
+            .map_err(|backend| failure(&self.writer, kind, backend));
+        self.status.send_modify(|s| {
+            s.busy = None;
+            s.state = State::after(kind, result.is_ok(), s.state);
+            s.last_error = result.as_ref().err().map(|e| e.reason.clone());
+        });
+        result
+    }
+
     /// Calls the backend; a panic (a bug in a backend that is not an SDK plugin, whose panics the
     /// SDK already catches) becomes an error instead of ending this thread.
-    fn call(
+    fn call_backend(
         &mut self,
         call: &WriterCall,
         set_id: &str,
@@ -421,7 +689,15 @@ impl Worker {
     }
 
     fn watchdog_thaw(&mut self) {
-        tracing::warn!(writer = %self.writer, set = %self.frozen_by,
+        let (holder, since) = {
+            let s = self.status.borrow();
+            (s.held_by.clone(), s.frozen_since)
+        };
+        let set_id = match &holder {
+            Some(Holder::Set(id)) => id.clone(),
+            _ => "diagnosis".into(),
+        };
+        tracing::warn!(writer = %self.writer, held_by = ?holder,
             hold_limit_ms = self.hold_limit.as_millis() as u64,
             "hold limit reached: the host thaws the writer on its own");
         let started = Instant::now();
@@ -433,14 +709,16 @@ impl Worker {
                 deadline: started + self.hold_limit,
             })
         });
-        let set_id = self.frozen_by.clone();
-        let result = self.call(&WriterCall::Thaw, &set_id, self.hold_limit);
+        let result = self.call_backend(&WriterCall::Thaw, &set_id, self.hold_limit);
         if let Err(e) = &result {
-            tracing::error!(writer = %self.writer, error = ?e, "watchdog thaw failed");
+            tracing::error!(writer = %self.writer, error = %e, "watchdog thaw failed");
         }
+        let held = since
+            .map(|t| started.saturating_duration_since(t))
+            .unwrap_or_default();
+        self.let_go(&set_id, ReleasedBy::Watchdog { held });
         self.status.send_modify(|s| {
             s.busy = None;
-            s.frozen_since = None;
             s.state = State::after(CallKind::Thaw, result.is_ok(), s.state);
             s.watchdog_thaws += 1;
         });

@@ -72,6 +72,25 @@ impl Netns {
         command
     }
 
+    /// Drops every packet in and out of the namespace (loopback aside) while the link stays up:
+    /// a node that is silent for a while without any connection breaking (a stalled switch, a
+    /// congested network). `pass_packets` ends it. (`netem` is not in this kernel; iptables is.)
+    pub fn drop_packets(&self) {
+        require("iptables", "iptables");
+        self.exec(&[
+            "iptables", "-I", "INPUT", "1", "!", "-i", "lo", "-j", "DROP",
+        ]);
+        self.exec(&[
+            "iptables", "-I", "OUTPUT", "1", "!", "-o", "lo", "-j", "DROP",
+        ]);
+    }
+
+    /// Lets packets through again after [`Netns::drop_packets`].
+    pub fn pass_packets(&self) {
+        self.exec(&["iptables", "-D", "INPUT", "!", "-i", "lo", "-j", "DROP"]);
+        self.exec(&["iptables", "-D", "OUTPUT", "!", "-o", "lo", "-j", "DROP"]);
+    }
+
     /// Cuts the namespace off: its side of the pair goes down, as when a cable is pulled.
     pub fn cut(&self) {
         run(Command::new("ip").args(["link", "set", &self.veth, "down"]));

@@ -291,6 +291,10 @@ fn handle(
             broker.deliver_replies(node, batch.replies);
             broker.seen(node, link)
         }
+        Some(host_message::Body::LeaseLapsed(lapsed)) => {
+            broker.lease_lapsed(node, lapsed.set_id, lapsed.reason);
+            broker.seen(node, link)
+        }
         None => {
             return Err(Status::invalid_argument(
                 "an empty message: this host speaks a newer link protocol than the broker; upgrade the broker",

@@ -63,6 +63,12 @@ fn now_ns() -> u128 {
 
 impl Cluster {
     fn start(specs: &[Spec]) -> Cluster {
+        Cluster::start_with(specs, HEARTBEAT_MS)
+    }
+
+    /// With another heartbeat timeout (a node silent for longer than the lease but shorter than
+    /// this stays attached).
+    fn start_with(specs: &[Spec], heartbeat_ms: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let volume = BtrfsVolume::create(256);
         let names: Vec<String> = (1..=specs.len()).map(|i| format!("node{i}")).collect();
@@ -94,7 +100,7 @@ impl Cluster {
         let broker = Broker::start_with(
             dir.path(),
             &certs,
-            HEARTBEAT_MS,
+            heartbeat_ms,
             listen,
             vec!["--config".into(), config.display().to_string()],
         );
@@ -689,4 +695,122 @@ fn a_broker_killed_after_taking_the_snapshot_deletes_it_when_it_restarts() {
         || cluster.nodes[0].called("abort-done").then_some(()),
         || cluster.logs(),
     );
+}
+
+/// Issue 12, first finding: a stall longer than the lease but shorter than the hold limit
+/// during the freeze. The broker SIGSTOPped mid-freeze: every node's lease lapses and it
+/// releases its writers on its own; when the broker goes on, its late thaws must not be taken
+/// as proof that the writers stayed frozen. The set fails and keeps no snapshot (before the
+/// fix it ended app-consistent with records written after the freeze point in the snapshot).
+#[test]
+fn a_broker_paused_longer_than_the_lease_mid_freeze_never_records_the_set_app_consistent() {
+    let hang = Spec {
+        db: "hang_in = \"freeze\"",
+        ..Spec::default()
+    };
+    let cluster = Cluster::start(&[Spec::default(), hang, Spec::default()]);
+    let create = cluster.spawn_create(2);
+    wait_for(
+        "the set to be mid-freeze",
+        || {
+            let n = &cluster.nodes;
+            (n.iter().all(Node::app_frozen)
+                && n[0].called("freeze-done")
+                && n[2].called("freeze-done")
+                && n[1].called("freeze"))
+            .then_some(())
+        },
+        || cluster.logs(),
+    );
+    let paused_ns = now_ns();
+    cluster.broker.process.signal("STOP");
+    wait_released(
+        &cluster,
+        &[0, 2],
+        "node1's and node3's writers released by their leases while the broker is paused",
+    );
+    assert_released_within_the_lease(&cluster, &[0, 2], paused_ns);
+    cluster.broker.process.signal("CONT");
+    cluster.nodes[1].release_hang();
+    let (code, record, stderr) = finish(create);
+    let record =
+        record.unwrap_or_else(|| panic!("no record ({code}): {stderr}\n{}", cluster.logs()));
+    assert_eq!(code, 2, "a failed set exits 2: {}", cluster.logs());
+    let (_, _, reason) = failed(&record);
+    assert!(
+        reason.contains("not renewed") || reason.contains("lease on set"),
+        "the failure says the leases lapsed: {reason}"
+    );
+    assert!(record.snapshot.is_none());
+    wait_released(&cluster, &[0, 1, 2], "every writer released");
+    assert_eq!(
+        cluster.volume.snapshot_list(),
+        Vec::<PathBuf>::new(),
+        "no snapshot is kept"
+    );
+}
+
+/// The same finding from the node's side: all of node2's packets dropped for longer than the
+/// lease (its link stays up: shorter than the heartbeat timeout, so it never leaves the
+/// cluster). Node2's lease lapses and it releases its writers; the broker's thaw reaches it
+/// late, and node2 answers it `lost` instead of "thawed". The set fails naming node2.
+#[test]
+fn a_node_silent_longer_than_the_lease_answers_its_late_thaw_lost_and_the_set_fails_naming_it() {
+    let cluster = Cluster::start_with(
+        &[
+            Spec {
+                db: "hang_in = \"freeze\"",
+                ..Spec::default()
+            },
+            Spec {
+                netns: true,
+                ..Spec::default()
+            },
+            Spec::default(),
+        ],
+        8 * LEASE_MS,
+    );
+    let create = cluster.spawn_create(2);
+    wait_for(
+        "node2 frozen while node1's db hangs in freeze",
+        || {
+            let n = &cluster.nodes;
+            (n[1].app_frozen() && n[1].called("freeze-done") && n[0].called("freeze")).then_some(())
+        },
+        || cluster.logs(),
+    );
+    let netns = cluster.nodes[1].netns.as_ref().unwrap();
+    let silent_ns = now_ns();
+    netns.drop_packets();
+    wait_released(
+        &cluster,
+        &[1],
+        "node2's writers released by its lease while its packets are dropped",
+    );
+    assert_released_within_the_lease(&cluster, &[1], silent_ns);
+    netns.pass_packets();
+    cluster.nodes[0].release_hang();
+    let (code, record, stderr) = finish(create);
+    let record =
+        record.unwrap_or_else(|| panic!("no record ({code}): {stderr}\n{}", cluster.logs()));
+    assert_eq!(code, 2, "{}", cluster.logs());
+    let (_, writer, reason) = failed(&record);
+    let (node, _) = writer.expect("the failure names node2's writer");
+    assert_eq!(node, "node2", "{reason}");
+    assert!(reason.contains("lease on set"), "{reason}");
+    let node2_db = record
+        .writers
+        .iter()
+        .find(|w| w.writer.node == "node2" && w.writer.writer == "db")
+        .unwrap();
+    assert_eq!(
+        node2_db.failure.as_ref().map(|f| f.kind),
+        Some(quiesce_proto::FailureKind::Lost)
+    );
+    assert!(record.snapshot.is_none());
+    wait_released(&cluster, &[0, 1, 2], "every writer released");
+    assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
+    // node2 never left: the link held through the silence.
+    let listed: Vec<SetRecord> = cluster.nodes[1].cli_json(&["snapshot", "list"]);
+    assert_eq!(listed.len(), 1);
 }

@@ -20,6 +20,7 @@ fn set_error(e: SetError) -> Error {
         SetError::OneVolume { .. } => Error::InvalidRequest(message),
         SetError::Busy { .. } => Error::Busy(message),
         SetError::WriterStuck { .. } => Error::WriterStuck(message),
+        SetError::WriterHeld { .. } => Error::Busy(message),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::authorize;
 use crate::host::Host;
-use crate::worker::WriterHandle;
+use crate::worker::{Holder, WriterHandle};
 use quiesce_dbus::{writer_path, Error};
 use quiesce_proto::WriterCall;
 use std::sync::Arc;
@@ -55,6 +55,28 @@ impl WriterIface {
     }
 }
 
+impl WriterIface {
+    /// A diagnostic call never touches a writer a set holds: it would thaw it before its
+    /// snapshot, or keep it frozen past the set.
+    fn refuse_if_a_set_holds(&self, what: &str) -> Result<(), Error> {
+        match self.handle.status().held_by {
+            Some(Holder::Set(set)) => Err(Error::Busy(format!(
+                "writer {} is held frozen by set {set}: a diagnostic {what} must wait until the set releases it",
+                self.handle.id()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A set took the writer between the check and the call: still `Busy`.
+    fn call_failed(&self, e: quiesce_proto::CallFailure) -> Error {
+        match self.handle.status().held_by {
+            Some(Holder::Set(_)) => Error::Busy(e.to_string()),
+            _ => Error::CallFailed(e.to_string()),
+        }
+    }
+}
+
 #[zbus::interface(name = "org.quiesce.Writer1")]
 impl WriterIface {
     /// Freezes the writer outside any set, for diagnosis. The hold limit still thaws it.
@@ -64,11 +86,12 @@ impl WriterIface {
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), Error> {
         authorize(connection, &header, "freeze a writer").await?;
+        self.refuse_if_a_set_holds("freeze")?;
         self.handle
-            .call(WriterCall::Freeze, "manual", self.freeze_budget)
+            .diagnose(WriterCall::Freeze, self.freeze_budget)
             .await
             .map(drop)
-            .map_err(|e| Error::CallFailed(e.to_string()))
+            .map_err(|e| self.call_failed(e))
     }
 
     async fn thaw(
@@ -77,11 +100,12 @@ impl WriterIface {
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), Error> {
         authorize(connection, &header, "thaw a writer").await?;
+        self.refuse_if_a_set_holds("thaw")?;
         self.handle
-            .call(WriterCall::Thaw, "manual", self.thaw_budget)
+            .diagnose(WriterCall::Thaw, self.thaw_budget)
             .await
             .map(drop)
-            .map_err(|e| Error::CallFailed(e.to_string()))
+            .map_err(|e| self.call_failed(e))
     }
 
     #[zbus(property)]

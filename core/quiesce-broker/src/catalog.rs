@@ -20,10 +20,9 @@ use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("the catalog {path}: {cause}")]
+    #[error("the catalog {path}: {cause}; {}", advice(cause))]
     Sqlite {
         path: PathBuf,
-        #[source]
         cause: rusqlite::Error,
     },
     #[error("the catalog {path} was written by a newer broker (schema {found}, this broker knows {SCHEMA}); run the newer broker or use another catalog file")]
@@ -38,8 +37,31 @@ pub enum CatalogError {
     WriterGone,
 }
 
+/// What to do about an SQLite error, for the operator.
+fn advice(cause: &rusqlite::Error) -> &'static str {
+    use rusqlite::ErrorCode as C;
+    match cause.sqlite_error_code() {
+        Some(C::DiskFull) => "the disk holding the catalog is full: free space on it (or move the catalog elsewhere: `catalog = PATH` in the broker's configuration), then try again",
+        Some(C::DatabaseCorrupt | C::NotADatabase) => "the catalog file is damaged: stop the broker and move the file away; `sqlite3 FILE .recover | sqlite3 NEW` may save its records into a new file to use instead; with a new, empty catalog the old sets' snapshots stay on the volume and must be deleted by hand",
+        Some(C::ReadOnly | C::CannotOpen | C::PermissionDenied) => "the broker cannot write the catalog file: check that its directory exists and that the broker's user may write it and the file",
+        Some(C::DatabaseBusy | C::DatabaseLocked) => "another process holds the catalog file: is a second broker running with the same catalog?",
+        Some(C::SystemIoFailure) => "the disk failed to read or write the catalog: check the kernel log and the disk",
+        _ => "check the catalog file and its disk",
+    }
+}
+
 /// The schema version, in SQLite's `user_version`.
 const SCHEMA: i64 = 1;
+
+/// One page of ended sets.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub records: Vec<SetRecord>,
+    /// Rows that could not be read, each with why and how to remove it.
+    pub unreadable: Vec<String>,
+    /// The id to ask the next page after; `None` on the last page.
+    pub next: Option<String>,
+}
 
 /// A set found `running` in the catalog at start: the broker died during it.
 #[derive(Debug, Clone)]
@@ -250,18 +272,61 @@ impl Catalog {
 
     /// Every ended set, oldest first.
     pub fn list(&self) -> Result<Vec<SetRecord>, CatalogError> {
+        Ok(self.page(None, usize::MAX)?.records)
+    }
+
+    /// Up to `limit` ended sets after the set `after` (by start, then id), oldest first. A row
+    /// that does not read as a record is skipped and reported, not fatal to the page.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> Result<Page, CatalogError> {
         let conn = self.reader();
+        let (after_started, after_id) = match after {
+            Some(id) => {
+                let started: Option<i64> = conn
+                    .query_row(
+                        "SELECT started_unix_ms FROM sets WHERE id = ?1",
+                        [id],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(|e| self.sqlite(e))?;
+                (started.unwrap_or(i64::MIN), id.to_string())
+            }
+            None => (i64::MIN, String::new()),
+        };
         let mut statement = conn
-            .prepare("SELECT id, record_json FROM sets WHERE state = 'ended' ORDER BY started_unix_ms, id")
+            .prepare(
+                "SELECT id, record_json FROM sets WHERE state = 'ended' AND (started_unix_ms, id) > (?1, ?2) \
+                 ORDER BY started_unix_ms, id LIMIT ?3",
+            )
             .map_err(|e| self.sqlite(e))?;
+        // One more than asked: whether there is a next page.
+        let want = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
         let rows = statement
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .query_map(params![after_started, after_id, want], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
             .map_err(|e| self.sqlite(e))?;
-        rows.map(|row| {
+        let mut page = Page::default();
+        let mut last = None;
+        for (n, row) in rows.enumerate() {
             let (id, json) = row.map_err(|e| self.sqlite(e))?;
-            self.parse(&id, &json)
-        })
-        .collect()
+            if n == limit {
+                page.next = last.take();
+                break;
+            }
+            match self.parse(&id, &json) {
+                Ok(record) => page.records.push(record),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    page.unreadable.push(format!(
+                        "{e}; the set's snapshot, if it kept one, is still on the volume; remove the row with `sqlite3 {} \"DELETE FROM sets WHERE id = '{id}'\"`",
+                        self.path.display()
+                    ));
+                }
+            }
+            last = Some(id);
+        }
+        Ok(page)
     }
 
     /// One set: its record and whether it is still running.

@@ -247,14 +247,53 @@ impl Sets {
                 .await;
             follower.abort();
             lapse_follower.abort();
-            if let Err(e) = sets.catalog.finish(record.clone()).await {
-                tracing::error!(set = %record.id, "the set's record could not be written: {e}");
-            }
+            let record = sets.record_or_undo(record, &volume).await;
             drop(running);
             tracing::info!(set = %record.id, outcome = %record.outcome, freeze_window_ms = ?record.freeze_window_ms, provider_ms = ?record.provider_ms, "cluster set ended");
             record
         });
         Ok(task.await.expect("a set's task does not panic"))
+    }
+
+    /// Writes a set's final record. The catalog is part of the outcome: a set whose record
+    /// cannot be written does not answer success — a snapshot the catalog does not know of would
+    /// never be listed, pruned or cleaned up, and a restarted broker would delete it without a
+    /// word. Its snapshot is deleted, and the answer says why.
+    async fn record_or_undo(self: &Arc<Self>, record: SetRecord, volume: &str) -> SetRecord {
+        let error = match self.catalog.finish(record.clone()).await {
+            Ok(()) => return record,
+            Err(e) => e,
+        };
+        tracing::error!(set = %record.id, "the set's final record could not be written: {error}");
+        let mut failed = record.clone();
+        failed.outcome = quiesce_proto::Outcome::Failed {
+            phase: quiesce_proto::Phase::Complete,
+            writer: None,
+            reason: format!(
+                "the set's final record could not be written to the catalog ({error}); a snapshot the catalog does not know of would never be cleaned up, so it was deleted"
+            ),
+        };
+        failed.snapshot = None;
+        if let (Some(snapshot), Some(provider)) =
+            (record.snapshot.clone(), self.providers.get(volume).cloned())
+        {
+            let deleted = tokio::task::spawn_blocking(move || provider.delete(&snapshot))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            if let Err(e) = deleted {
+                failed.cleanup_error = Some(format!(
+                    "the snapshot {} could not be deleted ({e}): delete it by hand",
+                    record.snapshot.as_ref().map_or("?", |s| s.path.as_str())
+                ));
+            }
+        }
+        // Once more: the disk may have room for the shorter story. If not, the row stays
+        // `running`, and a restarted broker records the set failed (its snapshot is gone).
+        if let Err(e) = self.catalog.finish(failed.clone()).await {
+            tracing::error!(set = %record.id, "the failed record could not be written either: {e}");
+        }
+        failed
     }
 
     /// Aborts the running set, if any, and waits (at most `patience`) for it to end: a broker

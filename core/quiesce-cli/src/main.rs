@@ -51,6 +51,7 @@
 //! "attached_unix_ms", "last_seen_ms_ago", "joined_epoch"}]}`.
 
 mod snapshot;
+mod table;
 
 use anyhow::{bail, Context};
 use clap::parser::ValueSource;
@@ -215,6 +216,15 @@ fn refused(url: &str, status: tonic::Status) -> anyhow::Error {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // `quiesce snapshot list | head -1`: a reader that goes away ends the CLI quietly, as it
+    // ends any Unix filter, instead of a panic in `println!`.
+    // SAFETY: setting a signal's disposition to its default before any thread is spawned.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let matches = match Cli::command().try_get_matches() {
         Ok(matches) => matches,
         Err(e) => {
@@ -433,20 +443,6 @@ fn print_table<const N: usize>(header: &[String; N], rows: &[[String; N]]) {
     print_table_indented("  ", header, rows)
 }
 
-/// Left-aligned columns as wide as their widest cell, each line starting with `indent`.
 fn print_table_indented<const N: usize>(indent: &str, header: &[String; N], rows: &[[String; N]]) {
-    let mut widths = header.each_ref().map(|h| h.len());
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    for row in std::iter::once(header).chain(rows) {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{indent}{}", line.join("  ").trim_end());
-    }
+    print!("{}", table::render(indent, header, rows));
 }

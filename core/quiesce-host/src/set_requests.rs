@@ -222,6 +222,17 @@ fn from_status(
         Code::InvalidArgument => SetRequestError::InvalidRequest(format!(
             "the broker at {url} refused the request as malformed: {message}"
         )),
+        // A status with a cause was made here from a transport error (the connection broke
+        // mid-call: the broker died or the link was cut); one the broker sent has none.
+        Code::Unknown | Code::Internal if std::error::Error::source(&status).is_some() => {
+            SetRequestError::Unreachable {
+                url,
+                action,
+                cause: format!(
+                    "the connection broke during the call ({message}); {if_unreachable}"
+                ),
+            }
+        }
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
             SetRequestError::Unreachable {
                 url,

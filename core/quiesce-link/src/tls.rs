@@ -224,7 +224,10 @@ pub async fn connect(url: &str, security: &Security) -> Result<Channel, ConnectE
         })?;
     connected.map_err(|e| {
         let cause = crate::error_chain(&e);
-        let hint = if cause.contains("certificate") || cause.contains("alert") {
+        let clock = ["Expired", "expired", "NotValidYet", "not valid yet"];
+        let hint = if clock.iter().any(|c| cause.contains(c)) {
+            "the TLS handshake failed on a certificate's dates: check that the clocks of this machine and the broker's are right (`date`; run NTP) and the certificates' validity (`openssl x509 -noout -dates -in FILE`); make new certificates with `quiesce-broker certs` if they expired"
+        } else if cause.contains("certificate") || cause.contains("alert") {
             "the TLS handshake failed: the broker's certificate and this one must both come from the cluster's CA (`quiesce-broker certs`, same ca.key), and --ca must be that CA's ca.pem"
         } else {
             "is quiesce-broker running and listening there?"

@@ -154,3 +154,39 @@ fn insecure_mode_works_for_a_demo_and_says_so_loudly() {
     assert!(!ok);
     assert!(stderr.contains("must start with https://"), "{stderr}");
 }
+
+/// A requester whose clock runs years ahead (or a certificate that expired) is refused in the
+/// handshake, and told to look at the clocks and the certificates' dates — not that the
+/// certificates come from another CA, which is what it was told before. `faketime` moves only
+/// the CLI's clock, as a skewed machine would.
+#[test]
+fn a_skewed_clock_is_named_as_the_cause_of_a_refused_handshake() {
+    quiesce_testbed::require("faketime", "faketime");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(&dir.path().join("cluster"), &["node1"]);
+    let broker = Broker::start(dir.path(), Some(&certs), 3000);
+    // Valid for the CLI's true clock.
+    let (ok, _, stderr) = cli(&broker, &certs.flags("admin"), &["nodes"]);
+    assert!(ok, "{stderr}");
+    // The certificates last 825 days: three years on, the broker's has expired for this clock.
+    let output = std::process::Command::new("faketime")
+        .args(["-f", "+1100d"])
+        .arg(cli_exe())
+        .args(["--broker", &broker.url])
+        .args(certs.flags("admin"))
+        .arg("nodes")
+        .env_remove("QUIESCE_BROKER")
+        .env("DONT_FAKE_MONOTONIC", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("check that the clocks") && stderr.contains("openssl x509 -noout -dates"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("must both come from the cluster's CA"),
+        "{stderr}"
+    );
+}

@@ -332,6 +332,47 @@ fn a_panicking_writer_is_reported_as_panicked_within_a_short_deadline_with_backt
     );
 }
 
+/// Issue 12, seventh finding: with the default deadlines a writer that never answers freeze is
+/// named in the record, timed out (the freeze deadline, 5 s, now lies below the hold limit,
+/// 10 s; before, both were 10 s and the hold limit fired first with no writer named).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_freeze_that_never_answers_is_named_under_the_default_deadlines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("release");
+    support::mkfifo(&fifo);
+    let config = format!(
+        "[plugins.misbehave]\n[[plugins.misbehave.writers]]\nid = \"steady\"\nvolume = \"demo\"\n\
+         [[plugins.misbehave.writers]]\nid = \"mute\"\nvolume = \"demo\"\nhang_in = \"freeze\"\nhang_fifo = \"{}\"\n",
+        fifo.display()
+    );
+    let host = host(tmp.path(), &[&plugin("quiesce-test-plugin")], &config);
+    assert_eq!(host.config().deadlines(), {
+        let mut d = quiesce_proto::Deadlines::default();
+        d.lease = host.config().deadlines().lease;
+        d
+    });
+    let record = host.run_local_set(demo()).await.unwrap();
+    match &record.outcome {
+        Outcome::Failed { phase, writer, .. } => {
+            assert_eq!(*phase, Phase::Freeze);
+            assert_eq!(writer.as_ref().map(|w| w.writer.as_str()), Some("mute"));
+        }
+        other => panic!("expected a failed set, got {other:?}"),
+    }
+    let mute = record
+        .writers
+        .iter()
+        .find(|w| w.writer.writer == "mute")
+        .unwrap();
+    assert_eq!(
+        mute.failure.as_ref().map(|f| (f.phase, f.kind)),
+        Some((Phase::Freeze, FailureKind::TimedOut))
+    );
+    std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    settle(&host).await;
+    assert_nobody_frozen(&host);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_writer_hanging_past_its_deadline_is_abandoned_and_aborted_when_it_returns() {
     let tmp = tempfile::tempdir().unwrap();

@@ -51,7 +51,7 @@ fn advice(cause: &rusqlite::Error) -> &'static str {
 }
 
 /// The schema version, in SQLite's `user_version`.
-const SCHEMA: i64 = 1;
+const SCHEMA: i64 = 2;
 
 /// One page of ended sets.
 #[derive(Debug, Default)]
@@ -68,6 +68,9 @@ pub struct Page {
 pub struct Abandoned {
     pub checkpoint: SetRecord,
     pub snapshot: Option<SnapshotInfo>,
+    /// Until when (Unix ms) a provider operation the set started may still be running: a
+    /// program the dead broker started may still take a snapshot until then.
+    pub provider_until_unix_ms: Option<u64>,
 }
 
 enum Write {
@@ -75,6 +78,7 @@ enum Write {
         id: String,
         phase: Phase,
         snapshot: Option<SnapshotInfo>,
+        provider_until_unix_ms: u64,
     },
     Final {
         record: Box<SetRecord>,
@@ -141,10 +145,19 @@ impl Catalog {
                     state TEXT NOT NULL CHECK (state IN ('running', 'ended')),
                     record_json TEXT NOT NULL,
                     phase TEXT,
-                    snapshot_json TEXT
-                );
-                PRAGMA user_version = 1;",
+                    snapshot_json TEXT,
+                    provider_until_unix_ms INTEGER
+                );",
             )
+            .map_err(sqlite)?;
+        if version == 1 {
+            // Schema 2 adds when a set's provider operation may still be running.
+            writer
+                .execute_batch("ALTER TABLE sets ADD COLUMN provider_until_unix_ms INTEGER;")
+                .map_err(sqlite)?;
+        }
+        writer
+            .pragma_update(None, "user_version", SCHEMA)
             .map_err(sqlite)?;
         let reader = open(path)?;
         let (writes, inbox) = mpsc::channel();
@@ -185,13 +198,20 @@ impl Catalog {
         Ok(())
     }
 
-    /// Queues a running set's new checkpoint (its phase, the snapshot it holds); it does not
-    /// wait for the disk.
-    pub fn checkpoint(&self, id: &str, phase: Phase, snapshot: Option<SnapshotInfo>) {
+    /// Queues a running set's new checkpoint (its phase, the snapshot it holds, until when a
+    /// provider operation it started may run); it does not wait for the disk.
+    pub fn checkpoint(
+        &self,
+        id: &str,
+        phase: Phase,
+        snapshot: Option<SnapshotInfo>,
+        provider_until_unix_ms: u64,
+    ) {
         let write = Write::Checkpoint {
             id: id.to_string(),
             phase,
             snapshot,
+            provider_until_unix_ms,
         };
         if self.writes.send(write).is_err() {
             tracing::error!("the catalog's writer thread stopped; checkpoints are lost");
@@ -219,7 +239,7 @@ impl Catalog {
     pub fn abandoned(&self) -> Result<Vec<Abandoned>, CatalogError> {
         let conn = self.reader();
         let mut statement = conn
-            .prepare("SELECT id, record_json, snapshot_json, phase FROM sets WHERE state = 'running' ORDER BY started_unix_ms")
+            .prepare("SELECT id, record_json, snapshot_json, phase, provider_until_unix_ms FROM sets WHERE state = 'running' ORDER BY started_unix_ms")
             .map_err(|e| self.sqlite(e))?;
         let rows = statement
             .query_map([], |r| {
@@ -228,12 +248,13 @@ impl Catalog {
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<String>>(2)?,
                     r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
                 ))
             })
             .map_err(|e| self.sqlite(e))?;
         let mut abandoned = vec![];
         for row in rows {
-            let (id, record, snapshot, phase) = row.map_err(|e| self.sqlite(e))?;
+            let (id, record, snapshot, phase, provider_until) = row.map_err(|e| self.sqlite(e))?;
             let mut checkpoint = self.parse(&id, &record)?;
             // The phase it had reached: the start record says where it began.
             let reached: Option<Phase> =
@@ -244,6 +265,7 @@ impl Catalog {
                 *phase = reached;
             }
             abandoned.push(Abandoned {
+                provider_until_unix_ms: provider_until.and_then(|t| u64::try_from(t).ok()),
                 checkpoint,
                 snapshot: match snapshot {
                     Some(s) => {
@@ -368,10 +390,16 @@ fn write_loop(conn: Connection, path: &Path, inbox: mpsc::Receiver<Write>) {
                 id,
                 phase,
                 snapshot,
+                provider_until_unix_ms,
             } => {
                 let result = conn.execute(
-                    "UPDATE sets SET phase = ?2, snapshot_json = ?3 WHERE id = ?1 AND state = 'running'",
-                    params![id, phase.as_str(), snapshot.as_ref().map(json)],
+                    "UPDATE sets SET phase = ?2, snapshot_json = ?3, provider_until_unix_ms = ?4 WHERE id = ?1 AND state = 'running'",
+                    params![
+                        id,
+                        phase.as_str(),
+                        snapshot.as_ref().map(json),
+                        i64::try_from(provider_until_unix_ms).unwrap_or(i64::MAX)
+                    ],
                 );
                 if let Err(e) = result {
                     tracing::error!(set = %id, "catalog {}: checkpoint not written: {e}", path.display());
@@ -423,7 +451,7 @@ mod tests {
             catalog
                 .start(&set.record_if_abandoned(now, "gone".into()), 1)
                 .unwrap();
-            catalog.checkpoint("set-1", Phase::Snapshot, Some(snapshot("set-1")));
+            catalog.checkpoint("set-1", Phase::Snapshot, Some(snapshot("set-1")), 77);
             // A second set that ends: it must not come back as abandoned.
             let other = running_set("set-2");
             catalog
@@ -444,6 +472,7 @@ mod tests {
         assert_eq!(abandoned.len(), 1);
         assert_eq!(abandoned[0].checkpoint.id.0, "set-1");
         assert_eq!(abandoned[0].snapshot, Some(snapshot("set-1")));
+        assert_eq!(abandoned[0].provider_until_unix_ms, Some(77));
         assert!(matches!(
             &abandoned[0].checkpoint.outcome,
             Outcome::Failed { reason, phase: Phase::Snapshot, .. } if reason == "gone"

@@ -45,7 +45,6 @@ pub enum ServeError {
     #[error("cannot listen on {addr}: {cause}; is another broker running there? pick another --listen address")]
     Bind {
         addr: SocketAddr,
-        #[source]
         cause: std::io::Error,
     },
     #[error(transparent)]

@@ -76,7 +76,7 @@ pub struct Sets {
     broker: Arc<Broker>,
     deadlines: Deadlines,
     providers: BTreeMap<String, Arc<dyn Provider>>,
-    catalog: Catalog,
+    catalog: Arc<Catalog>,
     running: Arc<quiesce_driver::RunningSlot>,
     counter: AtomicU64,
 }
@@ -110,41 +110,51 @@ impl Sets {
             .iter()
             .map(|(name, p)| (name.clone(), Arc::from(p.build())))
             .collect();
-        let catalog = Catalog::open(&config.catalog)?;
+        let catalog = Arc::new(Catalog::open(&config.catalog)?);
         for abandoned in catalog.abandoned()? {
             let mut record = abandoned.checkpoint;
             let id = record.id.0.clone();
-            let volume = record.request.volumes.first().cloned().unwrap_or_default();
-            match providers.get(&volume) {
-                Some(provider) => {
-                    let snapshot = match abandoned.snapshot {
-                        Some(s) => Ok(Some(s)),
-                        None => provider.find(&id).map_err(|e| e.to_string()),
-                    };
-                    let cleaned = snapshot.and_then(|s| match s {
-                        Some(s) => provider
-                            .delete(&s)
-                            .map(|()| Some(s))
-                            .map_err(|e| e.to_string()),
-                        None => Ok(None),
-                    });
-                    match cleaned {
-                        Ok(Some(s)) => {
-                            tracing::warn!(set = %id, snapshot = %s.path, "deleted the snapshot of an abandoned set")
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            record.cleanup_error = Some(format!("the snapshot of this abandoned set could not be cleaned up ({e}): check the volume's snapshots and delete it by hand"));
-                        }
-                    }
-                }
-                None => {
-                    record.cleanup_error = Some(format!("the broker has no volume {volume:?} any more: check its snapshots for {id} by hand"));
-                }
-            }
             record.snapshot = None;
+            let volume = record.request.volumes.first().cloned().unwrap_or_default();
+            let Some(provider) = providers.get(&volume).cloned() else {
+                record.cleanup_error = Some(format!("the broker has no volume {volume:?} any more: check its snapshots for {id} by hand"));
+                catalog.update(&record)?;
+                continue;
+            };
+            let wait = abandoned
+                .provider_until_unix_ms
+                .map(|until| Duration::from_millis(until.saturating_sub(unix_ms())))
+                .unwrap_or_default();
+            if wait.is_zero() {
+                let record = clean_up_abandoned(provider.as_ref(), record, abandoned.snapshot);
+                catalog.update(&record)?;
+                continue;
+            }
+            // The dead broker's provider program may still be running and take its snapshot
+            // after this start: the set is on record as failed now, and what it left is looked
+            // for (and deleted) once the provider's deadline has passed.
+            record.cleanup_error = Some(format!(
+                "pending: a provider operation of this set may still be running; the broker looks for what the set left and deletes it {} ms after its restart (the provider's deadline)",
+                wait.as_millis()
+            ));
             catalog.update(&record)?;
-            tracing::warn!(set = %id, outcome = %record.outcome, "a set the broker abandoned when it stopped is now recorded as failed");
+            tracing::warn!(set = %id, wait_ms = wait.as_millis() as u64, "a set the broker abandoned may still have a provider operation running: cleaning up after its deadline");
+            let (catalog, snapshot) = (catalog.clone(), abandoned.snapshot);
+            std::thread::Builder::new()
+                .name(format!("cleanup-{id}"))
+                .spawn(move || {
+                    // A timer, not a synchronisation: the provider's deadline is the bound.
+                    std::thread::sleep(wait);
+                    record.cleanup_error = None;
+                    let record = clean_up_abandoned(provider.as_ref(), record, snapshot);
+                    if let Err(e) = catalog.update(&record) {
+                        tracing::error!(set = %record.id, "recording the cleanup of an abandoned set: {e}");
+                    }
+                })
+                .map_err(|e| CatalogError::Sqlite {
+                    path: config.catalog.clone(),
+                    cause: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                })?;
         }
         Ok(Arc::new(Sets {
             broker,
@@ -239,8 +249,12 @@ impl Sets {
                 quiesce_driver::run(set, transport, provider, (inputs, inbox), |set, _now| {
                     let now_at = (set.phase(), set.snapshot().cloned());
                     if !set.is_ended() && last.as_ref() != Some(&now_at) {
+                        // A provider operation started by now ends by its deadline: a
+                        // restarted broker waits that long before it looks for what the set
+                        // left (the program may outlive this broker).
+                        let until = unix_ms() + sets.deadlines.provider.as_millis() as u64;
                         sets.catalog
-                            .checkpoint(&set.id().0, now_at.0, now_at.1.clone());
+                            .checkpoint(&set.id().0, now_at.0, now_at.1.clone(), until);
                         last = Some(now_at);
                     }
                 })
@@ -495,6 +509,38 @@ impl Drop for LinkTransport {
     fn drop(&mut self) {
         self.broker.forget_commands(&self.sent);
     }
+}
+
+/// Deletes what an abandoned set left (the snapshot it recorded, or what the provider finds
+/// for it) and returns its record, saying what could not be cleaned up.
+fn clean_up_abandoned(
+    provider: &dyn Provider,
+    mut record: SetRecord,
+    recorded: Option<SnapshotInfo>,
+) -> SetRecord {
+    let id = record.id.0.clone();
+    let snapshot = match recorded {
+        Some(s) => Ok(Some(s)),
+        None => provider.find(&id).map_err(|e| e.to_string()),
+    };
+    let cleaned = snapshot.and_then(|s| match s {
+        Some(s) => provider
+            .delete(&s)
+            .map(|()| Some(s))
+            .map_err(|e| e.to_string()),
+        None => Ok(None),
+    });
+    match cleaned {
+        Ok(Some(s)) => {
+            tracing::warn!(set = %id, snapshot = %s.path, "deleted the snapshot of an abandoned set")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            record.cleanup_error = Some(format!("the snapshot of this abandoned set could not be cleaned up ({e}): check the volume's snapshots and delete it by hand"));
+        }
+    }
+    tracing::warn!(set = %id, outcome = %record.outcome, "a set the broker abandoned when it stopped is recorded as failed");
+    record
 }
 
 /// Feeds a running set the nodes that report their lease on it lapsed: they let its writers

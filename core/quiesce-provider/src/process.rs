@@ -104,6 +104,22 @@ pub(crate) fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // A daemon killed outright (`kill -9`, outside systemd) must not leave a provider program
+    // running on: it would take a snapshot nobody records. The program dies with the thread that
+    // started it, which waits for it; what the program itself started is covered by the
+    // restarted daemon waiting out the provider's deadline before it cleans up.
+    let parent = nix::unistd::getpid();
+    // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid, _exit.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            if nix::unistd::getppid() != parent {
+                // The daemon died before the signal was armed.
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
     let mut child = spawn(command, started + limit)?;
     let group = Pid::from_raw(child.id() as i32);
     let stdout = Capture::start(child.stdout.take(), Keep::First(STDOUT_KEPT));

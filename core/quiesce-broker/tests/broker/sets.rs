@@ -21,6 +21,8 @@ const LEASE_MS: u64 = 1500;
 const HOLD_LIMIT_MS: u64 = 20_000;
 /// The broker drops a silent node after this long.
 const HEARTBEAT_MS: u64 = 1500;
+/// The broker's deadline for one provider operation.
+const PROVIDER_MS: u64 = 5000;
 
 /// How a node is set up.
 #[derive(Clone, Copy, Default)]
@@ -69,6 +71,23 @@ impl Cluster {
     /// With another heartbeat timeout (a node silent for longer than the lease but shorter than
     /// this stays attached).
     fn start_with(specs: &[Spec], heartbeat_ms: u64) -> Cluster {
+        Cluster::start_full(specs, heartbeat_ms, None, |volume, _| {
+            format!(
+                "provider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n",
+                volume.data, volume.snapshots
+            )
+        })
+    }
+
+    /// With the broker's `[volumes.shared]` table made by `provider` (from the volume and the
+    /// test's directory).
+    /// The catalog lives in the test's directory unless `catalog` names another file.
+    fn start_full(
+        specs: &[Spec],
+        heartbeat_ms: u64,
+        catalog: Option<PathBuf>,
+        provider: impl FnOnce(&BtrfsVolume, &Path) -> String,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let volume = BtrfsVolume::create(256);
         let names: Vec<String> = (1..=specs.len()).map(|i| format!("node{i}")).collect();
@@ -85,10 +104,9 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "catalog = {:?}\nhold_limit_ms = {HOLD_LIMIT_MS}\nlease_ms = {LEASE_MS}\n\n[timeouts]\nfreeze_ms = 10000\nabort_ms = 5000\n\n[volumes.shared]\nprovider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n",
-                dir.path().join("catalog.sqlite"),
-                volume.data,
-                volume.snapshots
+                "catalog = {:?}\nhold_limit_ms = {HOLD_LIMIT_MS}\nlease_ms = {LEASE_MS}\n\n[timeouts]\nfreeze_ms = 10000\nabort_ms = 5000\nprovider_ms = {PROVIDER_MS}\n\n[volumes.shared]\n{}",
+                catalog.unwrap_or_else(|| dir.path().join("catalog.sqlite")),
+                provider(&volume, dir.path()),
             ),
         )
         .unwrap();
@@ -855,4 +873,195 @@ fn a_node_slow_to_thaw_holds_no_other_node_frozen() {
     let record = record.unwrap_or_else(|| panic!("no record ({code}): {stderr}"));
     assert_eq!(record.outcome, Outcome::AppConsistent, "{}", cluster.logs());
     assert_eq!(code, 0);
+}
+
+/// Issue 12, third finding: the broker `kill -9`ed while a `command` provider's `take` runs,
+/// outside systemd (nothing kills the provider's process group). The program dies with the
+/// broker (PR_SET_PDEATHSIG), but what it started lives on — here a subshell that creates the
+/// snapshot two seconds later. The restarted broker records the set failed at once, waits out
+/// the provider's deadline, then finds the orphan's snapshot and deletes it (before, it found
+/// nothing at start, and the snapshot stayed on disk, unrecorded).
+#[test]
+fn a_provider_orphaned_by_a_killed_broker_leaves_no_snapshot_behind() {
+    let mut script = None;
+    let mut cluster = Cluster::start_full(&[Spec::default()], HEARTBEAT_MS, None, |volume, dir| {
+        let program = dir.join("provider.sh");
+        let snapshots = volume.snapshots.join("command");
+        std::fs::create_dir_all(&snapshots).unwrap();
+        std::fs::write(
+            &program,
+            format!(
+                r#"#!/bin/bash
+set -eu
+snaps={snaps:?}
+case "$1" in
+  take)
+    # A child the program leaves behind: it outlives the program, and makes the snapshot.
+    ( sleep 2; mkdir -p "$snaps/$QUIESCE_SET_ID"; touch {made:?} ) &
+    touch {started:?}
+    wait
+    echo "{{\"id\": \"$QUIESCE_SET_ID\", \"path\": \"$snaps/$QUIESCE_SET_ID\"}}" ;;
+  find)
+    if [ -d "$snaps/$QUIESCE_SET_ID" ]; then
+      echo "{{\"id\": \"$QUIESCE_SET_ID\", \"path\": \"$snaps/$QUIESCE_SET_ID\"}}"
+    fi ;;
+  delete) rm -rf "$QUIESCE_SNAPSHOT_PATH" ;;
+  finalize) ;;
+esac
+"#,
+                snaps = snapshots,
+                started = dir.join("take.started"),
+                made = dir.join("take.made"),
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &program,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        script = Some((dir.to_path_buf(), snapshots));
+        format!("provider = \"command\"\nprogram = {program:?}\ntimeout_ms = 4000\n")
+    });
+    let (dir, snapshots) = script.unwrap();
+    let create = cluster.spawn_create(0);
+    wait_for(
+        "the provider's take to start",
+        || dir.join("take.started").exists().then_some(()),
+        || cluster.logs(),
+    );
+    cluster.broker.process.kill();
+    let (code, _, _) = finish(create);
+    assert_eq!(code, 1);
+    cluster.broker.start_again();
+    let listed: Vec<SetRecord> = cluster.nodes[0].cli_json(&["snapshot", "list"]);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let id = listed[0].id.0.clone();
+    let (phase, _, _) = failed(&listed[0]);
+    assert_eq!(phase, Phase::Snapshot);
+    assert!(
+        listed[0]
+            .cleanup_error
+            .as_deref()
+            .is_some_and(|e| e.contains("pending")),
+        "{:?}",
+        listed[0].cleanup_error
+    );
+    // The orphan makes its snapshot after the restart...
+    wait_for(
+        "the orphaned child to make its snapshot",
+        || dir.join("take.made").exists().then_some(()),
+        || cluster.logs(),
+    );
+    // ...and the broker deletes it once the provider's deadline has passed.
+    wait_for(
+        "the restarted broker to clean up after the provider's deadline",
+        || {
+            let shown: SetRecord = cluster.nodes[0].cli_json(&["snapshot", "show", &id]);
+            shown.cleanup_error.is_none().then_some(shown)
+        },
+        || cluster.logs(),
+    );
+    assert!(
+        !snapshots.join(&id).exists(),
+        "the orphan's snapshot is deleted"
+    );
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&at).unwrap();
+        quiesce_testbed::run(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&at),
+        );
+        Tmpfs(at)
+    }
+
+    /// Fills what is left of it; returns the filler file.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let block = vec![0xa5u8; 64 * 1024];
+        loop {
+            match file.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => panic!("filling {}: {e}", self.0.display()),
+            }
+        }
+        // Single bytes, for the last partial block.
+        while file.write(&[0]).is_ok_and(|n| n == 1) {}
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Issue 12, second finding: the catalog's disk fills up during a set. The set cannot write its
+/// final record, so it does not answer success: it answers failed, saying why and what to do,
+/// and its snapshot is deleted (before, the requester got app-consistent and a path, the
+/// catalog still said "running", and the restarted broker deleted that snapshot unannounced).
+#[test]
+fn a_set_whose_record_cannot_be_written_answers_failed_and_keeps_no_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(dir.path().join("catalogfs"), "4m");
+    let catalog = fs.0.join("catalog.sqlite");
+    let mut cluster = Cluster::start_full(
+        &[Spec {
+            db: "hang_in = \"freeze\"",
+            ..Spec::default()
+        }],
+        HEARTBEAT_MS,
+        Some(catalog),
+        |volume, _| {
+            format!(
+                "provider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n",
+                volume.data, volume.snapshots
+            )
+        },
+    );
+    let create = cluster.spawn_create(0);
+    wait_for(
+        "the set mid-freeze",
+        || cluster.nodes[0].called("freeze").then_some(()),
+        || cluster.logs(),
+    );
+    let filler = fs.fill();
+    cluster.nodes[0].release_hang();
+    let (code, record, stderr) = finish(create);
+    let record =
+        record.unwrap_or_else(|| panic!("no record ({code}): {stderr}\n{}", cluster.logs()));
+    assert_eq!(code, 2, "a set without its record is not a success");
+    let (phase, _, reason) = failed(&record);
+    assert_eq!(phase, Phase::Complete);
+    assert!(
+        reason.contains("could not be written to the catalog")
+            && reason.contains("disk holding the catalog is full"),
+        "{reason}"
+    );
+    assert!(record.snapshot.is_none());
+    assert_eq!(
+        cluster.volume.snapshot_list(),
+        Vec::<PathBuf>::new(),
+        "the snapshot nobody could record is deleted"
+    );
+    // Space again; a restarted broker has the set on record as failed, and no snapshot.
+    std::fs::remove_file(filler).unwrap();
+    cluster.broker.process.kill();
+    cluster.broker.start_again();
+    let listed: Vec<SetRecord> = cluster.nodes[0].cli_json(&["snapshot", "list"]);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].outcome.is_failed());
+    assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
 }

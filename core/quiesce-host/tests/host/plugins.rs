@@ -346,7 +346,10 @@ async fn a_freeze_that_never_answers_is_named_under_the_default_deadlines() {
         fifo.display()
     );
     let host = host(tmp.path(), &[&plugin("quiesce-test-plugin")], &config);
-    assert_eq!(host.config().deadlines(), quiesce_proto::Deadlines::default());
+    assert_eq!(
+        host.config().deadlines(),
+        quiesce_proto::Deadlines::default()
+    );
     let record = host.run_local_set(demo()).await.unwrap();
     match &record.outcome {
         Outcome::Failed { phase, writer, .. } => {

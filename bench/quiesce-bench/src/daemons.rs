@@ -91,7 +91,7 @@ impl Broker {
         let deadline = Instant::now() + within;
         loop {
             let live = catalog
-                .list_nodes(ListNodesRequest {})
+                .list_nodes(ListNodesRequest::default())
                 .await?
                 .into_inner()
                 .nodes

@@ -156,6 +156,12 @@ impl Catalog {
                 .execute_batch("ALTER TABLE sets ADD COLUMN provider_until_unix_ms INTEGER;")
                 .map_err(sqlite)?;
         }
+        // Pages of ended sets in start order, without a scan of the whole table per page.
+        writer
+            .execute_batch(
+                "CREATE INDEX IF NOT EXISTS sets_by_start ON sets (state, started_unix_ms, id);",
+            )
+            .map_err(sqlite)?;
         writer
             .pragma_update(None, "user_version", SCHEMA)
             .map_err(sqlite)?;

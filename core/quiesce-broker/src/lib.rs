@@ -166,7 +166,11 @@ impl Bound {
         }
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         server
-            .add_service(LinkServer::new(services::LinkService(self.broker.clone())))
+            .add_service(
+                // A registration carries every writer's metadata: see `limits`.
+                LinkServer::new(services::LinkService(self.broker.clone()))
+                    .max_decoding_message_size(quiesce_link::limits::LINK_MESSAGE_BYTES),
+            )
             .add_service(CatalogServer::new(services::CatalogService(
                 self.broker.clone(),
             )))

@@ -249,10 +249,17 @@ impl Sets {
                 quiesce_driver::run(set, transport, provider, (inputs, inbox), |set, _now| {
                     let now_at = (set.phase(), set.snapshot().cloned());
                     if !set.is_ended() && last.as_ref() != Some(&now_at) {
-                        // A provider operation started by now ends by its deadline: a
+                        // A provider operation started in this phase ends by its deadline: a
                         // restarted broker waits that long before it looks for what the set
-                        // left (the program may outlive this broker).
-                        let until = unix_ms() + sets.deadlines.provider.as_millis() as u64;
+                        // left (the program may outlive this broker). Other phases run none.
+                        use quiesce_proto::Phase;
+                        let provider_runs =
+                            matches!(now_at.0, Phase::Snapshot | Phase::Finalize | Phase::Abort);
+                        let until = if provider_runs {
+                            unix_ms() + sets.deadlines.provider.as_millis() as u64
+                        } else {
+                            0
+                        };
                         sets.catalog
                             .checkpoint(&set.id().0, now_at.0, now_at.1.clone(), until);
                         last = Some(now_at);
@@ -330,6 +337,15 @@ impl Sets {
     /// Every ended set, oldest first.
     pub fn list(&self) -> Result<Vec<SetRecord>, CatalogError> {
         self.catalog.list()
+    }
+
+    /// Up to `limit` ended sets after the set `after`, oldest first.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::catalog::Page, CatalogError> {
+        self.catalog.page(after, limit)
     }
 
     /// One set, running or ended.

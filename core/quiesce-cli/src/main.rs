@@ -279,6 +279,82 @@ async fn snapshot(
     snapshot::run(bus.as_deref(), command).await
 }
 
+/// How often a listing starts over when the membership changes between its pages.
+const LISTING_TRIES: usize = 5;
+
+/// Every page of `ListWriters`, merged: one answer as of one membership epoch.
+async fn all_writers(
+    catalog: &mut CatalogClient<tonic::transport::Channel>,
+    url: &str,
+    volumes: Vec<String>,
+) -> anyhow::Result<quiesce_link::v1::ListWritersReply> {
+    for _ in 0..LISTING_TRIES {
+        let mut all = quiesce_link::v1::ListWritersReply::default();
+        let mut token = String::new();
+        let mut first = true;
+        loop {
+            let page = catalog
+                .list_writers(ListWritersRequest {
+                    volumes: volumes.clone(),
+                    page_size: 0,
+                    page_token: token,
+                })
+                .await
+                .map_err(|s| refused(url, s))?
+                .into_inner();
+            if !first && page.epoch != all.epoch {
+                break; // the membership changed: start over
+            }
+            first = false;
+            all.epoch = page.epoch;
+            for v in page.volumes {
+                match all.volumes.last_mut() {
+                    Some(last) if last.volume == v.volume => last.writers.extend(v.writers),
+                    _ => all.volumes.push(v),
+                }
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            token = page.next_page_token;
+        }
+    }
+    bail!("the cluster's membership kept changing while its writers were listed ({LISTING_TRIES} tries): ask again")
+}
+
+/// Every page of `ListNodes`, merged: one answer as of one membership epoch.
+async fn all_nodes(
+    catalog: &mut CatalogClient<tonic::transport::Channel>,
+    url: &str,
+) -> anyhow::Result<quiesce_link::v1::ListNodesReply> {
+    for _ in 0..LISTING_TRIES {
+        let mut all = quiesce_link::v1::ListNodesReply::default();
+        let mut token = String::new();
+        let mut first = true;
+        loop {
+            let page = catalog
+                .list_nodes(ListNodesRequest {
+                    page_size: 0,
+                    page_token: token,
+                })
+                .await
+                .map_err(|s| refused(url, s))?
+                .into_inner();
+            if !first && page.epoch != all.epoch {
+                break;
+            }
+            first = false;
+            all.epoch = page.epoch;
+            all.nodes.extend(page.nodes);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            token = page.next_page_token;
+        }
+    }
+    bail!("the cluster's membership kept changing while its nodes were listed ({LISTING_TRIES} tries): ask again")
+}
+
 async fn catalog(broker: &BrokerArgs, command: CatalogCommand) -> anyhow::Result<ExitCode> {
     let Some(url) = broker.broker.clone() else {
         bail!("which broker? pass --broker https://HOST:PORT or set QUIESCE_BROKER");
@@ -288,11 +364,7 @@ async fn catalog(broker: &BrokerArgs, command: CatalogCommand) -> anyhow::Result
     let mut catalog = CatalogClient::new(channel);
     match command {
         CatalogCommand::Writers { volume, json } => {
-            let reply = catalog
-                .list_writers(ListWritersRequest { volumes: volume })
-                .await
-                .map_err(|s| refused(&url, s))?
-                .into_inner();
+            let reply = all_writers(&mut catalog, &url, volume).await?;
             let doc = WritersDoc {
                 epoch: reply.epoch,
                 volumes: reply
@@ -339,11 +411,7 @@ async fn catalog(broker: &BrokerArgs, command: CatalogCommand) -> anyhow::Result
             }
         }
         CatalogCommand::Nodes { json } => {
-            let reply = catalog
-                .list_nodes(ListNodesRequest {})
-                .await
-                .map_err(|s| refused(&url, s))?
-                .into_inner();
+            let reply = all_nodes(&mut catalog, &url).await?;
             let doc = NodesDoc {
                 epoch: reply.epoch,
                 nodes: reply

@@ -143,6 +143,19 @@ pub trait Host {
     fn list_snapshots(&self) -> Result<Vec<String>, Error>;
     /// The record of one cluster set as JSON.
     fn show_snapshot(&self, id: &str) -> Result<String, Error>;
+
+    fn list_snapshots_page(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> Result<(Vec<String>, String, Vec<String>), Error>;
+
+    fn show_snapshot_writers(
+        &self,
+        id: &str,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(Vec<String>, u64), Error>;
     /// Deletes the snapshot a cluster set kept; returns the record after the deletion.
     fn delete_snapshot(&self, id: &str) -> Result<String, Error>;
     #[zbus(property)]

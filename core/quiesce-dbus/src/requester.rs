@@ -105,6 +105,32 @@ impl HostClient {
             .map_err(|e| self.call_error("ListSnapshots", e))
     }
 
+    /// `ListSnapshotsPage`: one page of set records as JSON, where the next starts ("" on the
+    /// last), and the catalog rows the broker could not read.
+    pub async fn list_snapshots_page(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> Result<(Vec<String>, String, Vec<String>), CallError> {
+        self.proxy
+            .list_snapshots_page(after, limit)
+            .await
+            .map_err(|e| self.call_error("ListSnapshotsPage", e))
+    }
+
+    /// `ShowSnapshotWriters`: a page of a set's writers (WriterResult JSON) and their total.
+    pub async fn show_snapshot_writers(
+        &self,
+        id: &str,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(Vec<String>, u64), CallError> {
+        self.proxy
+            .show_snapshot_writers(id, offset, limit)
+            .await
+            .map_err(|e| self.call_error("ShowSnapshotWriters", e))
+    }
+
     /// `ShowSnapshot`: the record of one set as JSON.
     pub async fn show_snapshot(&self, id: &str) -> Result<String, CallError> {
         self.proxy

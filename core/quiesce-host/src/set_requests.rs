@@ -11,7 +11,9 @@
 
 use crate::broker_link::LinkOptions;
 use quiesce_link::v1::sets_client::SetsClient;
-use quiesce_link::v1::{CreateSetRequest, DeleteSetRequest, ListSetsRequest, ShowSetRequest};
+use quiesce_link::v1::{
+    CreateSetRequest, DeleteSetRequest, ListSetsRequest, ShowSetRequest, ShowWritersRequest,
+};
 use quiesce_link::ConnectError;
 use quiesce_proto::SetRecord;
 use tonic::transport::Channel;
@@ -54,6 +56,20 @@ pub enum SetRequestError {
         message: String,
         hint: &'static str,
     },
+}
+
+/// The most record JSON `ListSnapshots` returns in one D-Bus reply (the system bus refuses
+/// messages past 32 MiB).
+pub const ALL_RECORDS_BYTES: usize = 16 << 20;
+
+/// One page of set records.
+#[derive(Debug, Clone, Default)]
+pub struct SetsPage {
+    pub records: Vec<String>,
+    /// Where the next page starts; empty on the last.
+    pub next: String,
+    /// Catalog rows the broker could not read, with why and how to remove them.
+    pub unreadable: Vec<String>,
 }
 
 impl SetRequests {
@@ -102,21 +118,77 @@ impl SetRequests {
         record(broker, ACTION, reply.into_inner().record_json)
     }
 
-    /// Every set record the broker keeps, oldest first.
-    pub async fn list(&self) -> Result<Vec<String>, SetRequestError> {
+    /// One page of the set records the broker keeps, oldest first, after the set `after`
+    /// (empty: from the first).
+    pub async fn list_page(&self, after: String, limit: u32) -> Result<SetsPage, SetRequestError> {
         const ACTION: &str = "list the snapshot sets";
         let broker = self.broker()?;
         let mut client = connect(broker, ACTION).await?;
         let reply = client
-            .list(ListSetsRequest {})
+            .list(ListSetsRequest {
+                page_size: limit,
+                page_token: after,
+            })
             .await
-            .map_err(|status| from_status(broker, ACTION, "", status, "try again"))?;
-        reply
-            .into_inner()
-            .records_json
-            .into_iter()
-            .map(|json| record(broker, ACTION, json))
-            .collect()
+            .map_err(|status| from_status(broker, ACTION, "", status, "try again"))?
+            .into_inner();
+        Ok(SetsPage {
+            records: reply
+                .records_json
+                .into_iter()
+                .map(|json| record(broker, ACTION, json))
+                .collect::<Result<_, _>>()?,
+            next: reply.next_page_token,
+            unreadable: reply.unreadable,
+        })
+    }
+
+    /// Every set record the broker keeps, oldest first, page by page — as long as they fit
+    /// one D-Bus reply ([`ALL_RECORDS_BYTES`]); past that, `list_page` pages on.
+    pub async fn list(&self) -> Result<Vec<String>, SetRequestError> {
+        let (mut records, mut after, mut bytes) = (vec![], String::new(), 0);
+        loop {
+            let page = self.list_page(after, 0).await?;
+            for unreadable in &page.unreadable {
+                tracing::warn!("{unreadable}");
+            }
+            bytes += page.records.iter().map(String::len).sum::<usize>();
+            if bytes > ALL_RECORDS_BYTES {
+                return Err(SetRequestError::InvalidRequest(format!(
+                    "the catalog holds more records than fit one reply ({} MiB): ask for them page by page (ListSnapshotsPage; `quiesce snapshot list` does)",
+                    ALL_RECORDS_BYTES >> 20
+                )));
+            }
+            records.extend(page.records);
+            if page.next.is_empty() {
+                return Ok(records);
+            }
+            after = page.next;
+        }
+    }
+
+    /// The writers of set `id`'s record from `offset`, at most `limit` (0: a page's worth), and
+    /// how many the record has in all: for a record a reply had to compact.
+    pub async fn show_writers(
+        &self,
+        id: String,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(Vec<String>, u64), SetRequestError> {
+        const ACTION: &str = "show a snapshot set's writers";
+        let broker = self.broker()?;
+        check_id(&id)?;
+        let mut client = connect(broker, ACTION).await?;
+        let reply = client
+            .show_writers(ShowWritersRequest {
+                id: id.clone(),
+                offset,
+                limit,
+            })
+            .await
+            .map_err(|status| from_status(broker, ACTION, &id, status, "try again"))?
+            .into_inner();
+        Ok((reply.writers_json, reply.total))
     }
 
     /// The record of set `id`.

@@ -27,6 +27,27 @@ pub mod v1 {
 pub use identity::{IdentityError, PeerIdentity, Role};
 pub use tls::{connect, ConnectError, Security, SecurityFlagsError, TlsError, TlsFiles};
 
+/// How large the messages of `quiesce.link.v1` may grow, chosen on purpose (README,
+/// "Limits"): replies are cut into pages well below gRPC's default 4 MiB decoding limit, so
+/// that any client reads them; a host's registration, which carries every writer's metadata,
+/// may be larger, and the broker accepts it up to [`limits::LINK_MESSAGE_BYTES`].
+pub mod limits {
+    /// The largest message the broker reads on a host's link (a registration of 1,024 writers
+    /// with 16 KiB of metadata each fits).
+    pub const LINK_MESSAGE_BYTES: usize = 64 << 20;
+    /// A set record in one reply, as JSON; larger ones are compacted (`SetRecord::compact`).
+    pub const RECORD_REPLY_BYTES: usize = 1 << 20;
+    /// The records of one `Sets.List` page, as JSON (a page always holds at least one).
+    pub const LIST_PAGE_BYTES: usize = 2 << 20;
+    /// Records per `Sets.List` page when a request names no size, and at most.
+    pub const DEFAULT_SETS_PAGE: usize = 100;
+    pub const MAX_SETS_PAGE: usize = 1000;
+    /// Writers (or nodes) per `Catalog` page and per `Sets.ShowWriters` page, at most.
+    pub const MAX_WRITERS_PAGE: usize = 1000;
+    /// The metadata of one `Catalog.ListWriters` page, as JSON.
+    pub const WRITERS_PAGE_BYTES: usize = 1 << 20;
+}
+
 /// The link protocol version this build speaks (`Register.link_version`).
 pub const LINK_VERSION: u32 = 1;
 

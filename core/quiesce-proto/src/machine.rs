@@ -440,6 +440,7 @@ impl SnapshotSet {
             cleanup_error: self.cleanup_error.clone(),
             total_ms: ms(ended.saturating_duration_since(self.started)),
             deleted_unix_ms: None,
+            writers_omitted: 0,
         }
     }
 

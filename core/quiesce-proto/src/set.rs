@@ -274,4 +274,138 @@ pub struct SetRecord {
     /// milliseconds since the Unix epoch; absent while it is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted_unix_ms: Option<u64>,
+    /// How many writers this copy of the record leaves out (a reply too large otherwise:
+    /// see [`SetRecord::compact`]); 0, and absent, in a whole record.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub writers_omitted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl SetRecord {
+    /// The record as JSON, no larger than about `budget` bytes: when the whole record is
+    /// larger, it keeps every writer that failed or was left out, then as many of the others
+    /// (in the record's order) as fit, and counts the rest in `writers_omitted`. The writers
+    /// kept stay in the record's order. Whatever else the record says is kept whole.
+    pub fn compact(&self, budget: usize) -> SetRecord {
+        let whole = json_len(self);
+        if whole <= budget || self.writers.is_empty() {
+            return self.clone();
+        }
+        let bare = SetRecord {
+            writers: Vec::new(),
+            ..self.clone()
+        };
+        // `,` between writers, and room for the `writers_omitted` field.
+        let mut room = budget.saturating_sub(json_len(&bare) + 32);
+        let sizes: Vec<usize> = self.writers.iter().map(|w| json_len(w) + 1).collect();
+        let mut keep = vec![false; self.writers.len()];
+        let notable = |w: &WriterResult| w.failure.is_some() || w.excluded;
+        for pass_notable in [true, false] {
+            for (i, w) in self.writers.iter().enumerate() {
+                if keep[i] || notable(w) != pass_notable {
+                    continue;
+                }
+                // The failures are kept whatever their size: they are why a set failed.
+                if sizes[i] <= room || pass_notable {
+                    keep[i] = true;
+                    room = room.saturating_sub(sizes[i]);
+                }
+            }
+        }
+        let writers: Vec<WriterResult> = self
+            .writers
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(w, _)| w.clone())
+            .collect();
+        SetRecord {
+            writers_omitted: (self.writers.len() - writers.len()) as u64,
+            writers,
+            ..bare
+        }
+    }
+}
+
+fn json_len<T: Serialize>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).expect("records always serialize");
+    count.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::Level;
+
+    fn record(writers: usize, failed_at: usize) -> SetRecord {
+        SetRecord {
+            id: SetId("set-1".into()),
+            request: SetRequest {
+                volumes: vec!["v".into()],
+                best_effort: false,
+            },
+            epoch: 1,
+            outcome: Outcome::AppConsistent,
+            writers: (0..writers)
+                .map(|i| WriterResult {
+                    writer: WriterRef::new(format!("n{i}"), "w"),
+                    metadata: WriterMetadata::new("w", "a writer", Level::BackEnd),
+                    state: WriterState::Done,
+                    failure: (i == failed_at).then(|| WriterFailure {
+                        phase: Phase::Freeze,
+                        kind: FailureKind::Error,
+                        reason: "no".into(),
+                    }),
+                    excluded: false,
+                    reports: Reports::new(),
+                    call_us: BTreeMap::new(),
+                })
+                .collect(),
+            snapshot: None,
+            phases: vec![],
+            freeze_window_ms: None,
+            provider_ms: None,
+            cleanup_error: None,
+            total_ms: 0,
+            deleted_unix_ms: None,
+            writers_omitted: 0,
+        }
+    }
+
+    #[test]
+    fn a_large_record_keeps_its_failures_and_counts_what_it_leaves_out() {
+        let whole = record(10_000, 9_999);
+        let small = whole.compact(64 * 1024);
+        let size = serde_json::to_string(&small).unwrap().len();
+        assert!(size <= 64 * 1024, "{size}");
+        assert!(small.writers.len() < 10_000);
+        assert_eq!(small.writers.len() as u64 + small.writers_omitted, 10_000);
+        assert!(
+            small.writers.iter().any(|w| w.failure.is_some()),
+            "the failure is kept"
+        );
+        // In the record's order: the first writers, then the failing last one.
+        assert_eq!(small.writers[0].writer.node, "n0");
+        assert_eq!(small.writers.last().unwrap().writer.node, "n9999");
+        // A record that fits is left whole, and says nothing of omissions.
+        let fits = record(3, 99);
+        assert_eq!(fits.compact(64 * 1024), fits);
+        assert!(!serde_json::to_string(&fits)
+            .unwrap()
+            .contains("writers_omitted"));
+    }
 }

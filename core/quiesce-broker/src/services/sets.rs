@@ -1,7 +1,7 @@
 //! The `Sets` service: snapshot sets for requesters, over [`crate::sets::Sets`].
 
 use crate::broker::Broker;
-use quiesce_link::v1;
+use quiesce_link::{limits, v1};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -25,8 +25,10 @@ impl SetsService {
     }
 }
 
+/// A record as a reply carries it: compacted past [`limits::RECORD_REPLY_BYTES`].
 fn record_json(record: &quiesce_proto::SetRecord) -> String {
-    serde_json::to_string(record).expect("records always serialize to JSON")
+    serde_json::to_string(&record.compact(limits::RECORD_REPLY_BYTES))
+        .expect("records always serialize to JSON")
 }
 
 fn catalog_status(e: crate::catalog::CatalogError) -> Status {
@@ -65,9 +67,68 @@ impl v1::sets_server::Sets for SetsService {
         request: Request<v1::ListSetsRequest>,
     ) -> Result<Response<v1::ListSetsReply>, Status> {
         let sets = self.sets(&request)?;
-        let records = sets.list().map_err(catalog_status)?;
+        let v1::ListSetsRequest {
+            page_size,
+            page_token,
+        } = request.into_inner();
+        let size = match page_size as usize {
+            0 => limits::DEFAULT_SETS_PAGE,
+            n => n.min(limits::MAX_SETS_PAGE),
+        };
+        let after = (!page_token.is_empty()).then_some(page_token.as_str());
+        let page = sets.page(after, size).map_err(catalog_status)?;
+        // Cut by bytes too (always one record): a page of large records stays readable.
+        let mut records_json = vec![];
+        let mut bytes = 0;
+        let mut last = None;
+        let mut cut = false;
+        for record in &page.records {
+            let json = record_json(record);
+            if !records_json.is_empty() && bytes + json.len() > limits::LIST_PAGE_BYTES {
+                cut = true;
+                break;
+            }
+            bytes += json.len();
+            records_json.push(json);
+            last = Some(record.id.0.clone());
+        }
+        let next_page_token = if cut { last } else { page.next }.unwrap_or_default();
         Ok(Response::new(v1::ListSetsReply {
-            records_json: records.iter().map(record_json).collect(),
+            records_json,
+            next_page_token,
+            unreadable: page.unreadable,
+        }))
+    }
+
+    async fn show_writers(
+        &self,
+        request: Request<v1::ShowWritersRequest>,
+    ) -> Result<Response<v1::ShowWritersReply>, Status> {
+        let sets = self.sets(&request)?;
+        let v1::ShowWritersRequest { id, offset, limit } = request.into_inner();
+        let Some((record, _)) = sets.show(&id).map_err(catalog_status)? else {
+            return Err(Status::not_found(format!(
+                "no set {id} in the catalog (`quiesce snapshot list` shows them)"
+            )));
+        };
+        let limit = match limit as usize {
+            0 => limits::MAX_WRITERS_PAGE,
+            n => n.min(limits::MAX_WRITERS_PAGE),
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let mut writers_json = vec![];
+        let mut bytes = 0;
+        for writer in record.writers.iter().skip(start).take(limit) {
+            let json = serde_json::to_string(writer).expect("writer results serialize");
+            if !writers_json.is_empty() && bytes + json.len() > limits::RECORD_REPLY_BYTES {
+                break;
+            }
+            bytes += json.len();
+            writers_json.push(json);
+        }
+        Ok(Response::new(v1::ShowWritersReply {
+            writers_json,
+            total: record.writers.len() as u64,
         }))
     }
 

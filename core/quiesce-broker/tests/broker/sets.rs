@@ -1065,3 +1065,147 @@ fn a_set_whose_record_cannot_be_written_answers_failed_and_keeps_no_snapshot() {
     assert!(listed[0].outcome.is_failed());
     assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
 }
+
+/// A synthetic ended record of `writers` writers (one failed, when `failed`).
+fn synthetic_record(id: &str, writers: usize, failed: bool) -> SetRecord {
+    use quiesce_proto::{
+        ComponentKind, Level, SetId, SetRequest, WriterMetadata, WriterRef, WriterResult,
+        WriterState,
+    };
+    SetRecord {
+        id: SetId(id.into()),
+        request: SetRequest {
+            volumes: vec!["shared".into()],
+            best_effort: false,
+        },
+        epoch: 3,
+        outcome: Outcome::AppConsistent,
+        writers: (0..writers)
+            .map(|i| {
+                let w = format!("w{}", i % 8);
+                WriterResult {
+                    writer: WriterRef::new(format!("node{}", i / 8), &w),
+                    metadata: WriterMetadata::new(&w, "a database", Level::BackEnd).with_component(
+                        "data",
+                        ComponentKind::Database,
+                        "shared",
+                        [format!("/srv/db/{i}")],
+                    ),
+                    state: WriterState::Thawed,
+                    failure: (failed && i == writers - 1).then(|| quiesce_proto::WriterFailure {
+                        phase: Phase::PostSnapshot,
+                        kind: quiesce_proto::FailureKind::Error,
+                        reason: "the last one failed".into(),
+                    }),
+                    excluded: false,
+                    reports: [("lsn".to_string(), format!("0/{i:08X}"))].into(),
+                    call_us: [("freeze".to_string(), 1000u64)].into(),
+                }
+            })
+            .collect(),
+        snapshot: None,
+        phases: vec![],
+        freeze_window_ms: Some(10),
+        provider_ms: Some(5),
+        cleanup_error: None,
+        total_ms: 100,
+        deleted_unix_ms: None,
+        writers_omitted: 0,
+    }
+}
+
+/// Issue 12, fourth finding, at ten times today's failure points: `quiesce snapshot list` died
+/// for good past 4 MiB of records (about 1,500 sets of a 4-writer cluster, or 5 sets of 256
+/// nodes × 8 writers). Here a catalog of 15,000 four-writer sets (about 40 MiB), sets of 2,048
+/// writers and one of 20,480 writers (ten times the 256 × 8 cluster), plus one unreadable row: `list` pages through all of them (the big
+/// records compacted, every one of their failures kept), skips and reports the bad row, and
+/// `show --json` gives the 20,480 writers whole, page by page.
+#[test]
+fn thousands_of_records_and_records_of_thousands_of_writers_list_and_show_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("big.sqlite");
+    drop(quiesce_broker::catalog::Catalog::open(&catalog).unwrap());
+    let conn = rusqlite::Connection::open(&catalog).unwrap();
+    conn.execute_batch("BEGIN").unwrap();
+    let mut insert = conn
+        .prepare("INSERT INTO sets (id, started_unix_ms, state, record_json) VALUES (?1, ?2, 'ended', ?3)")
+        .unwrap();
+    let mut n = 0i64;
+    let mut add = |record: &SetRecord| {
+        n += 1;
+        insert
+            .execute(rusqlite::params![
+                record.id.0,
+                n,
+                serde_json::to_string(record).unwrap()
+            ])
+            .unwrap();
+    };
+    for i in 0..15_000 {
+        add(&synthetic_record(&format!("set-small-{i:05}"), 4, false));
+    }
+    for i in 0..2 {
+        add(&synthetic_record(&format!("set-wide-{i:02}"), 2_048, true));
+    }
+    add(&synthetic_record("set-widest", 20_480, true));
+    insert
+        .execute(rusqlite::params!["set-garbled", n + 1, "{not a record"])
+        .unwrap();
+    drop(insert);
+    conn.execute_batch("COMMIT").unwrap();
+    drop(conn);
+
+    let cluster = Cluster::start_full(
+        &[Spec::default()],
+        HEARTBEAT_MS,
+        Some(catalog),
+        |volume, _| {
+            format!(
+                "provider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n",
+                volume.data, volume.snapshots
+            )
+        },
+    );
+    let output = cluster.nodes[0]
+        .cli(&["snapshot", "list", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("skipped a catalog row") && stderr.contains("set-garbled"),
+        "the unreadable row is reported: {stderr}"
+    );
+    let listed: Vec<SetRecord> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(listed.len(), 15_003);
+    assert_eq!(listed[0].id.0, "set-small-00000");
+    assert_eq!(listed[15_000].id.0, "set-wide-00");
+    assert_eq!(listed[15_000].writers.len(), 2_048, "under 1 MiB: whole");
+    let widest = &listed[15_002];
+    assert_eq!(widest.id.0, "set-widest");
+    assert!(
+        widest.writers_omitted > 0,
+        "a 20,480-writer record comes compacted"
+    );
+    assert_eq!(widest.writers.len() as u64 + widest.writers_omitted, 20_480);
+    assert!(
+        widest.writers.iter().any(|w| w.failure.is_some()),
+        "its failure is kept"
+    );
+
+    let whole: SetRecord = cluster.nodes[0].cli_json(&["snapshot", "show", "set-widest"]);
+    assert_eq!(whole.writers.len(), 20_480);
+    assert_eq!(whole.writers_omitted, 0);
+    assert_eq!(whole, synthetic_record("set-widest", 20_480, true));
+    // Without --json: the table, the failure, and how many more there are.
+    let output = cluster.nodes[0]
+        .cli(&["snapshot", "show", "set-widest"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(
+        text.contains("the last one failed") && text.contains("more writers"),
+        "{text}"
+    );
+}

@@ -150,6 +150,36 @@ impl HostIface {
         self.set_requests.list().await.map_err(set_request_error)
     }
 
+    /// One page of the cluster's snapshot sets, oldest first, after the set `after` (empty:
+    /// from the first), at most `limit` (0: 100): (records as JSON, where the next page starts
+    /// or "" on the last, catalog rows that could not be read with how to remove them).
+    async fn list_snapshots_page(
+        &self,
+        after: String,
+        limit: u32,
+    ) -> Result<(Vec<String>, String, Vec<String>), Error> {
+        let page = self
+            .set_requests
+            .list_page(after, limit)
+            .await
+            .map_err(set_request_error)?;
+        Ok((page.records, page.next, page.unreadable))
+    }
+
+    /// The writers of a set's record (WriterResult JSON) from `offset`, at most `limit` (0: a
+    /// page), and how many it has: for a record that came compacted (`writers_omitted`).
+    async fn show_snapshot_writers(
+        &self,
+        id: String,
+        offset: u64,
+        limit: u32,
+    ) -> Result<(Vec<String>, u64), Error> {
+        self.set_requests
+            .show_writers(id, offset, limit)
+            .await
+            .map_err(set_request_error)
+    }
+
     /// The record of one cluster snapshot set as JSON (SetRecord).
     async fn show_snapshot(&self, id: String) -> Result<String, Error> {
         self.set_requests.show(id).await.map_err(set_request_error)

@@ -4,13 +4,15 @@
 //! on blocking threads under the set's provider deadline. Every snapshot is made writable first,
 //! so writers can finish their part on it (post-snapshot), and then made read-only by
 //! [`Provider::finalize`] — the btrfs way, which the others follow where the storage allows
-//! (a ZFS snapshot is read-only from the start: see [`Zfs`]).
+//! (ZFS and CephFS snapshots are read-only from the start: see [`Zfs`], [`Cephfs`] and
+//! [`Provider::writable_snapshot`]).
 //!
 //! | provider | what it does | module |
 //! |---|---|---|
 //! | `btrfs` | `btrfs subvolume snapshot` of one subvolume | [`Btrfs`] |
 //! | `lvm` | `lvcreate --snapshot`, mounted under `mount_dir` | [`Lvm`] |
 //! | `zfs` | `zfs snapshot DATASET@SET` | [`Zfs`] |
+//! | `cephfs` | `mkdir DIRECTORY/.snap/SET` on the daemon's CephFS mount | [`Cephfs`] |
 //! | `command` | a user's program (a SAN, a cloud snapshot, ...), optionally inside `fsfreeze` | [`CommandProvider`] |
 //! | `dir-copy` | a plain copy, for demos and tests | [`DirCopy`] |
 //!
@@ -19,6 +21,7 @@
 //! writes to), with a message saying what to change.
 
 mod btrfs;
+mod cephfs;
 pub mod command;
 mod dir_copy;
 mod freeze;
@@ -28,6 +31,7 @@ mod process;
 mod zfs;
 
 pub use btrfs::Btrfs;
+pub use cephfs::Cephfs;
 pub use command::CommandProvider;
 pub use dir_copy::DirCopy;
 pub use lvm::Lvm;
@@ -93,6 +97,12 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// A daemon that died while a set was running calls this after its restart to delete what
     /// the set left: it may have died between the provider taking the snapshot and recording it.
     fn find(&self, set_id: &str) -> Result<Option<SnapshotInfo>, ProviderError>;
+    /// Whether writers can write into a snapshot this provider took, until [`Provider::finalize`]
+    /// (post-snapshot work: a backup label). False where snapshots are read-only from the start
+    /// (ZFS, CephFS): there, a writer's post-snapshot writes fail with "Read-only file system".
+    fn writable_snapshot(&self) -> bool {
+        true
+    }
 }
 
 /// The default limit of one invocation of a command provider's program.
@@ -145,6 +155,16 @@ pub enum ProviderConfig {
     },
     /// A ZFS snapshot `dataset@<set-id>` (read-only from the start).
     Zfs { dataset: String },
+    /// A CephFS snapshot `directory/.snap/<set-id>` (read-only from the start), taken through
+    /// this daemon's own mount of the file system (kernel client or ceph-fuse). The client
+    /// needs the `s` capability (`ceph fs authorize FS client.NAME PATH rws`).
+    Cephfs {
+        /// The snapshotted directory, on a CephFS mount; everything below it is in the snapshot.
+        directory: PathBuf,
+        /// The client's `client_snapdir`, when not `.snap`.
+        #[serde(default)]
+        snapdir: Option<String>,
+    },
 }
 
 impl ProviderConfig {
@@ -190,6 +210,9 @@ impl ProviderConfig {
                 mount_options.clone(),
             )),
             ProviderConfig::Zfs { dataset } => Box::new(Zfs::new(dataset.clone())),
+            ProviderConfig::Cephfs { directory, snapdir } => {
+                Box::new(Cephfs::new(directory.clone(), snapdir.clone()))
+            }
         }
     }
 
@@ -200,7 +223,11 @@ impl ProviderConfig {
     /// - `dir-copy`: `source` is a directory;
     /// - `command`: the program exists and is executable; with `fsfreeze`, the mount point is a
     ///   mount point other than `/`, and none of `own_paths` lies on the file system it freezes;
-    /// - `lvm`, `zfs`: names and sizes are well-formed and the tools are installed.
+    /// - `lvm`, `zfs`: names and sizes are well-formed and the tools are installed;
+    /// - `cephfs`: `directory` is a directory on a CephFS mount (mountinfo type `ceph` or
+    ///   `fuse.ceph-fuse`) that answers `statfs`, and a probe snapshot is made and removed there,
+    ///   so that a client without the `s` capability (or a file system without
+    ///   `allow_new_snaps`) fails the start, saying what to run.
     ///
     /// `own_paths` are the files and directories the daemon itself writes (its catalog, its state
     /// directory, its logs); one that does not exist yet is checked through its nearest existing
@@ -233,6 +260,9 @@ impl ProviderConfig {
                 ..
             } => lvm::check(volume_group, logical_volume, snapshot_size, mount_dir),
             ProviderConfig::Zfs { dataset } => zfs::check(dataset),
+            ProviderConfig::Cephfs { directory, snapdir } => {
+                cephfs::check(directory, snapdir.as_deref())
+            }
         }
     }
 }
@@ -389,6 +419,38 @@ mod tests {
                 dataset: "tank/data".into()
             }
         );
+        assert_eq!(
+            parse("provider = \"cephfs\"\ndirectory = \"/mnt/cephfs/shared\"\n").unwrap(),
+            ProviderConfig::Cephfs {
+                directory: "/mnt/cephfs/shared".into(),
+                snapdir: None,
+            }
+        );
+        assert_eq!(
+            parse("provider = \"cephfs\"\ndirectory = \"/c\"\nsnapdir = \".snapshots\"\n").unwrap(),
+            ProviderConfig::Cephfs {
+                directory: "/c".into(),
+                snapdir: Some(".snapshots".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn only_providers_with_read_only_snapshots_say_so() {
+        let cephfs = ProviderConfig::Cephfs {
+            directory: "/c".into(),
+            snapdir: None,
+        };
+        assert!(!cephfs.build().writable_snapshot());
+        let zfs = ProviderConfig::Zfs {
+            dataset: "tank".into(),
+        };
+        assert!(!zfs.build().writable_snapshot());
+        let btrfs = ProviderConfig::Btrfs {
+            subvolume: "/a".into(),
+            snapshots: "/b".into(),
+        };
+        assert!(btrfs.build().writable_snapshot());
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub(crate) struct Mount {
     pub device: (u32, u32),
     pub mount_point: PathBuf,
     pub fs_type: String,
+    /// The file system's own options (the last field): a CephFS kernel mount's `name=CLIENT`
+    /// and `fs=NAME` (or `mds_namespace=NAME`) are there.
+    pub super_options: String,
 }
 
 /// Parses `/proc/self/mountinfo` (proc(5)): `ID PARENT MAJ:MIN ROOT MOUNT-POINT OPTIONS
@@ -27,10 +30,15 @@ pub(crate) fn parse_mountinfo(text: &str) -> Vec<Mount> {
             let mount_point = PathBuf::from(unescape(fields.get(4)?));
             let separator = fields.iter().skip(6).position(|f| *f == "-")? + 6;
             let fs_type = unescape(fields.get(separator + 1)?);
+            let super_options = fields
+                .get(separator + 3)
+                .map(|o| unescape(o))
+                .unwrap_or_default();
             Some(Mount {
                 device: (major.parse().ok()?, minor.parse().ok()?),
                 mount_point,
                 fs_type,
+                super_options,
             })
         })
         .collect()
@@ -148,7 +156,8 @@ mod tests {
             Mount {
                 device: (0, 39),
                 mount_point: "/tmp/vol/mnt".into(),
-                fs_type: "btrfs".into()
+                fs_type: "btrfs".into(),
+                super_options: "rw,subvolid=5,subvol=/".into(),
             }
         );
         assert_eq!(mounts[3].mount_point, Path::new("/mnt/with space"));

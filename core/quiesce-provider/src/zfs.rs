@@ -164,6 +164,10 @@ impl Provider for Zfs {
         NAME
     }
 
+    fn writable_snapshot(&self) -> bool {
+        false
+    }
+
     fn take(&self, set_id: &str) -> Result<SnapshotInfo, ProviderError> {
         let snapshot = self.snapshot_of(set_id)?;
         let path = self.path(set_id)?;

@@ -8,13 +8,17 @@
 //! - [`Bus`]: a private `dbus-daemon` with a permissive or the project's system-bus policy;
 //! - [`Child`]: a process killed when the test ends; [`wait_until`]: wait on a condition;
 //! - [`Netns`]: a network namespace whose link to the test can be cut and restored;
-//! - [`postgres`]: PostgreSQL's binaries and tools run as the `postgres` user.
+//! - [`postgres`]: PostgreSQL's binaries and tools run as the `postgres` user;
+//! - [`ceph`]: a real Ceph cluster (mon, mgr, OSD, MDS, CephFS) and `ceph-fuse` mounts, also
+//!   from network namespaces.
 //!
 //! It deliberately depends on no quiesce crate, so any crate's tests can use it.
 
+pub mod ceph;
 mod netns;
 pub mod postgres;
 
+pub use ceph::{CephClient, CephCluster, CephMount};
 pub use netns::Netns;
 
 use std::path::{Path, PathBuf};

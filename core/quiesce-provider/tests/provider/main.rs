@@ -1,7 +1,9 @@
-//! The providers on a real btrfs file system on a loop device (root needed: the tests fail
-//! loudly, saying so, when not root). One test binary for the crate.
+//! The providers on a real btrfs file system on a loop device, and on a real Ceph cluster with
+//! `ceph-fuse` mounts (root needed: the tests fail loudly, saying so, when not root). One test
+//! binary for the crate.
 
 mod btrfs;
+mod cephfs;
 mod command;
 mod fsfreeze;
 

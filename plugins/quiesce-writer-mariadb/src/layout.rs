@@ -251,6 +251,11 @@ pub fn discover(paths: &ServerPaths, root: &SnapshotRoot) -> Result<Layout, Erro
         )?;
     }
     for (name, kind, what, path) in elsewhere(&data, &data_real)? {
+        // Gone since it was listed (a table dropped meanwhile), or a dangling link: nothing
+        // of the server's is there to snapshot.
+        if !path.exists() {
+            continue;
+        }
         add(name, kind, what, path)?;
     }
     Ok(layout)
@@ -298,7 +303,12 @@ fn elsewhere(data: &Path, data_real: &Path) -> Result<Vec<Found>, Error> {
         if !is_dir {
             continue;
         }
-        let mut files: Vec<_> = read(&path)?.filter_map(Result::ok).collect();
+        let mut files: Vec<_> = match std::fs::read_dir(&path) {
+            Ok(files) => files.filter_map(Result::ok).collect(),
+            // A database dropped since the data directory was listed.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => read(&path)?.filter_map(Result::ok).collect(),
+        };
         files.sort_by_key(|e| e.file_name());
         for file in files {
             let file_name = file.file_name().to_string_lossy().into_owned();
@@ -312,8 +322,17 @@ fn elsewhere(data: &Path, data_real: &Path) -> Result<Vec<Found>, Error> {
                     file_path,
                 ));
             } else if file_name.ends_with(".isl") {
-                let text = std::fs::read_to_string(&file_path)
-                    .map_err(|e| Error::new(format!("cannot read {}: {e}", file_path.display())))?;
+                let text = match std::fs::read_to_string(&file_path) {
+                    Ok(text) => text,
+                    // The table was dropped since its directory was listed.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(Error::new(format!(
+                            "cannot read {}: {e}",
+                            file_path.display()
+                        )))
+                    }
+                };
                 let target = text.trim();
                 if target.is_empty() {
                     continue;

@@ -92,6 +92,17 @@ fn unblocked(server: &Server) -> Result<(), String> {
     run("BACKUP STAGE END")
 }
 
+/// Waits until the writer's account has no session left on `server` (closing a connection ends
+/// its server session a moment later).
+fn no_writer_session(server: &Server) {
+    wait_until_or(
+        "the writer's session gone from the server",
+        Duration::from_secs(60),
+        || writer_sessions(server).is_empty().then_some(()),
+        || server.log_text(),
+    );
+}
+
 /// The sessions of the writer's account (`quiesce`) on `server`.
 fn writer_sessions(server: &Server) -> Vec<u64> {
     let mut conn = connect(server);
@@ -966,7 +977,7 @@ fn abort_and_thaw_release_in_any_state_and_are_idempotent() {
     w.abort(&mut call()).unwrap();
     w.abort(&mut call()).unwrap();
     w.complete(&mut call(), "app-consistent").unwrap();
-    assert!(writer_sessions(&live).is_empty());
+    no_writer_session(&live);
 
     // prepare, freeze, abort, abort, thaw
     w.prepare(&mut call()).unwrap();
@@ -982,10 +993,7 @@ fn abort_and_thaw_release_in_any_state_and_are_idempotent() {
         )]
     );
     unblocked(&live).unwrap();
-    assert!(
-        writer_sessions(&live).is_empty(),
-        "abort closes the session"
-    );
+    no_writer_session(&live); // abort closes the session
     w.abort(&mut call()).unwrap();
     w.thaw(&mut call()).unwrap();
 
@@ -994,7 +1002,7 @@ fn abort_and_thaw_release_in_any_state_and_are_idempotent() {
     assert_eq!(writer_sessions(&live).len(), 1);
     w.abort(&mut call()).unwrap();
     w.abort(&mut call()).unwrap();
-    assert!(writer_sessions(&live).is_empty());
+    no_writer_session(&live);
     // Freeze without a prepare fails, holding nothing.
     let error = w.freeze(&mut call()).unwrap_err();
     assert!(
@@ -1037,7 +1045,7 @@ fn abort_and_thaw_release_in_any_state_and_are_idempotent() {
         );
         assert!(db.call_us.contains_key("abort"), "{db:#?}");
         unblocked(&live).unwrap();
-        assert!(writer_sessions(&live).is_empty());
+        no_writer_session(&live);
     }
     *fail_at.lock().unwrap() = Level::BackEnd; // neither fails
     let record = run_set(&rt, &host);
@@ -1118,7 +1126,7 @@ fn a_deadline_passing_while_backup_stage_waits_fails_the_freeze_in_time_and_unbl
         "server unblocked: commits and DDL went through in {:?}",
         t.elapsed()
     );
-    assert!(writer_sessions(&live.lock().unwrap()).is_empty());
+    no_writer_session(&live.lock().unwrap());
     let id = sleeper_id(&mut conn);
     conn.query_drop(format!("KILL QUERY {id}")).unwrap();
     let (_, result) = sleeper.done.recv_timeout(Duration::from_secs(30)).unwrap();
@@ -1148,12 +1156,7 @@ fn a_deadline_passing_while_backup_stage_waits_fails_the_freeze_in_time_and_unbl
     eprintln!("hung server: freeze failed after {freeze_us} µs (set {elapsed:?}): {reason}");
     *stop.lock().unwrap() = false;
     let server = live.lock().unwrap();
-    wait_until_or(
-        "the writer's session gone from the resumed server",
-        Duration::from_secs(60),
-        || writer_sessions(&server).is_empty().then_some(()),
-        || server.log_text(),
-    );
+    no_writer_session(&server);
     unblocked(&server).unwrap();
     drop(server);
     let record = run_set(&rt, &host);

@@ -60,6 +60,7 @@ pub struct Server {
     /// The server's error log (`--log-error`).
     pub log: PathBuf,
     pid_file: PathBuf,
+    tmpdir: PathBuf,
     /// More `mariadbd` options, given at every start.
     options: Vec<String>,
     child: Option<Child>,
@@ -73,9 +74,11 @@ impl Server {
         require_mariadb();
         std::fs::create_dir_all(datadir).unwrap();
         chown_mysql(datadir);
+        let server = Server::on(datadir, scratch, options);
         run(Command::new("mariadb-install-db")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", datadir.display()))
+            .arg(format!("--tmpdir={}", server.tmpdir.display()))
             .args([
                 "--user=mysql",
                 "--skip-test-db",
@@ -83,7 +86,7 @@ impl Server {
             ])
             .args(INNODB)
             .current_dir("/"));
-        Server::on(datadir, scratch, options)
+        server
     }
 
     /// A server over an existing data directory (a restored copy, given to mysql here), on a
@@ -95,6 +98,9 @@ impl Server {
         let dir = mysql_dir(&scratch.join(&name));
         chown_mysql(datadir);
         Server {
+            // Its own: servers installing or running at once with the shared /tmp have been
+            // seen to fail on each other's temporary tables.
+            tmpdir: mysql_dir(&dir.join("tmp")),
             datadir: datadir.to_path_buf(),
             socket: dir.join("mysqld.sock"),
             port: crate::postgres::free_port(),
@@ -122,6 +128,7 @@ impl Server {
             .arg(format!("--port={}", self.port))
             .arg(format!("--pid-file={}", self.pid_file.display()))
             .arg(format!("--log-error={}", self.log.display()))
+            .arg(format!("--tmpdir={}", self.tmpdir.display()))
             .args([
                 "--user=mysql",
                 "--bind-address=127.0.0.1",

@@ -674,24 +674,30 @@ impl Writer for MariadbWriter {
             }
             Err(f) => {
                 self.session = None;
-                let cause = match &f {
-                    Failure::Lost(why) | Failure::TimedOut(why) => why.clone(),
-                    Failure::Refused { message, .. } => message.clone(),
-                };
                 let reported = if frozen {
                     format!(" ({position})")
                 } else {
                     String::new()
                 };
-                Err(Error::new(format!(
-                    "the freeze's hold on {} was lost: the session holding {what} since the \
-                     freeze is gone or no longer holds it ({cause}). The server released the \
-                     lock when that happened, maybe before the snapshot was taken, so the \
-                     snapshot may hold commits after the position the freeze reported{reported} \
-                     and is not consistent with it. Check the server (restarted? session \
-                     killed? wait_timeout?) and run the set again.",
-                    self.target.describe()
-                )))
+                let server = self.target.describe();
+                Err(Error::new(match f {
+                    Failure::Lost(cause) => format!(
+                        "the freeze's hold on {server} was lost: the session holding {what} \
+                         since the freeze is gone or no longer holds it ({cause}). The server \
+                         released the lock when that happened, maybe before the snapshot was \
+                         taken, so the snapshot may hold commits after the position the freeze \
+                         reported{reported} and is not consistent with it. Check the server \
+                         (restarted? session killed? wait_timeout?) and run the set again."
+                    ),
+                    // The session was there, but whether it held all along cannot be told.
+                    other => format!(
+                        "{}; the session was closed (killed if it did not answer), which ends \
+                         the lock. Whether it held through the snapshot cannot be told, so the \
+                         snapshot is not known to match the position the freeze \
+                         reported{reported}: run the set again.",
+                        other.into_error(&self.target, &format!("ending {what} at thaw"))
+                    ),
+                }))
             }
         }
     }

@@ -10,11 +10,13 @@
 //! - [`Netns`]: a network namespace whose link to the test can be cut and restored;
 //! - [`postgres`]: PostgreSQL's binaries and tools run as the `postgres` user;
 //! - [`ceph`]: a real Ceph cluster (mon, mgr, OSD, MDS, CephFS) and `ceph-fuse` mounts, also
-//!   from network namespaces.
+//!   from network namespaces;
+//! - [`mariadb`]: private MariaDB servers (install, start, stop, restored copies, checks).
 //!
 //! It deliberately depends on no quiesce crate, so any crate's tests can use it.
 
 pub mod ceph;
+pub mod mariadb;
 mod netns;
 pub mod postgres;
 
@@ -173,18 +175,25 @@ pub fn run(command: &mut Command) -> String {
 static BUILD: Mutex<()> = Mutex::new(());
 
 fn build(package: &str) {
+    build_with(package, &[]);
+}
+
+/// `cargo build -p package <more>`, once per process.
+fn build_with(package: &str, more: &[&str]) {
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     let built = BUILT.get_or_init(Default::default);
     let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let mut done = built.lock().unwrap_or_else(|e| e.into_inner());
-    if done.iter().any(|p| p == package) {
+    let key = format!("{package} {}", more.join(" "));
+    if done.contains(&key) {
         return;
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command
         .current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", package]);
+        .args(["build", "--quiet", "-p", package])
+        .args(more);
     // Cargo gives a test process the variables of its own package (CARGO_PKG_NAME,
     // CARGO_MANIFEST_DIR, ...). Build scripts that track them (ring's does) would see them
     // change and rebuild, and the next ordinary build would rebuild them back: leave them out.
@@ -195,7 +204,7 @@ fn build(package: &str) {
         }
     }
     run(&mut command);
-    done.push(package.to_string());
+    done.push(key);
 }
 
 /// A variable cargo sets for the package it runs (not one that configures cargo).
@@ -225,6 +234,14 @@ pub fn plugin(package: &str) -> PathBuf {
         .join(format!("lib{}.so", package.replace('-', "_")));
     assert!(lib.is_file(), "{} was not built", lib.display());
     lib
+}
+
+/// Builds the example `name` of a workspace package and returns its executable.
+pub fn example(package: &str, name: &str) -> PathBuf {
+    build_with(package, &["--example", name]);
+    let exe = target_dir().join("debug/examples").join(name);
+    assert!(exe.is_file(), "{} was not built", exe.display());
+    exe
 }
 
 /// Builds a workspace binary package and returns the executable `name`.

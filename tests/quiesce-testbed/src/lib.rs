@@ -8,10 +8,13 @@
 //! - [`Bus`]: a private `dbus-daemon` with a permissive or the project's system-bus policy;
 //! - [`Child`]: a process killed when the test ends; [`wait_until`]: wait on a condition;
 //! - [`Netns`]: a network namespace whose link to the test can be cut and restored;
-//! - [`postgres`]: PostgreSQL's binaries and tools run as the `postgres` user.
+//! - [`postgres`]: PostgreSQL's binaries and tools run as the `postgres` user;
+//! - [`guest`]: a tiny real virtual machine (Debian's kernel, busybox, the real `qemu-ga`) whose
+//!   workload acknowledges records written to its virtio disk.
 //!
 //! It deliberately depends on no quiesce crate, so any crate's tests can use it.
 
+pub mod guest;
 mod netns;
 pub mod postgres;
 

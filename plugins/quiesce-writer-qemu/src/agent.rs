@@ -19,19 +19,24 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Why an exchange with the agent failed.
+/// Why an exchange with the agent failed. `via` says how it was reached (`socket PATH`,
+/// `libvirt URI domain NAME`).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The socket is missing or refuses connections: QEMU is not running.
-    #[error("its agent socket {socket} refuses connections ({cause}): the VM is not running")]
-    Gone { socket: PathBuf, cause: String },
+    /// The VM is not running: its socket is missing or refuses connections, or libvirt has no
+    /// such running domain.
+    #[error("the VM is not running ({via}: {cause})")]
+    Gone { via: String, cause: String },
     /// No answer before the deadline, at the step named.
-    #[error("the guest agent did not answer {step} in time (socket {socket})")]
-    Timeout { socket: PathBuf, step: String },
-    #[error("the guest agent's socket {socket} closed during {step} (QEMU stopped?)")]
-    Closed { socket: PathBuf, step: String },
-    #[error("talking to the guest agent through {socket}: {cause}")]
-    Io { socket: PathBuf, cause: String },
+    #[error("the guest agent did not answer {step} in time ({via})")]
+    Timeout { via: String, step: String },
+    /// The channel to the agent is there, but no agent is on its other end (libvirt knows).
+    #[error("no guest agent is connected in the guest ({via}: {cause})")]
+    NotConnected { via: String, cause: String },
+    #[error("the guest agent's channel closed during {step} ({via}; QEMU stopped?)")]
+    Closed { via: String, step: String },
+    #[error("talking to the guest agent ({via}): {cause}")]
+    Io { via: String, cause: String },
     /// The agent answered with an error.
     #[error("the guest agent answered {command} with {class}: {desc}")]
     Refused {
@@ -50,6 +55,13 @@ impl AgentError {
     }
 }
 
+/// How a writer reaches a guest's agent: its socket, or libvirt.
+pub trait AgentLink: Send + Sync + 'static {
+    /// Runs `commands` (without arguments) in order, all before `deadline`; their `return`
+    /// values.
+    fn run(&self, commands: &[&str], deadline: Instant) -> Result<Vec<Value>, AgentError>;
+}
+
 /// One guest agent, reached through its socket.
 #[derive(Debug, Clone)]
 pub struct Agent {
@@ -60,6 +72,16 @@ pub struct Agent {
 pub struct Session<'a> {
     socket: &'a Path,
     lines: Lines,
+}
+
+impl AgentLink for Agent {
+    fn run(&self, commands: &[&str], deadline: Instant) -> Result<Vec<Value>, AgentError> {
+        let mut session = self.session(deadline)?;
+        commands
+            .iter()
+            .map(|c| session.execute(c, None, deadline))
+            .collect()
+    }
 }
 
 impl Agent {
@@ -74,7 +96,7 @@ impl Agent {
         let socket = self.socket.as_path();
         let stream = socket::connect(socket, deadline).map_err(|e| match e {
             SocketError::Gone(cause) => AgentError::Gone {
-                socket: socket.into(),
+                via: via(socket),
                 cause: cause.to_string(),
             },
             other => convert(socket, "the connection", other),
@@ -178,17 +200,21 @@ impl Session<'_> {
     }
 }
 
+fn via(socket: &Path) -> String {
+    format!("socket {}", socket.display())
+}
+
 fn convert(socket: &Path, step: &str, error: SocketError) -> AgentError {
-    let (socket, step) = (socket.to_path_buf(), step.to_string());
+    let (via, step) = (via(socket), step.to_string());
     match error {
-        SocketError::Timeout => AgentError::Timeout { socket, step },
-        SocketError::Closed => AgentError::Closed { socket, step },
+        SocketError::Timeout => AgentError::Timeout { via, step },
+        SocketError::Closed => AgentError::Closed { via, step },
         SocketError::Gone(cause) => AgentError::Gone {
-            socket,
+            via,
             cause: cause.to_string(),
         },
         SocketError::Io(cause) => AgentError::Io {
-            socket,
+            via,
             cause: cause.to_string(),
         },
     }

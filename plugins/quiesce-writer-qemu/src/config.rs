@@ -13,6 +13,9 @@ pub struct Settings {
     /// `<vm>.qmp.sock` (QEMU's monitor) for each VM.
     #[serde(default = "default_socket_dir")]
     pub socket_dir: PathBuf,
+    /// Also the running domains of this libvirt connection (`qemu:///system`), through `virsh`.
+    #[serde(default)]
+    pub libvirt_uri: Option<String>,
     /// The host volumes guests' disks may lie on; a guest gets a writer when one of its disk
     /// images does.
     pub volumes: Vec<Volume>,
@@ -90,6 +93,15 @@ pub fn parse(config: &Config) -> Result<Settings, Error> {
             settings.socket_dir.display()
         ));
     }
+    if settings
+        .libvirt_uri
+        .as_deref()
+        .is_some_and(|u| u.trim().is_empty())
+    {
+        return refuse(
+            "`libvirt_uri` is empty: give a URI such as qemu:///system, or leave it out".into(),
+        );
+    }
     if settings.volumes.is_empty() {
         return refuse(
             "`volumes` is empty: add a `[[plugins.qemu.volumes]]` table (name, path) for each \
@@ -155,6 +167,10 @@ mod tests {
                 "`id_prefix`",
             ),
             ("socket = 1", "unknown field `socket`"),
+            (
+                "libvirt_uri = \" \"\n[[volumes]]\nname = \"a\"\npath = \"/a\"",
+                "`libvirt_uri` is empty",
+            ),
             (
                 "new_guests = \"maybe\"\n[[volumes]]\nname = \"a\"\npath = \"/a\"",
                 "unknown variant",

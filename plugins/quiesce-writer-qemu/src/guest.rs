@@ -1,13 +1,16 @@
 //! Finding guests and where their disks lie.
 //!
-//! A guest is a pair of sockets in the socket directory: `<vm>.agent.sock` (the host side of its
-//! guest agent's virtio-serial channel) and `<vm>.qmp.sock` (QEMU's monitor). QMP says the VM's
-//! name, UUID and disk images; a disk is *on a volume* when its image file, resolved, lies under
-//! the volume's path **and** on the same file system as that path (btrfs leaves nested
-//! subvolumes and other mounts out of a snapshot; they show up as another device number).
+//! A guest is either a pair of sockets in the socket directory — `<vm>.agent.sock` (the host
+//! side of its guest agent's virtio-serial channel) and `<vm>.qmp.sock` (QEMU's monitor), QMP
+//! saying the VM's name, UUID and disk images — or a running libvirt domain (`virsh`). A disk is
+//! *on a volume* when its image file, resolved, lies under the volume's path **and** on the same
+//! file system as that path (btrfs leaves nested subvolumes and other mounts out of a snapshot;
+//! they show up as another device number).
 
-use crate::config::Volume;
+use crate::agent::{Agent, AgentLink};
+use crate::config::{Settings, Volume};
 use crate::qmp::{self, Qmp, QmpError};
+use crate::virsh::{self, LibvirtAgent, Virsh, VirshError};
 use quiesce_sdk::Error;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -53,6 +56,103 @@ pub fn scan(dir: &Path) -> Result<Vec<Sockets>, Error> {
         });
     }
     found.sort();
+    Ok(found)
+}
+
+/// Where a guest is found, and through what it is reached.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// Plain QEMU: its sockets in the socket directory.
+    Sockets(Sockets),
+    /// A libvirt domain.
+    Libvirt { virsh: Virsh, domain: String },
+}
+
+/// Why a guest's name, UUID or disks could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Virsh(#[from] VirshError),
+}
+
+impl QueryError {
+    /// The VM is not running.
+    pub fn is_gone(&self) -> bool {
+        match self {
+            QueryError::Qmp(e) => e.is_gone(),
+            QueryError::Virsh(e) => e.is_gone(),
+        }
+    }
+}
+
+impl Source {
+    /// Unique among the sources of one node: `socket:<stem>`, `libvirt:<uri>:<domain>`.
+    pub fn key(&self) -> String {
+        match self {
+            Source::Sockets(s) => format!("socket:{}", s.stem),
+            Source::Libvirt { virsh, domain } => format!("libvirt:{}:{domain}", virsh.uri),
+        }
+    }
+
+    /// For messages: `socket /run/quiesce-qemu/web1.agent.sock`, `libvirt qemu:///system domain web1`.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Sockets(s) => format!("socket {}", s.agent.display()),
+            Source::Libvirt { virsh, domain } => {
+                format!("libvirt {} domain {domain}", virsh.uri)
+            }
+        }
+    }
+
+    /// The name to use when the VM has none of its own.
+    pub fn fallback_name(&self) -> &str {
+        match self {
+            Source::Sockets(s) => &s.stem,
+            Source::Libvirt { domain, .. } => domain,
+        }
+    }
+
+    pub fn agent(&self) -> Box<dyn AgentLink> {
+        match self {
+            Source::Sockets(s) => Box::new(Agent::new(&s.agent)),
+            Source::Libvirt { virsh, domain } => Box::new(LibvirtAgent {
+                virsh: virsh.clone(),
+                domain: domain.clone(),
+            }),
+        }
+    }
+
+    /// The VM's name, UUID and disks, before `deadline`.
+    pub fn query(&self, volumes: &[VolumeRoot], deadline: Instant) -> Result<VmInfo, QueryError> {
+        match self {
+            Source::Sockets(s) => Ok(query(s, volumes, deadline)?),
+            Source::Libvirt { virsh, domain } => {
+                Ok(query_libvirt(virsh, domain, volumes, deadline)?)
+            }
+        }
+    }
+}
+
+/// Every guest of the socket directory and, with `libvirt_uri`, every running libvirt domain.
+pub fn discover(settings: &Settings, deadline: Instant) -> Result<Vec<Source>, Error> {
+    let mut found: Vec<Source> = scan(&settings.socket_dir)?
+        .into_iter()
+        .map(Source::Sockets)
+        .collect();
+    if let Some(uri) = &settings.libvirt_uri {
+        let virsh = Virsh { uri: uri.clone() };
+        let domains = virsh.running(deadline).map_err(|e| {
+            Error::new(format!(
+                "cannot list the running libvirt domains: {e}; is libvirtd running?"
+            ))
+        })?;
+        found.extend(domains.into_iter().map(|domain| Source::Libvirt {
+            virsh: virsh.clone(),
+            domain,
+        }));
+    }
     Ok(found)
 }
 
@@ -212,6 +312,53 @@ pub fn query(
         name,
         uuid,
         qemu_version: qmp.version.clone(),
+        disks,
+    })
+}
+
+/// A libvirt domain's UUID and disks (`domuuid`, `domblklist --details`), before `deadline`.
+/// libvirt gives the active image of each disk, not its backing chain.
+fn query_libvirt(
+    virsh: &Virsh,
+    domain: &str,
+    volumes: &[VolumeRoot],
+    deadline: Instant,
+) -> Result<VmInfo, VirshError> {
+    let uuid = virsh
+        .run(domain, &["domuuid", domain], deadline)?
+        .trim()
+        .to_string();
+    let list = virsh.run(domain, &["domblklist", domain, "--details"], deadline)?;
+    let qemu_version = virsh.hypervisor(deadline).unwrap_or_default();
+    let disks = virsh::block_devices(&list)
+        .into_iter()
+        .filter(|b| b.source != "-" && !b.source.is_empty())
+        .map(|b| {
+            let (real, place) = if matches!(b.kind.as_str(), "file" | "block") {
+                place(&b.source, None, volumes)
+            } else {
+                (
+                    None,
+                    Place::NotLocal(format!(
+                        "a {} disk: its storage is not a volume of this node",
+                        b.kind
+                    )),
+                )
+            };
+            Disk {
+                device: b.target,
+                file: b.source,
+                real,
+                depth: 0,
+                read_only: b.device == "cdrom",
+                place,
+            }
+        })
+        .collect();
+    Ok(VmInfo {
+        name: domain.to_string(),
+        uuid,
+        qemu_version,
         disks,
     })
 }

@@ -3,7 +3,8 @@
 //!
 //! One writer per running guest whose disk images lie on a configured volume, found in a
 //! directory of sockets (`<vm>.agent.sock`, the host side of the guest agent's virtio-serial
-//! channel, and `<vm>.qmp.sock`, QEMU's monitor):
+//! channel, and `<vm>.qmp.sock`, QEMU's monitor) and, with `libvirt_uri`, among libvirt's
+//! running domains (through `virsh`: libvirtd holds their agent channel and monitor itself):
 //!
 //! - **prepare** thaws what an earlier set left frozen (if anything), asks QMP for the VM's
 //!   disks (a VM that stopped fails here, named), and checks that the guest agent answers and
@@ -17,9 +18,10 @@
 //!   writer keeps thawing in the background until the agent confirms — a dead agent leaves the
 //!   guest frozen, and nothing else would thaw it.
 //!
-//! Every exchange with an agent starts with `0xFF` and `guest-sync-delimited`, so a thaw after
-//! a call that timed out (the host's watchdog at the hold limit, an abort) is not confused by
-//! the stale answer of that call. Every wait is bounded by the call's deadline.
+//! Every exchange with an agent's socket starts with `0xFF` and `guest-sync-delimited` (libvirt
+//! does the same on its own connection), so a thaw after a call that timed out (the host's
+//! watchdog at the hold limit, an abort) is not confused by the stale answer of that call.
+//! Every wait is bounded by the call's deadline.
 //!
 //! The host takes a plugin's writers once, when it loads the plugin: a guest that starts later
 //! gets no writer until the host restarts. So that such a guest is not silently left
@@ -35,6 +37,7 @@ mod config;
 mod guest;
 mod qmp;
 mod socket;
+mod virsh;
 mod writer;
 
 pub use agent::{Agent, AgentError};
@@ -61,19 +64,31 @@ pub fn init(config: &Config) -> Result<Vec<Box<dyn Writer>>, Error> {
     let mut writers: Vec<Box<dyn Writer>> = Vec::new();
     let mut ids = BTreeSet::new();
     let mut covered = BTreeSet::new();
-    for sockets in guest::scan(&settings.socket_dir)? {
+    let sources = match guest::discover(&settings, Instant::now() + settings.query_timeout()) {
+        Ok(sources) => sources,
+        // libvirtd down at the host's start: its guests get no writer, and the new-guests
+        // writers fail every set until the host restarts with libvirtd up.
+        Err(e) => {
+            log::error!("{}", e.message());
+            guest::scan(&settings.socket_dir)?
+                .into_iter()
+                .map(guest::Source::Sockets)
+                .collect()
+        }
+    };
+    for source in sources {
         let deadline = Instant::now() + settings.query_timeout();
-        let info = match guest::query(&sockets, &volumes, deadline) {
+        let info = match source.query(&volumes, deadline) {
             Ok(info) => info,
             Err(e) if e.is_gone() => {
-                log::info!("{}: not running ({e}); skipped", sockets.stem);
+                log::info!("{}: not running ({e}); skipped", source.describe());
                 continue;
             }
             Err(e) => {
                 log::error!(
-                    "VM with socket {}: cannot read its disks through QMP ({e}); it gets no \
-                     writer, and sets of every volume fail while it runs",
-                    sockets.agent.display()
+                    "VM of {}: cannot read its disks ({e}); it gets no writer, and sets of every \
+                     volume fail while it runs",
+                    source.describe()
                 );
                 continue;
             }
@@ -90,18 +105,22 @@ pub fn init(config: &Config) -> Result<Vec<Box<dyn Writer>>, Error> {
             );
             continue;
         }
-        let writer = GuestWriter::new(sockets, info, volumes.clone(), settings.clone());
+        let writer = GuestWriter::new(source, info, volumes.clone(), settings.clone());
         if !ids.insert(writer.id().to_string()) {
             log::error!(
-                "VM with socket stem {}: writer id {} is taken by another VM of the same name; \
-                 give each VM its own -name (it gets no writer until then)",
-                writer.stem(),
+                "VM of {}: writer id {} is taken by another VM of the same name; give each VM a \
+                 name of its own (it gets no writer until then)",
+                writer.source().describe(),
                 writer.id()
             );
             continue;
         }
-        log::info!("{}: writer made", writer.id());
-        covered.insert(writer.stem().to_string());
+        log::info!(
+            "{}: writer made ({})",
+            writer.id(),
+            writer.source().describe()
+        );
+        covered.insert(writer.source().key());
         writers.push(Box::new(writer));
     }
     if settings.new_guests == NewGuests::Fail {

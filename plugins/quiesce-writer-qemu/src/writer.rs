@@ -1,9 +1,9 @@
 //! The writers: one per guest ([`GuestWriter`]), and one per volume that catches guests started
 //! after the host loaded the plugin ([`NewGuestsWriter`]).
 
-use crate::agent::{Agent, AgentError};
+use crate::agent::{AgentError, AgentLink};
 use crate::config::Settings;
-use crate::guest::{self, Place, Sockets, VmInfo, VolumeRoot};
+use crate::guest::{self, Place, Source, VmInfo, VolumeRoot};
 use quiesce_sdk::{log, Call, ComponentKind, Error, Level, Writer, WriterMetadata};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 pub struct GuestWriter {
     id: String,
     level: Level,
-    sockets: Sockets,
+    source: Source,
     volumes: Arc<Vec<VolumeRoot>>,
     settings: Arc<Settings>,
     info: VmInfo,
@@ -25,7 +25,7 @@ pub struct GuestWriter {
 struct Shared {
     /// The VM's name, for messages.
     vm: String,
-    agent: Agent,
+    agent: Box<dyn AgentLink>,
     thaw_retry: Duration,
     state: Mutex<State>,
     changed: Condvar,
@@ -89,9 +89,10 @@ impl Shared {
     /// `guest-fsfreeze-thaw`, then `guest-fsfreeze-status` must say `thawed`: the number of file
     /// systems thawed.
     fn thaw(&self, deadline: Instant) -> Result<i64, AgentError> {
-        let mut session = self.agent.session(deadline)?;
-        let thawed = session.execute("guest-fsfreeze-thaw", None, deadline)?;
-        let status = session.execute("guest-fsfreeze-status", None, deadline)?;
+        let answers = self
+            .agent
+            .run(&["guest-fsfreeze-thaw", "guest-fsfreeze-status"], deadline)?;
+        let (thawed, status) = (&answers[0], &answers[1]);
         if status.as_str() != Some("thawed") {
             return Err(AgentError::Protocol {
                 command: "guest-fsfreeze-status after guest-fsfreeze-thaw (expected \"thawed\")"
@@ -212,7 +213,7 @@ fn agent_deadline(call: &Call) -> Instant {
 
 impl GuestWriter {
     pub fn new(
-        sockets: Sockets,
+        source: Source,
         info: VmInfo,
         volumes: Arc<Vec<VolumeRoot>>,
         settings: Arc<Settings>,
@@ -222,12 +223,12 @@ impl GuestWriter {
             level: settings.level,
             shared: Arc::new(Shared {
                 vm: info.name.clone(),
-                agent: Agent::new(&sockets.agent),
+                agent: source.agent(),
                 thaw_retry: settings.thaw_retry(),
                 state: Mutex::new(State::default()),
                 changed: Condvar::new(),
             }),
-            sockets,
+            source,
             volumes,
             settings,
             info,
@@ -238,8 +239,8 @@ impl GuestWriter {
         &self.id
     }
 
-    pub fn stem(&self) -> &str {
-        &self.sockets.stem
+    pub fn source(&self) -> &Source {
+        &self.source
     }
 
     fn vm(&self) -> &str {
@@ -306,7 +307,7 @@ impl GuestWriter {
 
     fn refresh(&mut self, call: &mut Call) -> Result<(), Error> {
         let deadline = agent_deadline(call).min(Instant::now() + self.settings.query_timeout());
-        let info = guest::query(&self.sockets, &self.volumes, deadline).map_err(|e| {
+        let info = self.source.query(&self.volumes, deadline).map_err(|e| {
             if e.is_gone() {
                 Error::new(format!(
                     "VM {} is gone: {e}. It stopped after quiesce-host loaded the qemu plugin; \
@@ -315,10 +316,7 @@ impl GuestWriter {
                     self.vm()
                 ))
             } else {
-                Error::new(format!(
-                    "VM {}: cannot read its disks through QMP: {e}",
-                    self.vm()
-                ))
+                Error::new(format!("VM {}: cannot read its disks: {e}", self.vm()))
             }
         })?;
         let on: Vec<String> = info.on_volumes().map(|(d, _)| d.describe()).collect();
@@ -369,7 +367,7 @@ impl Writer for GuestWriter {
             self.level,
         );
         metadata.instance = if self.info.uuid.is_empty() {
-            self.sockets.stem.clone()
+            self.source.fallback_name().to_string()
         } else {
             self.info.uuid.clone()
         };
@@ -411,7 +409,8 @@ impl Writer for GuestWriter {
         let status = self
             .shared
             .agent
-            .execute("guest-fsfreeze-status", None, agent_deadline(call));
+            .run(&["guest-fsfreeze-status"], agent_deadline(call))
+            .map(|mut a| a.remove(0));
         drop(agent);
         let status = status.map_err(|e| {
             Error::new(format!(
@@ -458,7 +457,8 @@ impl Writer for GuestWriter {
         let result = self
             .shared
             .agent
-            .execute("guest-fsfreeze-freeze", None, agent_deadline(call));
+            .run(&["guest-fsfreeze-freeze"], agent_deadline(call))
+            .map(|mut a| a.remove(0));
         drop(agent);
         let ms = started.elapsed().as_millis();
         match result {
@@ -515,7 +515,7 @@ pub struct NewGuestsWriter {
     volume: VolumeRoot,
     settings: Arc<Settings>,
     volumes: Arc<Vec<VolumeRoot>>,
-    /// Stems of the guests that have a writer.
+    /// Keys ([`Source::key`]) of the guests that have a writer.
     covered: BTreeSet<String>,
 }
 
@@ -559,18 +559,20 @@ impl Writer for NewGuestsWriter {
     }
 
     fn prepare(&mut self, call: &mut Call) -> Result<(), Error> {
-        let found = guest::scan(&self.settings.socket_dir)?;
+        let deadline = agent_deadline(call).min(Instant::now() + self.settings.query_timeout());
+        let found = guest::discover(&self.settings, deadline)
+            .map_err(|e| e.context("guests on this volume may have no writer"))?;
         let mut problems = Vec::new();
         let mut checked = Vec::new();
-        for sockets in found.iter().filter(|s| !self.covered.contains(&s.stem)) {
+        for source in found.iter().filter(|s| !self.covered.contains(&s.key())) {
             let deadline = agent_deadline(call).min(Instant::now() + self.settings.query_timeout());
-            match guest::query(sockets, &self.volumes, deadline) {
+            match source.query(&self.volumes, deadline) {
                 Ok(info) if info.on_volume(&self.volume.name) => problems.push(format!(
-                    "VM {} (socket {}) has disks on volume {} ({}) but no writer: it started \
+                    "VM {} ({}) has disks on volume {} ({}) but no writer: it started \
                      after quiesce-host loaded the qemu plugin, and the host takes a plugin's \
                      writers only when it loads it",
                     info.name,
-                    sockets.agent.display(),
+                    source.describe(),
                     self.volume.name,
                     info.on_volumes()
                         .filter(|(_, v)| *v == self.volume.name)
@@ -582,9 +584,8 @@ impl Writer for NewGuestsWriter {
                 // A stale socket of a VM that stopped: nothing of it runs.
                 Err(e) if e.is_gone() => {}
                 Err(e) => problems.push(format!(
-                    "VM with socket {}: its disks cannot be read through QMP ({e}), so it may \
-                     lie on volume {}",
-                    sockets.agent.display(),
+                    "VM of {}: its disks cannot be read ({e}), so it may lie on volume {}",
+                    source.describe(),
                     self.volume.name
                 )),
             }

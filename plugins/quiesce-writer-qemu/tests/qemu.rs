@@ -86,15 +86,16 @@ impl Bed {
 
     /// A host on the volume with `plugins` and their tables. `hold_limit_ms` and `[timeouts]`
     /// as given.
-    fn host(&self, dir: &str, with_qemu: bool, misbehave: bool, timeouts: &str) -> Host {
+    /// `qemu`: the qemu plugin, with these extra keys in its table.
+    fn host(&self, dir: &str, qemu: Option<&str>, misbehave: bool, timeouts: &str) -> Host {
         let dir = self.tmp.path().join(dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut plugins = Vec::new();
         let mut body = format!("{timeouts}\n");
-        if with_qemu {
+        if let Some(extra) = qemu {
             plugins.push(testbed::plugin("quiesce-writer-qemu"));
             body.push_str(&format!(
-                "[plugins.qemu]\nsocket_dir = {:?}\nthaw_retry_ms = 500\n\
+                "[plugins.qemu]\nsocket_dir = {:?}\nthaw_retry_ms = 500\n{extra}\n\
                  [[plugins.qemu.volumes]]\nname = \"shared\"\npath = {:?}\n",
                 self.sockets.display().to_string(),
                 self.volume.data.display().to_string(),
@@ -265,7 +266,7 @@ fn a_set_holds_the_guests_writes_and_the_snapshot_holds_every_acknowledged_recor
     let started = Instant::now();
     let bed = Bed::new();
     let guest = bed.boot("vm1", UUID, true);
-    let host = bed.host("host", true, true, "hold_limit_ms = 30000");
+    let host = bed.host("host", Some(""), true, "hold_limit_ms = 30000");
 
     let ids: Vec<String> = host.writers().iter().map(|w| w.id().to_string()).collect();
     for id in ["qemu-vm1", "qemu-new-guests.shared", "beside", "before"] {
@@ -388,7 +389,7 @@ fn without_the_writer_the_snapshot_needs_recovery_and_misses_acknowledged_record
     let guest = bed.boot("vm1", UUID, true);
     let rt = runtime();
 
-    let bare = bed.host("bare", false, false, "");
+    let bare = bed.host("bare", None, false, "");
     assert!(bare.writers().is_empty());
     let acked = guest.wait_acked_beyond(100, Duration::from_secs(60));
     let record = run_set(&rt, &bare);
@@ -418,7 +419,7 @@ fn without_the_writer_the_snapshot_needs_recovery_and_misses_acknowledged_record
     );
     drop(bare);
 
-    let host = bed.host("host", true, false, "");
+    let host = bed.host("host", Some(""), false, "");
     let acked = guest.wait_acked_beyond(guest.acked() + 100, Duration::from_secs(60));
     let record = run_set(&rt, &host);
     assert_eq!(record.outcome, Outcome::AppConsistent, "{record:#?}");
@@ -440,7 +441,7 @@ fn the_guest_is_thawed_whatever_phase_the_set_fails_in() {
     let guest = bed.boot("vm1", UUID, true);
     let host = bed.host(
         "host",
-        true,
+        Some(""),
         true,
         "hold_limit_ms = 3000\n[timeouts]\nfreeze_ms = 8000",
     );
@@ -528,7 +529,7 @@ fn a_guest_agent_killed_or_stalled_mid_freeze_leaves_the_guest_thawed() {
     let guest = bed.boot("vm1", UUID, true);
     let host = bed.host(
         "host",
-        true,
+        Some(""),
         true,
         "hold_limit_ms = 20000\n[timeouts]\nfreeze_ms = 3000\nthaw_ms = 3000\nabort_ms = 3000",
     );
@@ -639,7 +640,7 @@ fn guests_started_late_stopped_or_without_an_agent_fail_the_set_by_name() {
     let _one = one_guest_at_a_time();
     let bed = Bed::new();
     let mut vm1 = bed.boot("vm1", UUID, true);
-    let host = bed.host("host", true, false, "[timeouts]\nprepare_ms = 4000");
+    let host = bed.host("host", Some(""), false, "[timeouts]\nprepare_ms = 4000");
     let rt = runtime();
     assert_eq!(
         run_set(&rt, &host).outcome,
@@ -680,7 +681,7 @@ fn guests_started_late_stopped_or_without_an_agent_fail_the_set_by_name() {
             let _ = std::fs::remove_file(bed.sockets.join(format!("{dead}.{suffix}")));
         }
     }
-    let host = bed.host("host3", true, false, "[timeouts]\nprepare_ms = 4000");
+    let host = bed.host("host3", Some(""), false, "[timeouts]\nprepare_ms = 4000");
     let started = Instant::now();
     let record = run_set(&rt, &host);
     let took = started.elapsed();
@@ -695,4 +696,128 @@ fn guests_started_late_stopped_or_without_an_agent_fail_the_set_by_name() {
     assert!(took < Duration::from_secs(30), "{took:?}");
     assert!(vm3.acked() > 0, "the guest without an agent runs");
     eprintln!("guest without an agent ({took:?}): {reason}");
+}
+
+/// A libvirt domain: found through `virsh` (its disks from `domblklist`), frozen and thawed
+/// through libvirt's own agent channel — the same held set as for plain QEMU, its snapshot
+/// checked; the agent killed and held down mid-freeze, then thawed in the background; the
+/// domain destroyed.
+#[test]
+fn libvirt_guests_are_found_frozen_and_thawed_through_libvirtd() {
+    let _one = one_guest_at_a_time();
+    let uri = guest::libvirtd();
+    let bed = Bed::new();
+    // Domains are system-wide: a name of this test process's own.
+    let name = format!("quiesce-test-{}", std::process::id());
+    let disk = bed.disk(&name);
+    guest::make_ext4_image(&disk, 64);
+    let mut guest = Guest::boot_libvirt(GuestSpec::new(&name, UUID, &disk, &bed.sockets), uri);
+    eprintln!(
+        "libvirt guest booted in {:?} ({})",
+        guest.boot_time, guest.accel
+    );
+    let host = bed.host(
+        "host",
+        Some(&format!("libvirt_uri = {uri:?}")),
+        true,
+        "hold_limit_ms = 20000\n[timeouts]\nthaw_ms = 3000\nabort_ms = 3000",
+    );
+    let id = format!("qemu-{name}");
+    let metadata = &host
+        .writer(&id)
+        .unwrap_or_else(|| panic!("no writer {id}: {:?}", host.writers()))
+        .metadata;
+    assert_eq!(metadata.instance, UUID);
+    assert!(
+        metadata.vendor_version.starts_with("QEMU "),
+        "{metadata:#?}"
+    );
+    let components: Vec<(&str, &str, &[String])> = metadata
+        .components
+        .iter()
+        .map(|c| (c.name.as_str(), c.volume.as_str(), c.paths.as_slice()))
+        .collect();
+    assert_eq!(
+        components,
+        [(
+            "disk:vda",
+            "shared",
+            &[disk.canonicalize().unwrap().display().to_string()][..]
+        )]
+    );
+    let rt = runtime();
+
+    // A set held in its freeze.
+    guest.wait_acked_beyond(50, Duration::from_secs(60));
+    bed.order("beside", "hang_in = \"freeze\"");
+    let n = bed.event_count("beside freeze");
+    let (record, at_freeze) = std::thread::scope(|s| {
+        let set = s.spawn(|| run_set(&rt, &host));
+        wait_state(&host, &id, State::Frozen);
+        bed.wait_event("beside freeze", n);
+        let at_freeze = guest.acked();
+        let held = guest.acks_stay_at(at_freeze, Duration::from_secs(2));
+        let status = guest.fsfreeze_status(Duration::from_secs(10));
+        bed.order("beside", "");
+        bed.release("beside");
+        let record = set.join().unwrap();
+        assert_eq!(held, Ok(()), "the guest acknowledged records while frozen");
+        assert_eq!(status, "frozen");
+        (record, at_freeze)
+    });
+    assert_eq!(record.outcome, Outcome::AppConsistent, "{record:#?}");
+    let vm = result(&record, &id);
+    assert_eq!(vm.reports["filesystems_frozen"], "1", "{vm:#?}");
+    assert_eq!(vm.reports["fsfreeze_status"], "thawed", "{vm:#?}");
+    let state = guest::inspect_image(&snapshot_image(&record, &name));
+    assert_consistent(&state, at_freeze, "libvirt, held set");
+    assert_eq!(state.buffered.max(), at_freeze, "{state:#?}");
+    assert_thawed_and_writing(&guest, "libvirt, after the set");
+    eprintln!(
+        "libvirt: held set, {at_freeze} acknowledged at the freeze, all in the snapshot; freeze \
+         {} ms, thaw {} ms through virsh",
+        vm.reports["freeze_ms"], vm.reports["thaw_ms"]
+    );
+
+    // The agent killed while frozen and held down: the set fails at thaw naming the VM; the
+    // background thaw reaches the guest through libvirt once the agent is back.
+    bed.order("beside", "hang_in = \"freeze\"");
+    let n = bed.event_count("beside freeze");
+    let (record, at_freeze) = std::thread::scope(|s| {
+        let set = s.spawn(|| run_set(&rt, &host));
+        wait_state(&host, &id, State::Frozen);
+        bed.wait_event("beside freeze", n);
+        let at_freeze = guest.acked();
+        guest.command("kill-agent-hold");
+        guest.wait_for_count("agent-held", 1, Duration::from_secs(60));
+        bed.order("beside", "");
+        bed.release("beside");
+        (set.join().unwrap(), at_freeze)
+    });
+    let (phase, by, reason) = failure(&record);
+    assert_eq!(phase, Phase::Thaw, "{record:#?}");
+    assert_eq!(by.as_deref(), Some(id.as_str()), "{reason}");
+    assert!(
+        reason.contains(&format!("VM {name}")) && reason.contains("did not reach the guest"),
+        "{reason}"
+    );
+    assert_eq!(
+        guest.acks_stay_at(at_freeze, Duration::from_secs(1)),
+        Ok(())
+    );
+    guest.command("release-agent");
+    guest.wait_acked_beyond(at_freeze, Duration::from_secs(60));
+    assert_thawed_and_writing(&guest, "libvirt, agent back");
+    eprintln!("libvirt: agent held down: {reason}");
+
+    // The domain destroyed: its writer fails the next set, naming it.
+    guest.kill();
+    let record = run_set(&rt, &host);
+    let (phase, by, reason) = failure(&record);
+    assert_eq!(
+        (phase, by.as_deref()),
+        (Phase::Prepare, Some(id.as_str())),
+        "{reason}"
+    );
+    assert!(reason.contains(&format!("VM {name} is gone")), "{reason}");
 }

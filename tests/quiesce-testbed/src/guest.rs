@@ -523,10 +523,10 @@ impl GuestSpec {
     }
 }
 
-/// A running guest; QEMU is killed when it is dropped.
+/// A running guest; QEMU is killed (or the libvirt domain destroyed) when it is dropped.
 pub struct Guest {
     pub spec: GuestSpec,
-    pub qemu: crate::Child,
+    runner: Runner,
     /// From starting QEMU to the guest's `ready` (its disk mounted, the workload starting).
     pub boot_time: Duration,
     pub accel: &'static str,
@@ -535,6 +535,14 @@ pub struct Guest {
     control: UnixStream,
     seen: Mutex<Events>,
     _dir: tempfile::TempDir,
+}
+
+/// What runs the guest.
+enum Runner {
+    /// QEMU, a child of the test.
+    Qemu(crate::Child),
+    /// A transient libvirt domain of this name (its QEMU is libvirtd's child).
+    Libvirt { uri: String, pid: u32 },
 }
 
 #[derive(Default)]
@@ -568,11 +576,7 @@ impl Guest {
             .arg("-initrd")
             .arg(&image.initramfs)
             .arg("-append")
-            .arg(format!(
-                "console=ttyS0 panic=-1 quiet lpj=4000000 tsc=reliable no_timer_check \
-                 mitigations=off cryptomgr.notests 8250.nr_uarts=1 quiesce.agent={}",
-                if spec.agent { "on" } else { "off" }
-            ))
+            .arg(cmdline(spec.agent))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-name")
@@ -630,9 +634,9 @@ impl Guest {
             || std::fs::read_to_string(&stderr).unwrap_or_default(),
         );
         control.set_nonblocking(false).unwrap();
-        let mut guest = Guest {
+        let guest = Guest {
             spec,
-            qemu,
+            runner: Runner::Qemu(qemu),
             boot_time: Duration::ZERO,
             accel,
             events,
@@ -641,13 +645,135 @@ impl Guest {
             seen: Mutex::new(Events::default()),
             _dir: dir,
         };
+        guest.ready(started)
+    }
+
+    fn ready(mut self, started: Instant) -> Guest {
         // Generous: under TCG on a loaded machine a boot takes seconds, sometimes tens.
-        guest.wait_for("ready", Duration::from_secs(180));
-        guest.boot_time = started.elapsed();
-        if guest.spec.agent {
-            guest.wait_for("agent-started", Duration::from_secs(60));
+        self.wait_for("ready", Duration::from_secs(180));
+        self.boot_time = started.elapsed();
+        if self.spec.agent {
+            self.wait_for("agent-started", Duration::from_secs(60));
         }
-        guest
+        self
+    }
+
+    /// Boots the guest as a transient libvirt domain of `uri` (see [`libvirtd`]): the same
+    /// kernel, initramfs and channels, the agent's channel left to libvirt (its socket is
+    /// libvirt's; `spec.socket_dir` is not used).
+    pub fn boot_libvirt(spec: GuestSpec, uri: &str) -> Guest {
+        let image = guest_image();
+        let accel = accelerator();
+        let dir = tempfile::tempdir().unwrap();
+        // libvirt runs QEMU as its own user (libvirt-qemu): it must reach these files.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let events = dir.path().join("events");
+        let console = dir.path().join("console");
+        let control_path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&control_path).unwrap();
+        std::fs::set_permissions(
+            &control_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let xml = format!(
+            r#"<domain type='{kind}'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>192</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none' io='threads'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='virtio-serial' index='0'/>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <channel type='file'>
+      <source path='{events}'/>
+      <target type='virtio' name='quiesce.events'/>
+    </channel>
+    <channel type='unix'>
+      <source mode='connect' path='{control}'/>
+      <target type='virtio' name='quiesce.control'/>
+    </channel>
+    <serial type='file'>
+      <source path='{console}'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"#,
+            kind = if accel == "kvm" { "kvm" } else { "qemu" },
+            name = spec.name,
+            uuid = spec.uuid,
+            kernel = image.kernel.display(),
+            initrd = image.initramfs.display(),
+            cmdline = cmdline(spec.agent),
+            disk = spec.disk.display(),
+            events = events.display(),
+            control = control_path.display(),
+            console = console.display(),
+        );
+        let file = dir.path().join("domain.xml");
+        std::fs::write(&file, xml).unwrap();
+        let started = Instant::now();
+        run(Command::new("virsh")
+            .args(["-q", "-c", uri, "create"])
+            .arg(&file));
+        let pid_file = format!("/run/libvirt/qemu/{}.pid", spec.name);
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("{pid_file}: {e}"))
+            .trim()
+            .parse()
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let control = wait_until_or(
+            "libvirt's QEMU connecting to the guest's control socket",
+            Duration::from_secs(30),
+            || listener.accept().ok().map(|(s, _)| s),
+            || libvirt_log(&spec.name),
+        );
+        control.set_nonblocking(false).unwrap();
+        let guest = Guest {
+            spec,
+            runner: Runner::Libvirt {
+                uri: uri.to_string(),
+                pid,
+            },
+            boot_time: Duration::ZERO,
+            accel,
+            events,
+            console,
+            control,
+            seen: Mutex::new(Events::default()),
+            _dir: dir,
+        };
+        guest.ready(started)
+    }
+
+    fn pid(&self) -> u32 {
+        match &self.runner {
+            Runner::Qemu(child) => child.pid(),
+            Runner::Libvirt { pid, .. } => *pid,
+        }
     }
 
     /// Reads what the guest wrote on its events port since the last look.
@@ -717,11 +843,14 @@ impl Guest {
             .into_iter()
             .rev()
             .collect();
+        let qemu = match &self.runner {
+            Runner::Qemu(child) => child.log(),
+            Runner::Libvirt { .. } => libvirt_log(&self.spec.name),
+        };
         format!(
-            "guest {}: events {:?}\nconsole (end): {tail}\nQEMU stderr: {}",
+            "guest {}: events {:?}\nconsole (end): {tail}\nQEMU: {qemu}",
             self.spec.name,
             self.events(),
-            self.qemu.log()
         )
     }
 
@@ -742,7 +871,7 @@ impl Guest {
 
     fn assert_running(&self) {
         // An exited QEMU is a zombie until reaped (or gone): `/proc/<pid>/stat` says which.
-        let running = std::fs::read_to_string(format!("/proc/{}/stat", self.qemu.pid()))
+        let running = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
             .map(|s| !s.contains(") Z "))
             .unwrap_or(false);
         assert!(
@@ -805,7 +934,23 @@ impl Guest {
     /// One command to the guest agent, as a client of its socket (independent of the code under
     /// test): `{"execute": <command>}` after a `guest-sync-delimited`; the reply line.
     pub fn agent(&self, command: &str, timeout: Duration) -> Result<String, String> {
-        agent_command(&self.spec.agent_socket(), command, timeout)
+        match &self.runner {
+            Runner::Qemu(_) => agent_command(&self.spec.agent_socket(), command, timeout),
+            // libvirt holds the agent's socket: through it.
+            Runner::Libvirt { uri, .. } => {
+                let output = Command::new("virsh")
+                    .args(["-q", "-c", uri, "qemu-agent-command", &self.spec.name])
+                    .arg(format!("{{\"execute\":\"{command}\"}}"))
+                    .args(["--timeout", &timeout.as_secs().max(1).to_string()])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                if output.status.success() {
+                    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+                } else {
+                    Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+                }
+            }
+        }
     }
 
     /// `guest-fsfreeze-status` as the guest agent answers it (`thawed`, `frozen`), retried until
@@ -834,7 +979,16 @@ impl Guest {
 
     /// Stops the VM at once (QEMU killed, as a crash or `virsh destroy` would).
     pub fn kill(&mut self) {
-        self.qemu.kill();
+        match &mut self.runner {
+            Runner::Qemu(child) => child.kill(),
+            Runner::Libvirt { uri, .. } => {
+                let _ = Command::new("virsh")
+                    .args(["-q", "-c", uri, "destroy", &self.spec.name])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
     }
 }
 
@@ -897,8 +1051,68 @@ pub fn agent_command(socket: &Path, command: &str, timeout: Duration) -> Result<
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        self.qemu.kill();
+        self.kill();
     }
+}
+
+fn cmdline(agent: bool) -> String {
+    format!(
+        "console=ttyS0 panic=-1 quiet lpj=4000000 tsc=reliable no_timer_check mitigations=off \
+         cryptomgr.notests 8250.nr_uarts=1 quiesce.agent={}",
+        if agent { "on" } else { "off" }
+    )
+}
+
+/// The end of libvirt's log of domain `name` (QEMU's command line and stderr).
+fn libvirt_log(name: &str) -> String {
+    let text =
+        std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log")).unwrap_or_default();
+    text.lines()
+        .rev()
+        .take(20)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A running libvirtd for `qemu:///system`: the one already running, or one started here
+/// (with `virtlogd`, which it needs for QEMU's logs) and left running. Debian installs the
+/// daemon without starting it when there is no systemd. Returns the URI.
+pub fn libvirtd() -> &'static str {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    const URI: &str = "qemu:///system";
+    STARTED.get_or_init(|| {
+        require("virsh", "libvirt-clients");
+        require("libvirtd", "libvirt-daemon");
+        let answers = || {
+            Command::new("virsh")
+                .args(["-q", "-c", URI, "version"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if answers() {
+            return;
+        }
+        for daemon in ["virtlogd", "libvirtd"] {
+            // `-d`: as a daemon; a second instance refuses to start, which is fine.
+            let _ = Command::new(daemon)
+                .arg("-d")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        wait_until_or(
+            "libvirtd answering on qemu:///system",
+            Duration::from_secs(60),
+            || answers().then_some(()),
+            || "started with `virtlogd -d` and `libvirtd -d`".into(),
+        );
+    });
+    URI
 }
 
 /// The records a file on the guest's disk holds: `1\n2\n...`; a last line without its newline

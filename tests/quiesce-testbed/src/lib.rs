@@ -11,11 +11,14 @@
 //! - [`postgres`]: PostgreSQL's binaries and tools run as the `postgres` user;
 //! - [`ceph`]: a real Ceph cluster (mon, mgr, OSD, MDS, CephFS) and `ceph-fuse` mounts, also
 //!   from network namespaces;
-//! - [`mariadb`]: private MariaDB servers (install, start, stop, restored copies, checks).
+//! - [`mariadb`]: private MariaDB servers (install, start, stop, restored copies, checks);
+//! - [`guest`]: a tiny real virtual machine (Debian's kernel, busybox, the real `qemu-ga`) whose
+//!   workload acknowledges records written to its virtio disk.
 //!
 //! It deliberately depends on no quiesce crate, so any crate's tests can use it.
 
 pub mod ceph;
+pub mod guest;
 pub mod mariadb;
 mod netns;
 pub mod postgres;

@@ -248,6 +248,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_checked_in_introspection_is_well_formed_xml() {
+        // A strict parser, as expat and dbus-python are: `--` inside a comment (a doc comment
+        // naming a command-line flag) made the file unreadable to them.
+        for (name, xml) in [
+            ("Host1", crate::HOST_XML),
+            ("Writer1", crate::WRITER_XML),
+            ("AppWriter1", crate::APP_WRITER_XML),
+        ] {
+            let doc = format!("<node>{xml}</node>");
+            roxmltree::Document::parse(&doc)
+                .unwrap_or_else(|e| panic!("org.quiesce.{name}.xml is not well-formed: {e}"));
+        }
+        let bad = "<node><!-- see --broker --><interface name=\"x\"/></node>";
+        assert!(
+            roxmltree::Document::parse(bad).is_err(),
+            "the parser is strict"
+        );
+    }
+
+    #[test]
     fn writer_paths_escape_what_d_bus_forbids() {
         assert_eq!(
             writer_path("pg-main.5432").as_str(),

@@ -13,8 +13,10 @@
 //! abort_ms = 10000
 //! provider_ms = 60000
 //!
-//! [volumes.shared]                      # a volume this node can snapshot
-//! provider = "btrfs"                    # or "dir-copy"
+//! [volumes.shared]                      # a volume this node mounts, or can snapshot, or both
+//! mount = "/mnt/shared"                 # this node's mount of it: flushed in every set
+//! flush = "syncfs"                      # or "fifreeze" (GFS2, OCFS2, XFS, ext4), or "none"
+//! provider = "btrfs"                    # for local sets (`--once`, RunLocalSet): or "dir-copy", …
 //! subvolume = "/mnt/shared/data"
 //! snapshots = "/mnt/shared/.snapshots"
 //!
@@ -22,6 +24,7 @@
 //! volume = "shared"
 //! ```
 
+use crate::volume_flush::FlushMode;
 use quiesce_proto::{Deadlines, Timeouts};
 use quiesce_provider::ProviderConfig;
 use serde::Deserialize;
@@ -42,10 +45,80 @@ pub struct Config {
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
-    pub volumes: BTreeMap<String, ProviderConfig>,
+    pub volumes: BTreeMap<String, VolumeConfig>,
     /// Per-plugin configuration tables, by plugin name.
     #[serde(default)]
     pub plugins: BTreeMap<String, toml::Table>,
+    /// How long one plugin's init may take before it is skipped.
+    #[serde(default = "default_plugin_init")]
+    pub plugin_init_ms: u64,
+    /// How many calls to application writers the host has out at once: keep it below the bus's
+    /// `max_replies_per_connection` (128 in dbus-daemon's defaults).
+    #[serde(default = "default_app_calls")]
+    pub app_calls_in_flight: usize,
+}
+
+/// One `[volumes.NAME]` table: this node's mount of the volume (flushed inside every set's
+/// freeze) and the provider of the host's own local sets, each optional.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "toml::Table")]
+pub struct VolumeConfig {
+    /// Where this node mounts the volume; its flush writer `flush.NAME` serves sets of it.
+    pub mount: Option<PathBuf>,
+    pub flush: FlushMode,
+    /// How this host snapshots the volume itself (`--once`, `RunLocalSet`).
+    pub provider: Option<ProviderConfig>,
+}
+
+impl TryFrom<toml::Table> for VolumeConfig {
+    type Error = String;
+
+    fn try_from(mut table: toml::Table) -> Result<Self, String> {
+        let mount = match table.remove("mount") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(PathBuf::from(s)),
+            Some(v) => return Err(format!("mount = {v} must be a path (a string)")),
+        };
+        let flush_given = table.contains_key("flush");
+        let flush = match table.remove("flush") {
+            None => FlushMode::default(),
+            Some(v) => FlushMode::deserialize(v.clone()).map_err(|_| {
+                format!("flush = {v}: must be \"syncfs\" (the default), \"fifreeze\" or \"none\"")
+            })?,
+        };
+        if mount.is_none() && flush_given {
+            return Err("flush is set but mount is not: give this node's mount point of the volume (mount = \"/mnt/…\")".into());
+        }
+        let provider = if table.is_empty() {
+            None
+        } else if !table.contains_key("provider") {
+            let keys: Vec<&String> = table.keys().collect();
+            return Err(format!(
+                "unknown key(s) {keys:?}: a volume table takes mount, flush, and a provider's keys after provider = \"…\""
+            ));
+        } else {
+            Some(ProviderConfig::deserialize(table).map_err(|e| e.to_string())?)
+        };
+        if mount.is_none() && provider.is_none() {
+            return Err("the table is empty: give mount (this node's mount point of the volume), or a provider, or both".into());
+        }
+        if flush == FlushMode::Fifreeze && provider.is_some() {
+            return Err("flush = \"fifreeze\" with a provider: the host's own snapshot would wait on the frozen file system; a FIFREEZE flush is for the nodes of a cluster file system whose snapshot the broker's provider takes (drop provider here, or use flush = \"syncfs\")".into());
+        }
+        Ok(VolumeConfig {
+            mount,
+            flush,
+            provider,
+        })
+    }
+}
+
+fn default_app_calls() -> usize {
+    64
+}
+
+fn default_plugin_init() -> u64 {
+    crate::plugins::DEFAULT_INIT_TIMEOUT.as_millis() as u64
 }
 
 fn default_hold_limit() -> u64 {
@@ -78,6 +151,26 @@ impl Config {
     /// What the configuration says must be able to work.
     fn check(&self, path: &Path) -> Result<(), ConfigError> {
         quiesce_config::check_set_limits(path, self.hold_limit_ms, &self.timeouts)?;
+        if !(1..=4096).contains(&self.app_calls_in_flight) {
+            return Err(ConfigError::invalid(
+                path,
+                "app_calls_in_flight",
+                format!(
+                    "{} is out of range: it must be 1 to 4096, and below the bus's max_replies_per_connection",
+                    self.app_calls_in_flight
+                ),
+            ));
+        }
+        if !(100..=600_000).contains(&self.plugin_init_ms) {
+            return Err(ConfigError::invalid(
+                path,
+                "plugin_init_ms",
+                format!(
+                    "{} is out of range: it must be 100 to 600000 (a plugin's init that takes longer is skipped)",
+                    self.plugin_init_ms
+                ),
+            ));
+        }
         if !quiesce_proto::is_valid_node_name(&self.node) {
             return Err(ConfigError::invalid(
                 path,
@@ -97,6 +190,10 @@ impl Config {
         // Local sets need no lease: the driver is this process.
         self.timeouts
             .deadlines(self.hold_limit(), Deadlines::default().lease)
+    }
+
+    pub fn plugin_init_timeout(&self) -> Duration {
+        Duration::from_millis(self.plugin_init_ms)
     }
 
     pub fn hold_limit(&self) -> Duration {
@@ -129,8 +226,39 @@ mod tests {
         assert_eq!(d.hold_limit, Duration::from_millis(2500));
         assert_eq!(d.freeze, Duration::from_millis(700));
         assert_eq!(d.prepare, Deadlines::default().prepare);
-        assert!(matches!(c.volumes["shared"], ProviderConfig::Btrfs { .. }));
+        assert!(matches!(
+            c.volumes["shared"].provider,
+            Some(ProviderConfig::Btrfs { .. })
+        ));
+        assert_eq!(c.volumes["shared"].mount, None);
         assert_eq!(c.plugins["hello"]["volume"].as_str(), Some("shared"));
+    }
+
+    #[test]
+    fn a_volume_table_takes_a_mount_a_flush_and_a_provider() {
+        let parse = |body: &str| {
+            Config::parse(&format!("[volumes.shared]\n{body}"), Path::new("c.toml"))
+                .map(|c| c.volumes["shared"].clone())
+                .map_err(|e| e.to_string())
+        };
+        let v = parse("mount = \"/mnt/shared\"").unwrap();
+        assert_eq!(v.mount.as_deref(), Some(Path::new("/mnt/shared")));
+        assert_eq!((v.flush, v.provider), (FlushMode::Syncfs, None));
+        let v = parse("mount = \"/m\"\nflush = \"none\"").unwrap();
+        assert_eq!(v.flush, FlushMode::None);
+        for (body, says) in [
+            ("flush = \"sync\"\nmount = \"/m\"", "must be \"syncfs\""),
+            ("", "the table is empty"),
+            ("mnt = \"/m\"", "unknown key(s) [\"mnt\"]"),
+            ("mount = 3", "must be a path"),
+            (
+                "mount = \"/m\"\nflush = \"fifreeze\"\nprovider = \"dir-copy\"\nsource = \"/a\"\nsnapshots = \"/b\"",
+                "would wait on the frozen file system",
+            ),
+        ] {
+            let err = parse(body).unwrap_err();
+            assert!(err.contains(says), "{body:?}: {err}");
+        }
     }
 
     #[test]

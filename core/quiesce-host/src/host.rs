@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::plugins::{self, LoadError};
+use crate::volume_flush::VolumeFlush;
 use crate::worker::{Backend, PluginBackend, WriterHandle};
 use quiesce_proto::{SetId, SetRecord, SetRequest, WriterMetadata};
 use quiesce_provider::Provider;
@@ -11,10 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
+/// How many local sets' records a host keeps (`ListSets`, `ShowSet`).
+pub const HISTORY_KEPT: usize = 100;
+
 /// Why a set could not start. Nothing was frozen when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetError {
-    #[error("node {node}: volume {volume:?} is not configured here (configured: {known}); add it under [volumes.{volume}]")]
+    #[error("node {node}: volume {volume:?} is not configured here for local sets (volumes with a provider: {known}); add it, with its provider, under [volumes.{volume}]")]
     UnknownVolume {
         node: String,
         volume: String,
@@ -35,12 +39,17 @@ pub enum SetError {
     },
 }
 
+/// Why a writer could not be added.
 #[derive(Debug, thiserror::Error)]
-#[error("node {node}: writer id {id:?} is already taken by {other}")]
-pub struct DuplicateWriter {
-    pub node: String,
-    pub id: String,
-    pub other: String,
+pub enum AddWriterError {
+    #[error("node {node}: writer id {id:?} is already taken by {other}")]
+    Duplicate {
+        node: String,
+        id: String,
+        other: String,
+    },
+    #[error("node {node}: it has {count} writers already, the most a node may have (README, \"Limits\"); unregister some first")]
+    TooMany { node: String, count: usize },
 }
 
 #[derive(Debug)]
@@ -48,6 +57,10 @@ pub struct Host {
     config: Config,
     writers: Mutex<Vec<Arc<WriterHandle>>>,
     load_errors: Vec<LoadError>,
+    /// `[volumes.NAME] mount`s whose flush writer could not be made: the host does not start.
+    flush_errors: Vec<String>,
+    /// `(name, version, path)` of each plugin loaded.
+    plugins: Vec<(String, String, std::path::PathBuf)>,
     providers: BTreeMap<String, Arc<dyn Provider>>,
     history: Mutex<Vec<SetRecord>>,
     /// The set running now, and where to tell it that one of its writers is gone.
@@ -62,16 +75,18 @@ impl Host {
     /// Plugins that fail to load are reported by [`Host::load_errors`]; the others run.
     pub fn start(config: Config) -> Host {
         let report = match &config.plugin_dir {
-            Some(dir) => plugins::load_directory(dir, &config.plugins),
-            None => plugins::LoadReport::default(),
+            Some(dir) if dir.is_dir() => {
+                plugins::load_directory(dir, &config.plugins, config.plugin_init_timeout())
+            }
+            // Named but missing: `problems` says so, and the daemon does not start.
+            _ => plugins::LoadReport::default(),
         };
-        for e in &report.errors {
-            tracing::error!("{e}");
-        }
+        // Load errors are told by the daemon once it has sorted them (`problems` stop it, the
+        // others are plugins skipped): said here as well, they were printed twice.
         for (name, version, path) in &report.plugins {
             tracing::info!(plugin = %name, version = %version, path = %path.display(), "plugin loaded");
         }
-        let writers = report
+        let mut writers: Vec<Arc<WriterHandle>> = report
             .writers
             .into_iter()
             .map(|w| {
@@ -79,15 +94,43 @@ impl Host {
                 WriterHandle::spawn(w.metadata, w.origin, backend, config.hold_limit())
             })
             .collect();
+        let mut flush_errors = vec![];
+        for (volume, v) in &config.volumes {
+            let Some(mount) = &v.mount else { continue };
+            let flush = VolumeFlush::new(&config.node, volume, mount, v.flush).and_then(|f| {
+                let metadata = f.metadata();
+                metadata.validate().map_err(|e| {
+                    format!("[volumes.{volume}]: its flush writer cannot be named after it: {e}")
+                })?;
+                if writers.iter().any(|w| w.id() == metadata.id) {
+                    return Err(format!(
+                        "[volumes.{volume}]: a plugin writer already has the id {:?} of the volume's flush writer: rename that writer",
+                        metadata.id
+                    ));
+                }
+                Ok((metadata, f))
+            });
+            match flush {
+                Ok((metadata, f)) => writers.push(WriterHandle::spawn(
+                    metadata,
+                    format!("the node flush of [volumes.{volume}]"),
+                    Box::new(f),
+                    config.hold_limit(),
+                )),
+                Err(e) => flush_errors.push(e),
+            }
+        }
         let providers = config
             .volumes
             .iter()
-            .map(|(name, p)| (name.clone(), Arc::from(p.build())))
+            .filter_map(|(name, v)| Some((name.clone(), Arc::from(v.provider.as_ref()?.build()))))
             .collect();
         Host {
             config,
             writers: Mutex::new(writers),
             load_errors: report.errors,
+            flush_errors,
+            plugins: report.plugins,
             providers,
             history: Mutex::new(Vec::new()),
             running: quiesce_driver::RunningSlot::new(),
@@ -108,6 +151,77 @@ impl Host {
         &self.load_errors
     }
 
+    /// What in the configuration cannot work as written, each with the key and the fix: the
+    /// daemon refuses to start with any of these (`quiesce-host` exits 1 before it serves). A
+    /// broken plugin file the configuration does not mention is not among them: it is reported
+    /// and skipped.
+    pub fn problems(&self) -> Vec<String> {
+        let config = &self.config;
+        let mut problems = self.flush_errors.clone();
+        match &config.plugin_dir {
+            Some(dir) if !dir.exists() => problems.push(format!(
+                "plugin_dir = {:?} does not exist: create it (and put the plugins there), or fix the path",
+                dir.display().to_string()
+            )),
+            Some(dir) if !dir.is_dir() => problems.push(format!(
+                "plugin_dir = {:?} is not a directory: name the directory the plugins are in",
+                dir.display().to_string()
+            )),
+            Some(_) => {}
+            None if !config.plugins.is_empty() => problems.push(
+                "[plugins.*] tables are given but no plugin_dir: set plugin_dir to the directory of the plugins".into(),
+            ),
+            None => {}
+        }
+        let loaded: Vec<&str> = self.plugins.iter().map(|(n, _, _)| n.as_str()).collect();
+        for e in &self.load_errors {
+            let configured = e
+                .plugin_name()
+                .is_some_and(|n| config.plugins.contains_key(n));
+            if configured || matches!(e, LoadError::Insecure { .. } | LoadError::Directory { .. }) {
+                problems.push(e.to_string());
+            }
+        }
+        for name in config.plugins.keys() {
+            let failed = self
+                .load_errors
+                .iter()
+                .any(|e| e.plugin_name() == Some(name.as_str()));
+            if !failed
+                && !loaded.contains(&name.as_str())
+                && config.plugin_dir.as_ref().is_some_and(|d| d.is_dir())
+            {
+                problems.push(format!(
+                    "[plugins.{name}] configures a plugin that is not in plugin_dir (loaded: {}): fix the name, or install the plugin",
+                    if loaded.is_empty() { "none".to_string() } else { loaded.join(", ") }
+                ));
+            }
+        }
+        problems
+    }
+
+    /// What the configuration may not mean (each said once, at start, as a warning).
+    pub fn warnings(&self) -> Vec<String> {
+        let config = &self.config;
+        let mut warnings = vec![];
+        if config.plugin_dir.is_none() && config.volumes.is_empty() {
+            warnings.push("no plugin_dir and no [volumes.*]: this host serves only writers that applications register over D-Bus, and takes no snapshot of its own".into());
+        }
+        let writers = self.writers();
+        for volume in config.volumes.keys() {
+            let covered = writers.iter().any(|w| {
+                w.metadata.level != quiesce_proto::Level::Volume
+                    && w.metadata.touches_any(std::slice::from_ref(volume))
+            });
+            if !covered {
+                warnings.push(format!(
+                    "[volumes.{volume}]: no plugin writer has components on it: until an application registers one, a set of it quiesces nothing"
+                ));
+            }
+        }
+        warnings
+    }
+
     pub fn writers(&self) -> Vec<Arc<WriterHandle>> {
         self.writers.lock().unwrap().clone()
     }
@@ -123,10 +237,16 @@ impl Host {
         metadata: WriterMetadata,
         origin: String,
         backend: Box<dyn Backend>,
-    ) -> Result<Arc<WriterHandle>, DuplicateWriter> {
+    ) -> Result<Arc<WriterHandle>, AddWriterError> {
         let mut writers = self.writers.lock().unwrap();
+        if writers.len() >= quiesce_proto::limits::WRITERS_PER_NODE {
+            return Err(AddWriterError::TooMany {
+                node: self.config.node.clone(),
+                count: writers.len(),
+            });
+        }
         if let Some(other) = writers.iter().find(|w| w.id() == metadata.id) {
-            return Err(DuplicateWriter {
+            return Err(AddWriterError::Duplicate {
                 node: self.config.node.clone(),
                 id: metadata.id,
                 other: other.origin.clone(),
@@ -211,7 +331,7 @@ impl Host {
                 .cloned()
                 .ok_or_else(|| SetError::UnknownVolume {
                     node: node.clone(),
-                    volume: volume.clone(),
+                    volume: quiesce_proto::cut(volume, 80),
                     known: self
                         .providers
                         .keys()
@@ -264,7 +384,13 @@ impl Host {
             (inputs, inbox),
         )
         .await;
-        self.history.lock().unwrap().push(record.clone());
+        {
+            // The newest local sets only: a long-running host does not keep every record.
+            let mut history = self.history.lock().unwrap();
+            history.push(record.clone());
+            let excess = history.len().saturating_sub(HISTORY_KEPT);
+            history.drain(..excess);
+        }
         Ok(record)
     }
 }

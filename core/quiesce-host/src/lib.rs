@@ -12,7 +12,8 @@ pub mod local_set;
 pub mod plugins;
 pub mod remote_sets;
 pub mod set_requests;
+pub mod volume_flush;
 pub mod worker;
 
 pub use config::Config;
-pub use host::{Host, SetError};
+pub use host::{AddWriterError, Host, SetError};

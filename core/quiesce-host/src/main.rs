@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use quiesce_host::{Config, Host};
 use quiesce_proto::SetRequest;
+use std::io::Write;
 use std::path::PathBuf;
 
 /// The quiesce node daemon: loads writer plugins and runs snapshot sets for this node.
@@ -45,14 +46,30 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // The error, once, as an operator reads it (no backtrace of this program's own frames,
+    // whatever RUST_BACKTRACE says).
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quiesce-host: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+    // `--help` and `--version` print on the real stdout, before it is set aside.
     let args = Args::parse();
+    // What this process prints on stdout (`--once --json`) goes through `out`; whatever a
+    // plugin prints to its stdout lands on stderr, among the log, instead of in the record.
+    let mut out = own_stdout().context("setting up stdout")?;
     let link = match args.broker.clone() {
         Some(url) => Some(quiesce_host::broker_link::LinkOptions::from_flags(
             url,
@@ -64,13 +81,34 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let config = Config::load(&args.config)?;
-    for (volume, provider) in &config.volumes {
+    for (volume, provider) in config
+        .volumes
+        .iter()
+        .filter_map(|(v, c)| Some((v, c.provider.as_ref()?)))
+    {
         // The host writes nothing of its own on a volume it snapshots.
         provider
             .check(&[])
             .with_context(|| format!("{}: [volumes.{volume}]", args.config.display()))?;
     }
     let host = std::sync::Arc::new(Host::start(config));
+    let problems = host.problems();
+    if !problems.is_empty() {
+        for problem in &problems {
+            tracing::error!("{}: {problem}", args.config.display());
+        }
+        anyhow::bail!(
+            "{}: {} problem(s) in the configuration (above): the host does not start until they are fixed",
+            args.config.display(),
+            problems.len()
+        );
+    }
+    for warning in host.warnings() {
+        tracing::warn!("{}: {warning}", args.config.display());
+    }
+    for e in host.load_errors() {
+        tracing::warn!("{e}; the host runs without it");
+    }
     tracing::info!(
         node = host.node(),
         writers = host.writers().len(),
@@ -85,32 +123,35 @@ async fn main() -> anyhow::Result<()> {
         };
         let record = host.run_local_set(request).await?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&record)?);
+            writeln!(out, "{}", serde_json::to_string_pretty(&record)?)?;
         } else {
-            println!("set {}: {}", record.id, record.outcome);
+            writeln!(out, "set {}: {}", record.id, record.outcome)?;
             if let Some(s) = &record.snapshot {
-                println!("snapshot {} at {} ({})", s.id, s.path, s.provider);
+                writeln!(out, "snapshot {} at {} ({})", s.id, s.path, s.provider)?;
             }
             for w in &record.writers {
                 let failure = w
                     .failure
                     .as_ref()
                     .map(|f| format!(" — {} in {}: {}", kebab(&f.kind), f.phase, f.reason));
-                println!(
+                writeln!(
+                    out,
                     "  {}: {}{}",
                     w.writer,
                     kebab(&w.state),
                     failure.unwrap_or_default()
-                );
+                )?;
             }
             if let Some(ms) = record.freeze_window_ms {
-                println!(
+                writeln!(
+                    out,
                     "freeze window {ms} ms, provider {} ms, total {} ms",
                     record.provider_ms.unwrap_or(0),
                     record.total_ms
-                );
+                )?;
             }
         }
+        out.flush()?;
         for w in host.writers() {
             w.settled().await;
         }
@@ -119,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The cluster snapshot methods of Host1 reach the broker with the host's own link options.
     let set_requests = quiesce_host::set_requests::SetRequests::new(link.clone());
-    let _connection = quiesce_host::dbus::serve(host.clone(), args.bus.as_deref(), set_requests)
+    let connection = quiesce_host::dbus::serve(host.clone(), args.bus.as_deref(), set_requests)
         .await
         .with_context(|| match &args.bus {
             Some(a) => format!("serving {} on the bus at {a}", quiesce_dbus::HOST_NAME),
@@ -133,11 +174,19 @@ async fn main() -> anyhow::Result<()> {
         quiesce_host::broker_link::spawn(host.clone(), link);
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for a shutdown signal")?,
-        _ = terminate.recv() => {}
+    let bus_lost = quiesce_host::dbus::closed(&connection).await?;
+    let lost = tokio::select! {
+        r = tokio::signal::ctrl_c() => { r.context("waiting for a shutdown signal")?; false }
+        _ = terminate.recv() => false,
+        () = bus_lost => true,
+    };
+    if lost {
+        // Off the bus no requester reaches the host and no application can register: exit
+        // with a failure, so that the service manager starts it again.
+        tracing::error!("the bus closed this host's connection (it was disconnected or the bus stopped): releasing every writer and exiting");
+    } else {
+        tracing::info!("shutting down: releasing every writer");
     }
-    tracing::info!("shutting down: releasing every writer");
     for w in host.writers() {
         if w.status().held_by.is_some() {
             if let Err(e) = w.release(host.config().deadlines().abort).await {
@@ -145,7 +194,23 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    if lost {
+        std::process::exit(1);
+    }
     Ok(())
+}
+
+/// A handle on the process's original stdout, with file descriptor 1 pointed at stderr from
+/// now on: plugins (which share the process) can print nothing into this process's output.
+fn own_stdout() -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
+    let saved = std::io::stdout().as_fd().try_clone_to_owned()?;
+    // SAFETY: dup2 of two valid descriptors; fd 1 then refers to stderr's file.
+    if unsafe { nix::libc::dup2(2, 1) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `saved` is an open descriptor this function owns and hands over.
+    Ok(unsafe { std::fs::File::from_raw_fd(saved.into_raw_fd()) })
 }
 
 fn kebab<T: serde::Serialize>(value: &T) -> String {

@@ -10,6 +10,7 @@ use quiesce_abi::{ErrorKind, HostServices, LogLevel, PluginModuleRef, WriterBox}
 use quiesce_proto::WriterMetadata;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Why one plugin file was not loaded.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,25 @@ pub enum LoadError {
     },
     #[error("plugin {path}: not a loadable shared library ({cause}); remove it from the plugin directory or replace it with a plugin built with quiesce-sdk")]
     NotALibrary { path: PathBuf, cause: String },
+    #[error("plugin {path}: cannot be read ({cause}); make it readable by the host's user (it runs as uid {uid})")]
+    Unreadable {
+        path: PathBuf,
+        cause: String,
+        uid: u32,
+    },
+    #[error("plugin {path}: refused: {why}; plugins run as the host's user (uid {uid}), so only root or that user may be able to replace them — {fix}")]
+    Insecure {
+        path: PathBuf,
+        why: String,
+        fix: String,
+        uid: u32,
+    },
+    #[error("plugin {name} ({path}): init did not return within {ms} ms; the plugin is skipped (its init goes on in the background, and whatever it makes is dropped); fix what it waits for, or raise plugin_init_ms")]
+    InitTimedOut {
+        path: PathBuf,
+        name: String,
+        ms: u64,
+    },
     #[error("plugin {path}: not a quiesce plugin (it exports no quiesce root module); build it with quiesce_sdk::export_plugin!")]
     NotAPlugin { path: PathBuf },
     #[error("plugin {path}: built against quiesce-abi {plugin}, this host speaks {host}; rebuild the plugin against quiesce-sdk {host_sdk}")]
@@ -69,7 +89,7 @@ pub enum LoadError {
         name: String,
         message: String,
     },
-    #[error("plugin {name} ({path}): writer id {writer:?} is already taken by {other}; give one of them another id in its configuration")]
+    #[error("plugin {name} ({path}): writer id {writer:?} is already taken by {other}; give one of them another id in its configuration (writer ids are unique per host, within a plugin too)")]
     DuplicateWriter {
         path: PathBuf,
         name: String,
@@ -82,6 +102,22 @@ pub enum LoadError {
         name: String,
         other: PathBuf,
     },
+}
+
+impl LoadError {
+    /// The plugin's name, when the error comes from a plugin whose name is known.
+    pub fn plugin_name(&self) -> Option<&str> {
+        match self {
+            LoadError::InitFailed { name, .. }
+            | LoadError::InitPanicked { name, .. }
+            | LoadError::InitTimedOut { name, .. }
+            | LoadError::InvalidConfig { name, .. }
+            | LoadError::InvalidMetadata { name, .. }
+            | LoadError::DuplicateWriter { name, .. }
+            | LoadError::DuplicatePlugin { name, .. } => Some(name),
+            _ => None,
+        }
+    }
 }
 
 /// A writer object created by a plugin, with its metadata.
@@ -108,6 +144,8 @@ pub struct LoadReport {
     pub errors: Vec<LoadError>,
     /// `(name, version, path)` of each plugin loaded.
     pub plugins: Vec<(String, String, PathBuf)>,
+    /// Files named like plugins that are not (directories, dangling links), with why.
+    pub skipped: Vec<String>,
 }
 
 /// The SDK version a plugin must be rebuilt against: the ABI crate's version is the SDK's.
@@ -126,10 +164,21 @@ pub fn open(path: &Path) -> Result<PluginModuleRef, LoadError> {
 fn classify(path: &Path, error: LibraryError) -> LoadError {
     let path = path.to_path_buf();
     match error {
-        LibraryError::OpenError { err, .. } => LoadError::NotALibrary {
-            path,
-            cause: err.to_string(),
-        },
+        LibraryError::OpenError { err, .. } => {
+            let cause = err.to_string();
+            // A file the host may not read is not a file to rebuild.
+            if std::fs::File::open(&path)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+            {
+                LoadError::Unreadable {
+                    path,
+                    cause,
+                    uid: nix::unistd::geteuid().as_raw(),
+                }
+            } else {
+                LoadError::NotALibrary { path, cause }
+            }
+        }
         LibraryError::GetSymbolError { .. } => LoadError::NotAPlugin { path },
         LibraryError::IncompatibleVersionNumber {
             expected_version,
@@ -270,14 +319,63 @@ pub fn init(
         .collect()
 }
 
+/// Whether the host may load code from `path` (a plugin file or its directory): only root or
+/// the host's own user may be able to replace it, since it runs with the host's rights.
+fn check_ownership(path: &Path, what: &str) -> Result<(), LoadError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid().as_raw();
+    let insecure = |why: String, fix: String| LoadError::Insecure {
+        path: path.to_path_buf(),
+        why,
+        fix,
+        uid,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| LoadError::Unreadable {
+        path: path.to_path_buf(),
+        cause: e.to_string(),
+        uid,
+    })?;
+    if meta.uid() != 0 && meta.uid() != uid {
+        return Err(insecure(
+            format!("the {what} is owned by uid {}", meta.uid()),
+            format!("`chown root {}`", path.display()),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        let by = if meta.mode() & 0o002 != 0 {
+            "everyone"
+        } else {
+            "its group"
+        };
+        return Err(insecure(
+            format!(
+                "the {what} is writable by {by} (mode {:o})",
+                meta.mode() & 0o7777
+            ),
+            format!("`chmod go-w {}`", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// How long one plugin's init may take by default (`plugin_init_ms`).
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Loads every `*.so` in `dir`. Files that fail are reported in the result; the rest load.
-pub fn load_directory(dir: &Path, configs: &BTreeMap<String, toml::Table>) -> LoadReport {
+/// Each plugin's init runs on a thread of its own, all at once, each for at most
+/// `init_timeout`: one plugin that hangs delays the others by no more than that.
+pub fn load_directory(
+    dir: &Path,
+    configs: &BTreeMap<String, toml::Table>,
+    init_timeout: Duration,
+) -> LoadReport {
     let mut report = LoadReport::default();
+    if let Err(e) = check_ownership(dir, "plugin directory") {
+        report.errors.push(e);
+        return report;
+    }
     let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "so") && p.is_file())
-            .collect(),
+        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
         Err(cause) => {
             report.errors.push(LoadError::Directory {
                 dir: dir.into(),
@@ -287,10 +385,35 @@ pub fn load_directory(dir: &Path, configs: &BTreeMap<String, toml::Table>) -> Lo
         }
     };
     paths.sort();
+    // Open each library (version and layout checks) and check who may replace it.
+    let mut opened: Vec<(PathBuf, PluginModuleRef)> = vec![];
     let mut by_name: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut by_writer: BTreeMap<String, String> = BTreeMap::new();
-    let empty = toml::Table::new();
     for path in paths {
+        if path.extension().is_none_or(|e| e != "so") {
+            continue;
+        }
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                report.skipped.push(format!(
+                    "{}: a directory or special file named like a plugin: skipped",
+                    path.display()
+                ));
+                continue;
+            }
+            Err(e) => {
+                // A dangling symbolic link, a loop of them, a file that vanished.
+                report.skipped.push(format!(
+                    "{}: cannot be followed ({e}): skipped; remove it or fix the link",
+                    path.display()
+                ));
+                continue;
+            }
+        }
+        if let Err(e) = check_ownership(&path, "plugin file") {
+            report.errors.push(e);
+            continue;
+        }
         let module = match open(&path) {
             Ok(m) => m,
             Err(e) => {
@@ -307,30 +430,82 @@ pub fn load_directory(dir: &Path, configs: &BTreeMap<String, toml::Table>) -> Lo
             });
             continue;
         }
-        by_name.insert(name.clone(), path.clone());
-        let writers = match init(&path, module, configs.get(&name).unwrap_or(&empty)) {
+        by_name.insert(name, path.clone());
+        opened.push((path, module));
+    }
+    for line in &report.skipped {
+        tracing::warn!("{line}");
+    }
+    // Every init at once, each under the deadline.
+    let empty = toml::Table::new();
+    let pending: Vec<_> = opened
+        .into_iter()
+        .map(|(path, module)| {
+            let config = configs
+                .get(module.name().as_str())
+                .unwrap_or(&empty)
+                .clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (thread_path, name) = (path.clone(), module.name().to_string());
+            tracing::info!(plugin = %name, path = %path.display(), "initialising plugin");
+            let spawned = std::thread::Builder::new()
+                .name(format!("init-{name}"))
+                .spawn(move || {
+                    let _ = tx.send(init(&thread_path, module, &config));
+                });
+            (path, module, name, spawned.map(|_| rx))
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + init_timeout;
+    let mut by_writer: BTreeMap<String, String> = BTreeMap::new();
+    for (path, module, name, rx) in pending {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let result = match rx {
+            Ok(rx) => rx.recv_timeout(left).unwrap_or_else(|_| {
+                Err(LoadError::InitTimedOut {
+                    path: path.clone(),
+                    name: name.clone(),
+                    ms: init_timeout.as_millis() as u64,
+                })
+            }),
+            Err(e) => Err(LoadError::InitFailed {
+                path: path.clone(),
+                name: name.clone(),
+                message: format!("no thread could be started for its init: {e}"),
+            }),
+        };
+        let writers = match result {
             Ok(w) => w,
             Err(e) => {
                 report.errors.push(e);
                 continue;
             }
         };
-        // All of a plugin's writers, or none: a half-loaded plugin would be harder to reason about.
-        if let Some(w) = writers
-            .iter()
-            .find(|w| by_writer.contains_key(&w.metadata.id))
-        {
+        // Unique per host: across plugins, and within this one. All of a plugin's writers, or
+        // none: a half-loaded plugin would be harder to reason about.
+        let mut taken = by_writer.clone();
+        let mut duplicate = None;
+        for w in &writers {
+            if let Some(other) = taken.insert(w.metadata.id.clone(), w.origin.clone()) {
+                duplicate = Some((w.metadata.id.clone(), other));
+                break;
+            }
+        }
+        if let Some((writer, other)) = duplicate {
+            let other = if other == writers[0].origin {
+                "another writer of the same plugin".to_string()
+            } else {
+                other
+            };
             report.errors.push(LoadError::DuplicateWriter {
                 path,
                 name,
-                writer: w.metadata.id.clone(),
-                other: by_writer[&w.metadata.id].clone(),
+                writer,
+                other,
             });
             continue;
         }
-        for w in &writers {
-            by_writer.insert(w.metadata.id.clone(), w.origin.clone());
-        }
+        by_writer = taken;
         report
             .plugins
             .push((name, module.version().to_string(), path.clone()));

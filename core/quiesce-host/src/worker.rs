@@ -246,6 +246,7 @@ impl WriterHandle {
             status: status.clone(),
             hold_limit,
             released: None,
+            retry_at: None,
         };
         std::thread::Builder::new()
             .name(format!("writer-{}", metadata.id))
@@ -422,7 +423,12 @@ struct Worker {
     status: Arc<watch::Sender<Status>>,
     hold_limit: Duration,
     released: Option<Released>,
+    /// After a watchdog thaw that failed: when to try again.
+    retry_at: Option<Instant>,
 }
+
+/// How long the watchdog waits before it tries a failed thaw again.
+const WATCHDOG_RETRY: Duration = Duration::from_secs(1);
 
 impl Worker {
     fn run(mut self) {
@@ -430,7 +436,8 @@ impl Worker {
             let frozen_since = self.status.borrow().frozen_since;
             let job = match frozen_since {
                 Some(since) => {
-                    let left = (since + self.hold_limit).saturating_duration_since(Instant::now());
+                    let due = (since + self.hold_limit).max(self.retry_at.unwrap_or(since));
+                    let left = due.saturating_duration_since(Instant::now());
                     match self.jobs.recv_timeout(left) {
                         Ok(job) => job,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -523,8 +530,10 @@ impl Worker {
             // Even a failed freeze may have half-frozen the writer: the watchdog covers it.
             // A second freeze of the same set never restarts the hold clock.
             CallKind::Freeze if !ours => self.hold(Holder::Set(set_id.into()), started),
-            CallKind::Thaw => self.let_go(set_id, ReleasedBy::Thaw),
-            CallKind::Abort if ours => self.let_go(set_id, ReleasedBy::Abort),
+            // A thaw or abort that failed may have left the writer frozen: it stays held, and
+            // the watchdog tries again at the hold limit.
+            CallKind::Thaw if result.is_ok() => self.let_go(set_id, ReleasedBy::Thaw),
+            CallKind::Abort if ours && result.is_ok() => self.let_go(set_id, ReleasedBy::Abort),
             _ => {}
         }
         result
@@ -555,7 +564,9 @@ impl Worker {
             }
             CallKind::Thaw => {
                 let result = self.invoke(&call, "diagnosis", budget);
-                self.clear_hold();
+                if result.is_ok() {
+                    self.clear_hold();
+                }
                 result
             }
             other => Err(CallFailure::error(format!(
@@ -657,7 +668,18 @@ impl Worker {
         });
         let result = self
             .call_backend(call, set_id, budget)
-            .map_err(|backend| failure(&self.writer, kind, backend));
+            .map_err(|backend| failure(&self.writer, kind, backend))
+            .and_then(|reports| {
+                let size: usize = reports.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if size <= quiesce_proto::limits::REPORTS_BYTES {
+                    return Ok(reports);
+                }
+                Err(CallFailure::error(format!(
+                    "writer {}: {kind} reported {size} bytes, more than the {} bytes a call may report (README, \"Limits\"): the writer must report less",
+                    self.writer,
+                    quiesce_proto::limits::REPORTS_BYTES
+                )))
+            });
         self.status.send_modify(|s| {
             s.busy = None;
             s.state = State::after(kind, result.is_ok(), s.state);
@@ -716,7 +738,13 @@ impl Worker {
         let held = since
             .map(|t| started.saturating_duration_since(t))
             .unwrap_or_default();
-        self.let_go(&set_id, ReleasedBy::Watchdog { held });
+        if result.is_ok() {
+            self.retry_at = None;
+            self.let_go(&set_id, ReleasedBy::Watchdog { held });
+        } else {
+            // Still held, perhaps still frozen: try again shortly, not in a tight loop.
+            self.retry_at = Some(Instant::now() + WATCHDOG_RETRY);
+        }
         self.status.send_modify(|s| {
             s.busy = None;
             s.state = State::after(CallKind::Thaw, result.is_ok(), s.state);

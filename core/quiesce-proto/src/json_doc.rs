@@ -73,7 +73,7 @@ fn all_levels() -> Vec<Level> {
     let all = Level::FREEZE_ORDER.to_vec();
     for l in &all {
         match l {
-            Level::FrontEnd | Level::BackEnd | Level::System => {}
+            Level::FrontEnd | Level::BackEnd | Level::System | Level::Volume => {}
         }
     }
     all

@@ -20,8 +20,8 @@ mod json_doc;
 pub use call::{CallFailure, CallKind, FailureKind, ProviderFailure, ProviderOp, WriterCall};
 pub use machine::{Command, Deadlines, SnapshotSet, Timeouts};
 pub use metadata::{
-    is_valid_node_name, Component, ComponentKind, Level, MetadataError, WriterMetadata,
-    NODE_NAME_RULE,
+    cut, is_valid_node_name, limits, Component, ComponentKind, Level, MetadataError,
+    WriterMetadata, NODE_NAME_RULE,
 };
 pub use set::{
     Outcome, OutcomeKind, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest, SnapshotInfo,

@@ -914,6 +914,11 @@ impl SnapshotSet {
     /// final) or fail the whole set.
     fn writer_failed(&mut self, now: Instant, i: usize, kind: CallKind, failure: CallFailure) {
         let phase = kind.phase();
+        // Whatever a writer or a node sent, a record keeps a bounded reason.
+        let failure = CallFailure {
+            reason: crate::metadata::cut(&failure.reason, crate::metadata::limits::REASON_BYTES),
+            ..failure
+        };
         {
             let p = &mut self.participants[i];
             if p.failure.is_none() {

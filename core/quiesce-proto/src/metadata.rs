@@ -3,28 +3,38 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// The freeze level of a writer. Freeze runs front-end → back-end → system; thaw runs in reverse.
+/// The freeze level of a writer. Freeze runs front-end → back-end → system → volume; thaw runs in
+/// reverse.
 ///
 /// A front-end application (one that writes into a database) is frozen first so that the back-end
-/// (the database) sees no new work while it holds still; system writers (file systems, hooks that
-/// quiesce the whole machine) go last and come back first.
+/// (the database) sees no new work while it holds still; system writers (virtual machines' guests,
+/// hooks that quiesce the whole machine) come after; last, each node flushes its own cache of the
+/// volume (`volume`: the host's node flush, once everything above it on every node holds still),
+/// and it comes back first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Level {
     FrontEnd,
     BackEnd,
     System,
+    Volume,
 }
 
 impl Level {
     /// All levels in freeze order.
-    pub const FREEZE_ORDER: [Level; 3] = [Level::FrontEnd, Level::BackEnd, Level::System];
+    pub const FREEZE_ORDER: [Level; 4] = [
+        Level::FrontEnd,
+        Level::BackEnd,
+        Level::System,
+        Level::Volume,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Level::FrontEnd => "front-end",
             Level::BackEnd => "back-end",
             Level::System => "system",
+            Level::Volume => "volume",
         }
     }
 }
@@ -104,6 +114,49 @@ pub enum MetadataError {
         "writer {writer}: two components are named {component:?}: component names must be unique"
     )]
     DuplicateComponent { writer: String, component: String },
+    #[error("writer {writer}: {what} is {size} long, more than the {limit} a writer may declare (README, \"Limits\"): shorten it")]
+    TooLarge {
+        writer: String,
+        what: &'static str,
+        size: String,
+        limit: String,
+    },
+}
+
+/// How much a writer may declare and report, chosen so that a node's writers fit one D-Bus
+/// reply and one broker registration, and a set of thousands of writers one record: documented
+/// in the README ("Limits"). Checked where metadata enters (plugin load, `RegisterWriter`,
+/// the broker's registration) and where a call's results come back.
+pub mod limits {
+    /// A writer's name, instance or vendor version, in bytes.
+    pub const TEXT_BYTES: usize = 256;
+    /// Components per writer.
+    pub const COMPONENTS: usize = 64;
+    /// Paths per component.
+    pub const PATHS: usize = 64;
+    /// One path, in bytes (PATH_MAX).
+    pub const PATH_BYTES: usize = 4096;
+    /// The whole metadata as JSON, in bytes.
+    pub const METADATA_BYTES: usize = 16 * 1024;
+    /// What one call may report (keys and values together), in bytes.
+    pub const REPORTS_BYTES: usize = 16 * 1024;
+    /// A failure's reason, in bytes; longer ones are cut, saying so.
+    pub const REASON_BYTES: usize = 4096;
+    /// Writers one node may have (plugins' and applications' together).
+    pub const WRITERS_PER_NODE: usize = 1024;
+}
+
+/// `text` cut to at most `limit` bytes (at a character boundary), saying how much was cut: for
+/// what cannot be refused, a failure's reason, a hook's output.
+pub fn cut(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_string();
+    }
+    let mut end = limit.saturating_sub(48);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes cut)", &text[..end], text.len() - end)
 }
 
 /// True when `id` is a valid writer id: 1..=64 of `[A-Za-z0-9._-]`.
@@ -173,7 +226,62 @@ impl WriterMetadata {
     /// Checks what the protocol relies on; a writer whose metadata fails this is refused.
     pub fn validate(&self) -> Result<(), MetadataError> {
         if !is_valid_id(&self.id) {
-            return Err(MetadataError::InvalidId(self.id.clone()));
+            return Err(MetadataError::InvalidId(cut(&self.id, 80)));
+        }
+        let too_large = |what, size: usize, limit: usize, unit: &str| MetadataError::TooLarge {
+            writer: self.id.clone(),
+            what,
+            size: format!("{size} {unit}"),
+            limit: format!("{limit} {unit}"),
+        };
+        for (what, text) in [
+            ("the name", &self.name),
+            ("the instance", &self.instance),
+            ("the vendor version", &self.vendor_version),
+        ] {
+            if text.len() > limits::TEXT_BYTES {
+                return Err(too_large(what, text.len(), limits::TEXT_BYTES, "bytes"));
+            }
+        }
+        if self.components.len() > limits::COMPONENTS {
+            return Err(too_large(
+                "the list of components",
+                self.components.len(),
+                limits::COMPONENTS,
+                "components",
+            ));
+        }
+        for c in &self.components {
+            if c.name.len() > limits::TEXT_BYTES || c.volume.len() > limits::TEXT_BYTES {
+                return Err(too_large(
+                    "a component's name or volume",
+                    c.name.len().max(c.volume.len()),
+                    limits::TEXT_BYTES,
+                    "bytes",
+                ));
+            }
+            if c.paths.len() > limits::PATHS {
+                return Err(too_large(
+                    "a component's list of paths",
+                    c.paths.len(),
+                    limits::PATHS,
+                    "paths",
+                ));
+            }
+            if let Some(p) = c.paths.iter().find(|p| p.len() > limits::PATH_BYTES) {
+                return Err(too_large("a path", p.len(), limits::PATH_BYTES, "bytes"));
+            }
+        }
+        let json = serde_json::to_string(self)
+            .map(|j| j.len())
+            .unwrap_or(usize::MAX);
+        if json > limits::METADATA_BYTES {
+            return Err(too_large(
+                "the metadata as JSON",
+                json,
+                limits::METADATA_BYTES,
+                "bytes",
+            ));
         }
         if self.name.trim().is_empty() {
             return Err(MetadataError::EmptyName {
@@ -284,5 +392,46 @@ mod tests {
         let mut none = sample();
         none.components.clear();
         assert!(none.touches_any(&["other".into()]));
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn metadata_past_its_limits_is_refused_naming_what_and_how_much() {
+        let mut m = WriterMetadata::new("w", "x".repeat(10 * 1024 * 1024), Level::BackEnd);
+        let e = m.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("the name is 10485760 bytes long, more than the 256 bytes"),
+            "{e}"
+        );
+        m.name = "ok".into();
+        m.validate().unwrap();
+        for i in 0..65 {
+            m = m.with_component(format!("c{i}"), ComponentKind::Files, "v", ["/x"]);
+        }
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("65 components"), "{e}");
+        let long_id = "a".repeat(100_000);
+        let e = WriterMetadata::new(&long_id, "x", Level::System)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.len() < 300,
+            "a 100 KB id is not echoed whole: {} bytes",
+            e.len()
+        );
+    }
+
+    #[test]
+    fn cut_keeps_the_start_and_says_how_much_went() {
+        assert_eq!(cut("short", 100), "short");
+        let long = "é".repeat(10_000);
+        let c = cut(&long, 4096);
+        assert!(c.len() <= 4096 + 40, "{}", c.len());
+        assert!(c.ends_with("more bytes cut)"), "{c}");
     }
 }

@@ -185,7 +185,8 @@ fn level() -> impl Strategy<Value = Level> {
     prop_oneof![
         Just(Level::FrontEnd),
         Just(Level::BackEnd),
-        Just(Level::System)
+        Just(Level::System),
+        Just(Level::Volume)
     ]
 }
 

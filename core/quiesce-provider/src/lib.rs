@@ -38,6 +38,22 @@ pub use lvm::Lvm;
 pub use quiesce_proto::SnapshotInfo;
 pub use zfs::Zfs;
 
+/// Whether `path` is a mount point (of the last file system mounted there).
+pub fn is_mount_point(path: &Path) -> std::io::Result<bool> {
+    let canonical = path.canonicalize()?;
+    Ok(mounts::is_mount_point(&mounts::read_mounts()?, &canonical))
+}
+
+/// Whether a process that writes to `own_paths` may freeze (`FIFREEZE`) the file system mounted
+/// at `mount`: never the root file system, only a mount point, and none of `own_paths` on it.
+/// The error says why not and what to do.
+pub fn check_freezable(mount: &Path, own_paths: &[&Path]) -> Result<(), String> {
+    freeze::refuse_unsafe_freeze("fifreeze", mount, own_paths).map_err(|e| match e {
+        ProviderError::Refused { reason, .. } => reason,
+        e => e.to_string(),
+    })
+}
+
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;

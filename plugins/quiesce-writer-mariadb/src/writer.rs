@@ -723,7 +723,7 @@ impl Writer for MariadbWriter {
 
 #[cfg(test)]
 mod tests {
-    use quiesce_sdk::harness::{Plugin, Step};
+    use quiesce_sdk::harness::{Phase, Plugin};
     use quiesce_sdk::ComponentKind;
 
     #[test]
@@ -743,16 +743,16 @@ mod tests {
         assert_eq!(metadata.level, quiesce_sdk::Level::BackEnd);
         assert!(!metadata.needs_post_snapshot);
         let (step, error) = run.error().unwrap();
-        assert_eq!(step, Step::Prepare);
+        assert_eq!(step, Phase::Prepare);
         assert!(
             error
-                .message
+                .reason
                 .contains("cannot connect to the server at socket"),
             "{error}"
         );
         assert_eq!(
             run.steps(),
-            [Step::Prepare, Step::Abort, Step::Complete],
+            [Phase::Prepare, Phase::Abort, Phase::Complete],
             "{run:#?}"
         );
         // Abort again: idempotent with nothing held.

@@ -7,8 +7,9 @@
 //! copy of the snapshot, on another port, and check it against what the freeze reported.
 
 use mysql::prelude::Queryable;
-use quiesce_host::worker::{Backend, BackendError, Op};
+use quiesce_host::worker::Backend;
 use quiesce_host::{Config, Host};
+use quiesce_proto::{CallFailure, WriterCall};
 use quiesce_proto::{
     ComponentKind, Level, Outcome, Phase, Reports, SetRecord, SetRequest, WriterMetadata,
     WriterResult, WriterState,
@@ -114,7 +115,7 @@ fn writer_sessions(server: &Server) -> Vec<u64> {
 // The application: a separate process committing numbered rows
 
 fn committer_binary() -> PathBuf {
-    testbed::example("quiesce-writer-mariadb", "committer")
+    testbed::example("quiesce-writer-mariadb", "mariadb-committer")
 }
 
 /// The acknowledgements in the ack log `acks` (`<n> <unix µs>` per line, n = 1, 2, 3, ...): a
@@ -293,11 +294,16 @@ struct Meddler {
 }
 
 /// What a meddler does at a call: given the call and the set's id.
-type Action = dyn FnMut(&Op, &str) -> Result<(), String> + Send;
+type Action = dyn FnMut(&WriterCall, &str) -> Result<(), String> + Send;
 
 impl Backend for Meddler {
-    fn call(&mut self, op: &Op, set: &str, _budget: Duration) -> Result<Reports, BackendError> {
-        (self.action)(op, set).map_err(BackendError::Failed)?;
+    fn call(
+        &mut self,
+        op: &WriterCall,
+        set: &str,
+        _budget: Duration,
+    ) -> Result<Reports, CallFailure> {
+        (self.action)(op, set).map_err(CallFailure::error)?;
         Ok(Reports::new())
     }
 }
@@ -306,7 +312,7 @@ fn add_meddler(
     host: &Host,
     volume: &BtrfsVolume,
     level: Level,
-    action: impl FnMut(&Op, &str) -> Result<(), String> + Send + 'static,
+    action: impl FnMut(&WriterCall, &str) -> Result<(), String> + Send + 'static,
 ) {
     let id = format!("meddler-{level:?}").to_lowercase();
     let metadata = WriterMetadata::new(&id, "Test writer acting around the freeze", level)
@@ -433,7 +439,7 @@ fn snapshots_under_load_restore_to_exactly_the_reported_position() {
     let at_freeze = Arc::new(AtomicI64::new(-1));
     let (seen, acks) = (at_freeze.clone(), committer.acks.clone());
     add_meddler(&host, &volume, Level::FrontEnd, move |op, _| {
-        if *op == Op::Freeze {
+        if *op == WriterCall::Freeze {
             seen.store(acknowledged(&acks), Ordering::SeqCst);
         }
         Ok(())
@@ -664,7 +670,7 @@ fn writes_wait_while_frozen(lock: &str, commit_waits: bool) {
     add_meddler(&host, &volume, Level::System, move |op, _| {
         let mut conn = connect_socket(&socket);
         match op {
-            Op::Freeze => {
+            WriterCall::Freeze => {
                 // Reads go on while frozen.
                 let _: Option<u64> = conn
                     .query_first("SELECT COUNT(*) FROM app.records")
@@ -701,7 +707,7 @@ fn writes_wait_while_frozen(lock: &str, commit_waits: bool) {
                     },
                 );
             }
-            Op::Thaw => {
+            WriterCall::Thaw => {
                 // Before the mariadb writer's thaw, after the snapshot: still waiting.
                 let list = list.lock().unwrap();
                 for b in list.iter() {
@@ -823,7 +829,7 @@ fn a_hold_lost_while_frozen_fails_the_set_and_its_snapshot_would_not_match() {
     let snapshots = volume.snapshots.clone();
     add_meddler(&host, &volume, Level::System, move |op, set| {
         match (op, *what.lock().unwrap()) {
-            (Op::Freeze, "kill") => {
+            (WriterCall::Freeze, "kill") => {
                 let mut conn = connect_socket(&socket);
                 let ids: Vec<u64> = conn
                     .query("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'quiesce'")
@@ -840,12 +846,12 @@ fn a_hold_lost_while_frozen_fails_the_set_and_its_snapshot_would_not_match() {
                 });
                 after.store(acknowledged(&acks), Ordering::SeqCst);
             }
-            (Op::Freeze, "restart") => {
+            (WriterCall::Freeze, "restart") => {
                 let mut server = server.lock().unwrap();
                 server.stop();
                 server.start();
             }
-            (Op::Thaw, "kill") => {
+            (WriterCall::Thaw, "kill") => {
                 // After the snapshot, before the mariadb writer's thaw fails the set (and the
                 // snapshot is deleted): keep a copy to restore.
                 testbed::run(
@@ -1018,7 +1024,7 @@ fn abort_and_thaw_release_in_any_state_and_are_idempotent() {
     for level in [Level::FrontEnd, Level::System] {
         let fail = fail_at.clone();
         add_meddler(&host, &volume, level, move |op, _| {
-            if *op == Op::Freeze && *fail.lock().unwrap() == level {
+            if *op == WriterCall::Freeze && *fail.lock().unwrap() == level {
                 Err("failing on purpose".into())
             } else {
                 Ok(())
@@ -1083,7 +1089,7 @@ fn a_deadline_passing_while_backup_stage_waits_fails_the_freeze_in_time_and_unbl
     let stop = Arc::new(Mutex::new(false));
     let (server, stopping) = (live.clone(), stop.clone());
     add_meddler(&host, &volume, Level::FrontEnd, move |op, _| {
-        if *op == Op::Freeze && *stopping.lock().unwrap() {
+        if *op == WriterCall::Freeze && *stopping.lock().unwrap() {
             server.lock().unwrap().process().unwrap().signal("STOP");
         }
         Ok(())

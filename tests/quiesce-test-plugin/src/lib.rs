@@ -6,6 +6,8 @@
 //!                               # before the call acts, and "<writer-id> <call>-done" after a
 //!                               # call that succeeded
 //! panic_in_init = false
+//! init_sleep_ms = 0             # init sleeps this long first (a plugin whose init hangs)
+//! print = "text"                # optional: init and every call print this on stdout
 //! default_panic_hook = false    # true: panics are printed by std's default hook, as before the
 //!                               # SDK installed its own (the negative control of the test that
 //!                               # a panic is reported fast with RUST_BACKTRACE=1)
@@ -13,6 +15,7 @@
 //!
 //! [[writers]]
 //! id = "w1"
+//! name = "..."                  # optional: the writer's name (default "misbehave writer ID")
 //! level = "back-end"            # front-end | back-end | system
 //! volume = "demo"
 //! needs_post_snapshot = false
@@ -59,6 +62,9 @@ struct Settings {
     panic_in_init: bool,
     #[serde(default)]
     default_panic_hook: bool,
+    #[serde(default)]
+    init_sleep_ms: u64,
+    print: Option<String>,
     fail_init: Option<String>,
     #[serde(default)]
     writers: Vec<WriterSettings>,
@@ -68,6 +74,7 @@ struct Settings {
 #[serde(deny_unknown_fields)]
 struct WriterSettings {
     id: String,
+    name: Option<String>,
     #[serde(default = "back_end")]
     level: Level,
     #[serde(default = "demo")]
@@ -102,6 +109,7 @@ struct Misbehave {
     settings: WriterSettings,
     events: Option<PathBuf>,
     default_panic_hook: bool,
+    print: Option<String>,
 }
 
 impl Misbehave {
@@ -153,6 +161,9 @@ impl Misbehave {
 
     fn act(&self, call: CallKind) -> Result<(), Error> {
         let (id, name) = (&self.settings.id, call.as_str());
+        if let Some(text) = &self.print {
+            println!("{text}");
+        }
         let orders = self.orders()?;
         self.event(name)?;
         if orders.panic_in == Some(call) {
@@ -180,7 +191,11 @@ impl Writer for Misbehave {
         let id = &self.settings.id;
         WriterMetadata {
             id: id.clone(),
-            name: format!("misbehave writer {id}"),
+            name: self
+                .settings
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("misbehave writer {id}")),
             instance: String::new(),
             vendor_version: env!("CARGO_PKG_VERSION").into(),
             level: self.settings.level,
@@ -223,13 +238,20 @@ impl Writer for Misbehave {
 /// Makes the configured writers, or fails or panics as told.
 pub fn init(config: &Config) -> Result<Vec<Box<dyn Writer>>, Error> {
     let settings: Settings = config.deserialize()?;
+    if settings.init_sleep_ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(settings.init_sleep_ms));
+    }
+    if let Some(text) = &settings.print {
+        println!("{text}");
+    }
     if settings.panic_in_init {
         panic!("misbehave was told to panic in init");
     }
     if let Some(message) = settings.fail_init {
         return Err(Error::new(message));
     }
-    let (events, default_panic_hook) = (settings.events, settings.default_panic_hook);
+    let (events, default_panic_hook, print) =
+        (settings.events, settings.default_panic_hook, settings.print);
     settings
         .writers
         .into_iter()
@@ -245,6 +267,7 @@ pub fn init(config: &Config) -> Result<Vec<Box<dyn Writer>>, Error> {
                 settings: writer,
                 events: events.clone(),
                 default_panic_hook,
+                print: print.clone(),
             }) as Box<dyn Writer>)
         })
         .collect()

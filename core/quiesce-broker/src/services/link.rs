@@ -78,6 +78,13 @@ pub fn check_registration(
 
 /// Reads a host's writers, refusing bad metadata with the node and writer named.
 fn parse_writers(node: &str, writers: &[v1::Writer]) -> Result<Vec<Writer>, Status> {
+    if writers.len() > quiesce_proto::limits::WRITERS_PER_NODE {
+        return Err(Status::invalid_argument(format!(
+            "node {node}: {} writers, more than the {} a node may have (README, \"Limits\")",
+            writers.len(),
+            quiesce_proto::limits::WRITERS_PER_NODE
+        )));
+    }
     let mut ids = BTreeSet::new();
     writers
         .iter()

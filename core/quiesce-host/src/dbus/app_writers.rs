@@ -14,8 +14,40 @@ use zbus::message::Header;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::{fdo, Connection};
 
-/// Registered application writers: writer id → the application's unique bus name.
-pub(super) type Apps = Arc<Mutex<BTreeMap<String, String>>>;
+/// The registered application writers, and the calls to them in flight.
+pub(super) type Apps = Arc<AppWriters>;
+
+// How many calls to application writers the host has out at once (`app_calls_in_flight`,
+// README "Limits"): a bus answers a connection's calls only up to `max_replies_per_connection`
+// pending replies (128 in dbus-daemon's default configuration) and refuses the rest with
+// `LimitsExceeded`; a set of hundreds of application writers would otherwise reach it at its
+// first freeze.
+
+#[derive(Debug)]
+pub(super) struct AppWriters {
+    /// Writer id → the application's unique bus name.
+    owners: Mutex<BTreeMap<String, String>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl AppWriters {
+    pub(super) fn new(in_flight: usize) -> Apps {
+        Arc::new(AppWriters {
+            owners: Mutex::new(BTreeMap::new()),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(in_flight)),
+            limit: in_flight,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn contains(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+}
 
 /// Registers the `org.quiesce.AppWriter1` object the caller exports at `object`: reads and
 /// checks its metadata, adds the writer to the host and serves its `Writer1` object.
@@ -67,11 +99,16 @@ pub(super) async fn register(
         owner: owner.clone(),
         object,
         runtime: tokio::runtime::Handle::current(),
+        in_flight: apps.in_flight.clone(),
+        limit: apps.limit,
     };
     let handle = host
         .add_writer(metadata, origin, Box::new(backend))
-        .map_err(|e| Error::DuplicateWriter(e.to_string()))?;
-    apps.lock().unwrap().insert(id.clone(), owner.clone());
+        .map_err(|e| match e {
+            crate::host::AddWriterError::Duplicate { .. } => Error::DuplicateWriter(e.to_string()),
+            crate::host::AddWriterError::TooMany { .. } => Error::InvalidRequest(e.to_string()),
+        })?;
+    apps.lock().insert(id.clone(), owner.clone());
     let path = writer_path(&id);
     connection
         .object_server()
@@ -106,7 +143,7 @@ pub(super) async fn drop_app(
     id: &str,
     reason: &str,
 ) {
-    apps.lock().unwrap().remove(id);
+    apps.lock().remove(id);
     host.writer_lost(id, reason);
     let _ = connection
         .object_server()
@@ -133,7 +170,6 @@ pub(super) async fn watch_vanishing(
             let name = args.name().to_string();
             let gone: Vec<String> = apps
                 .lock()
-                .unwrap()
                 .iter()
                 .filter(|(_, owner)| **owner == name)
                 .map(|(id, _)| id.clone())
@@ -153,6 +189,8 @@ struct AppBackend {
     owner: String,
     object: OwnedObjectPath,
     runtime: tokio::runtime::Handle,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    limit: usize,
 }
 
 impl AppBackend {
@@ -185,6 +223,12 @@ impl AppBackend {
     }
 }
 
+/// Whether the bus refused a call for its limits (too many pending replies).
+fn limits_exceeded(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::MethodError(name, _, _) if name.as_str() == "org.freedesktop.DBus.Error.LimitsExceeded")
+        || matches!(e, zbus::Error::FDO(f) if matches!(**f, fdo::Error::LimitsExceeded(_)))
+}
+
 impl Backend for AppBackend {
     fn call(
         &mut self,
@@ -193,12 +237,33 @@ impl Backend for AppBackend {
         budget: Duration,
     ) -> Result<Reports, CallFailure> {
         let budget_ms = budget.as_millis().try_into().unwrap_or(u64::MAX);
+        let releases = call.kind().releases();
         // The worker thread is not a runtime thread, so it may block on the host's runtime.
         let answer = self.runtime.block_on(async {
-            tokio::time::timeout(budget, self.call_app(call, set_id, budget_ms)).await
+            tokio::time::timeout(budget, async {
+                loop {
+                    // A turn among the calls in flight, within the call's budget.
+                    let _turn = self.in_flight.acquire().await;
+                    match self.call_app(call, set_id, budget_ms).await {
+                        // A bus configured tighter than APP_CALLS_IN_FLIGHT refused it: a call
+                        // that releases a writer is tried again (a freeze must not be left
+                        // without its thaw or abort); others fail, saying why.
+                        Err(e) if releases && limits_exceeded(&e) => {
+                            drop(_turn);
+                            tokio::task::yield_now().await;
+                        }
+                        other => return other,
+                    }
+                }
+            })
+            .await
         });
         match answer {
             Ok(Ok(reports)) => Ok(reports),
+            Ok(Err(e)) if limits_exceeded(&e) => Err(CallFailure::error(format!(
+                "the bus refused the call to {} ({e}): the bus's limit of pending replies per connection (max_replies_per_connection) is below the {} calls this host keeps in flight to applications: lower app_calls_in_flight in the host's configuration, or raise the bus's limit",
+                self.owner, self.limit
+            ))),
             Ok(Err(e)) => Err(CallFailure::error(format!("{} answered: {e}", self.owner))),
             Err(_) => Err(CallFailure::timed_out(format!(
                 "{} did not answer {} within {budget_ms} ms",

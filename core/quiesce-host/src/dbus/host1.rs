@@ -119,16 +119,22 @@ impl HostIface {
 
     /// The full record of a set as JSON (the documented form of `quiesce_proto::SetRecord`).
     async fn show_set(&self, id: String) -> Result<String, Error> {
+        if id.trim().is_empty() {
+            return Err(Error::InvalidRequest(
+                "no set id given: pass one of the ids ListSets shows".into(),
+            ));
+        }
         let record = self.host.set(&id).ok_or_else(|| {
             Error::UnknownSet(format!(
-                "no set {id:?} on this node; ListSets shows the known ones"
+                "no set {:?} on this node; ListSets shows the known ones",
+                quiesce_proto::cut(&id, 80)
             ))
         })?;
         serde_json::to_string_pretty(&record).map_err(|e| Error::CallFailed(e.to_string()))
     }
 
     /// Runs one snapshot set of `volumes` across the cluster, through the broker this host was
-    /// started with (`--broker`), and returns its record as JSON (SetRecord,
+    /// started with (its broker option), and returns its record as JSON (SetRecord,
     /// `core/quiesce-proto/JSON.md`) once it ended. A failed set is an answer, not an error:
     /// read its `outcome`.
     async fn create_snapshot(
@@ -220,7 +226,7 @@ impl HostIface {
         id: String,
     ) -> Result<(), Error> {
         authorize(connection, &header, "unregister a writer").await?;
-        if !self.apps.lock().unwrap().contains_key(&id) {
+        if !self.apps.contains(&id) {
             return Err(Error::UnknownWriter(if self.host.writer(&id).is_some() {
                 format!("writer {id:?} is a plugin writer: remove its plugin and restart the host instead")
             } else {

@@ -21,8 +21,7 @@ use crate::host::Host;
 use crate::set_requests::SetRequests;
 use host1::HostIface;
 use quiesce_dbus::{writer_path, Error, HOST_NAME, HOST_PATH};
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use writer1::WriterIface;
 use zbus::message::Header;
 use zbus::{fdo, Connection};
@@ -42,7 +41,7 @@ pub async fn serve(
         Some(address) => zbus::connection::Builder::address(address)?,
         None => zbus::connection::Builder::system()?,
     };
-    let apps = Arc::new(Mutex::new(BTreeMap::new()));
+    let apps = app_writers::AppWriters::new(host.config().app_calls_in_flight);
     let mut builder = builder.serve_at(HOST_PATH, fdo::ObjectManager)?.serve_at(
         HOST_PATH,
         HostIface::new(host.clone(), apps.clone(), set_requests),
@@ -89,4 +88,18 @@ fn in_operator_group(uid: u32) -> bool {
         return false;
     };
     user.gid == group.gid || group.mem.iter().any(|m| m == &user.name)
+}
+
+/// Completes when the bus closes this connection (the daemon stopped, or it disconnected the
+/// host): a stream of a signal nobody sends ends exactly then.
+pub async fn closed(
+    connection: &Connection,
+) -> zbus::Result<impl std::future::Future<Output = ()>> {
+    use futures_util::StreamExt;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.quiesce.Host1.Unused")?
+        .build();
+    let mut stream = zbus::MessageStream::for_match_rule(rule, connection, Some(1)).await?;
+    Ok(async move { while stream.next().await.is_some() {} })
 }

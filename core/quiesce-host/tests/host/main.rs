@@ -2,5 +2,6 @@
 //! the real `quiesce-host` and `app-writer` processes.
 
 mod dbus;
+mod hostile;
 mod plugins;
 mod support;

@@ -512,7 +512,7 @@ async fn a_set_refuses_unknown_volumes_and_changes_nothing() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("volume \"nope\" is not configured here"),
+            .contains("volume \"nope\" is not configured here for local sets"),
         "{err}"
     );
     assert!(events(&log).is_empty(), "no writer was called");

@@ -1,7 +1,7 @@
 //! `app-writer`: the reference application that becomes a quiesce writer over D-Bus.
 //!
-//! It writes numbered records (`<seq> <unix_time_ns>`) to `DIR/records.log`, about one per
-//! millisecond, serves `org.quiesce.AppWriter1` at `--object`, then registers that object with
+//! It writes numbered records (`<seq> <unix_time_ns>`) to `DIR/records.log` (with `--mmap`:
+//! into a shared mapping of `DIR/records.map`, never synced), about one per millisecond, serves `org.quiesce.AppWriter1` at `--object`, then registers that object with
 //! the host (`org.quiesce.Host1.RegisterWriter`) and prints `registered <writer_path>`. Freeze
 //! really holds its writes until thaw, abort, or 30 s without a thaw.
 
@@ -47,6 +47,13 @@ struct Cli {
     /// Resume writes on our own after this long frozen without a thaw (the safety net).
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     hold_limit_ms: u64,
+    /// Store the records into a shared mapping of `DIR/records.map` instead, never synced
+    /// (fixed-width records of 33 bytes, record N at byte (N-1)*33).
+    #[arg(long)]
+    mmap: bool,
+    /// How many records `records.map` has room for.
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    mmap_records: u64,
 }
 
 fn metadata(cli: &Cli, dir: &std::path::Path) -> WriterMetadata {
@@ -89,11 +96,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let metadata =
         serde_json::to_string(&metadata(&cli, &dir)).context("cannot encode the metadata")?;
     let events = cli.events.as_deref().map(Events::open).transpose()?;
-    let records = Arc::new(Records::create(
-        &dir,
-        events,
-        Duration::from_millis(cli.hold_limit_ms),
-    )?);
+    let hold_limit = Duration::from_millis(cli.hold_limit_ms);
+    let records = Arc::new(if cli.mmap {
+        Records::create_mapped(&dir, cli.mmap_records, events, hold_limit)?
+    } else {
+        Records::create(&dir, events, hold_limit)?
+    });
 
     // The application's own work: it writes from the start, whatever the bus does.
     let (stopped_tx, mut stopped) = tokio::sync::oneshot::channel();

@@ -6,6 +6,12 @@
 //! for the loop to acknowledge: the loop, at its next record boundary, parks (`paused`), notes the
 //! last record and the `frozen` event, and writes nothing until the hold is released by a thaw,
 //! an abort, shutdown, or its own hold limit.
+//!
+//! Records go to the file by `write()` (the default) or, with `--mmap`, into a shared mapping of
+//! `records.map`: fixed-width records at `(seq - 1) * RECORD_BYTES`, never synced by the
+//! application — durability left to the kernel, as LMDB's `MDB_WRITEMAP | MDB_NOSYNC` or a
+//! memory-mapped cache leaves it. Such pages sit dirty in this node's kernel until writeback:
+//! the data a shared volume's snapshot misses unless the node flushes its cache.
 
 use anyhow::{bail, Context};
 use std::fs::{File, OpenOptions};
@@ -19,6 +25,18 @@ pub const PACE: Duration = Duration::from_millis(1);
 
 /// The file the records go to, inside the data directory.
 pub const RECORDS_FILE: &str = "records.log";
+/// The file the records go to in `--mmap` mode.
+pub const MAP_FILE: &str = "records.map";
+/// The width of one record in `records.map`: `{seq:>12} {unix_ns:>19}\n`.
+pub const RECORD_BYTES: usize = 33;
+
+/// Where the records go.
+enum Sink {
+    /// Appended by `write()`, one per record.
+    Append(File),
+    /// Stored into a shared mapping of `records.map`.
+    Map(memmap2::MmapMut),
+}
 
 /// Nanoseconds since the Unix epoch.
 pub fn unix_ns() -> u128 {
@@ -78,7 +96,7 @@ struct State {
 pub struct Records {
     state: Mutex<State>,
     changed: Condvar,
-    file: File,
+    sink: Mutex<Sink>,
     events: Option<Events>,
     hold_limit: Duration,
 }
@@ -93,13 +111,65 @@ impl Records {
         let path = dir.join(RECORDS_FILE);
         let file =
             File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Records {
+        Ok(Self::with_sink(Sink::Append(file), events, hold_limit))
+    }
+
+    /// Creates (truncates) `dir/records.map` with room for `capacity` records and maps it
+    /// shared. The descriptor is closed before any record is stored: closing a file's
+    /// descriptor makes some file systems (FUSE) write its dirty pages back, which would hide
+    /// what this mode is for.
+    pub fn create_mapped(
+        dir: &Path,
+        capacity: u64,
+        events: Option<Events>,
+        hold_limit: Duration,
+    ) -> anyhow::Result<Records> {
+        let path = dir.join(MAP_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        file.set_len(capacity * RECORD_BYTES as u64)
+            .with_context(|| format!("cannot size {}", path.display()))?;
+        // SAFETY: the file is this process's own (created and truncated just now); nothing
+        // else resizes it while it is mapped.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        drop(file);
+        Ok(Self::with_sink(Sink::Map(map), events, hold_limit))
+    }
+
+    fn with_sink(sink: Sink, events: Option<Events>, hold_limit: Duration) -> Records {
+        Records {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
-            file,
+            sink: Mutex::new(sink),
             events,
             hold_limit,
-        })
+        }
+    }
+
+    fn store(&self, seq: u64) -> anyhow::Result<()> {
+        let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
+        match &mut *sink {
+            Sink::Append(file) => {
+                let record = format!("{seq} {}\n", unix_ns());
+                file.write_all(record.as_bytes())
+                    .with_context(|| format!("cannot write record {seq} to {RECORDS_FILE}"))
+            }
+            Sink::Map(map) => {
+                let record = format!("{seq:>12} {:>19}\n", unix_ns());
+                let at = (seq as usize - 1) * RECORD_BYTES;
+                let Some(slot) = map.get_mut(at..at + RECORD_BYTES) else {
+                    bail!("{MAP_FILE} is full at record {seq}: start again with a larger --mmap-records");
+                };
+                slot.copy_from_slice(record.as_bytes());
+                Ok(())
+            }
+        }
     }
 
     pub fn event(&self, line: &str) {
@@ -140,11 +210,11 @@ impl Records {
                 continue;
             }
             let seq = st.last_seq + 1;
-            let record = format!("{seq} {}\n", unix_ns());
-            // Written under the state lock, in one write() on an unbuffered file: a freeze that
-            // takes the lock finds the record either wholly in the file or not begun.
-            if let Err(e) = (&self.file).write_all(record.as_bytes()) {
-                let why = format!("cannot write record {seq} to {RECORDS_FILE}: {e}");
+            // Written under the state lock, in one write() on an unbuffered file (or one store
+            // into the mapping): a freeze that takes the lock finds the record either wholly
+            // there or not begun.
+            if let Err(e) = self.store(seq) {
+                let why = format!("{e:#}");
                 st.failed = Some(why.clone());
                 self.changed.notify_all();
                 bail!(why);
@@ -250,14 +320,17 @@ impl Records {
         Ok(was_held)
     }
 
-    /// Prepare: fsyncs `records.log`.
+    /// Prepare: fsyncs `records.log`. The mapping is never synced (see the module's doc).
     pub fn sync(&self) -> anyhow::Result<()> {
         if let Some(why) = &self.lock().failed {
             bail!("the writing loop has stopped: {why}");
         }
-        self.file
-            .sync_all()
-            .with_context(|| format!("cannot fsync {RECORDS_FILE}"))
+        match &*self.sink.lock().unwrap_or_else(PoisonError::into_inner) {
+            Sink::Append(file) => file
+                .sync_all()
+                .with_context(|| format!("cannot fsync {RECORDS_FILE}")),
+            Sink::Map(_) => Ok(()),
+        }
     }
 
     /// Stops the writing loop (and any call waiting on it).
@@ -337,6 +410,28 @@ mod tests {
         assert!(events[0].starts_with("frozen ") && events[0].ends_with(&format!(" {seq}")));
         assert!(events[1].starts_with("thawed "));
         assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn mapped_records_sit_at_fixed_offsets_and_a_full_map_stops_the_loop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let r = Arc::new(Records::create_mapped(dir, 20, None, Duration::from_secs(30)).unwrap());
+        let looper = std::thread::spawn({
+            let r = r.clone();
+            move || r.run()
+        });
+        let err = looper.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("is full at record 21"), "{err}");
+        let map = std::fs::read(dir.join(MAP_FILE)).unwrap();
+        assert_eq!(map.len(), 20 * RECORD_BYTES);
+        for (i, record) in map.chunks(RECORD_BYTES).enumerate() {
+            let text = std::str::from_utf8(record).unwrap();
+            let seq: u64 = text.split_whitespace().next().unwrap().parse().unwrap();
+            assert_eq!(seq, i as u64 + 1, "{text:?}");
+            assert!(text.ends_with('\n'));
+        }
+        assert!(r.sync().is_err(), "the stopped loop's error is reported");
     }
 
     #[test]

@@ -66,16 +66,20 @@ impl AppWriter {
     }
 }
 
-fn write_label(snapshot: &Path, set_id: &str, seq: u64) -> anyhow::Result<PathBuf> {
+/// Writes the label; `None` when the snapshot is read-only (ZFS, CephFS: the label is a
+/// convenience, not what the snapshot's consistency rests on).
+fn write_label(snapshot: &Path, set_id: &str, seq: u64) -> anyhow::Result<Option<PathBuf>> {
     use anyhow::Context;
     use std::io::Write;
     let path = snapshot.join(LABEL_FILE);
-    let mut file = std::fs::File::create(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let mut file = match std::fs::File::create(&path) {
+        Err(e) if e.raw_os_error() == Some(30) => return Ok(None), // EROFS
+        created => created.with_context(|| format!("cannot create {}", path.display()))?,
+    };
     file.write_all(format!("set {set_id}\nlast_record {seq}\n").as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(path)
+    Ok(Some(path))
 }
 
 #[zbus::interface(name = "org.quiesce.AppWriter1", introspection_docs = false)]
@@ -147,12 +151,20 @@ impl AppWriter {
                 write_label(&snapshot, &set, seq)
             })
             .await?;
-        log(&format!(
-            "post-snapshot {set_id}: wrote {}",
-            label.display()
-        ));
+        let label = match label {
+            Some(label) => {
+                log(&format!("post-snapshot {set_id}: wrote {}", label.display()));
+                label.display().to_string()
+            }
+            None => {
+                log(&format!(
+                    "post-snapshot {set_id}: the snapshot is read-only: no label written"
+                ));
+                "not written: the snapshot is read-only".to_owned()
+            }
+        };
         Ok(Reports::from([
-            ("label".to_owned(), label.display().to_string()),
+            ("label".to_owned(), label),
             ("last_record".to_owned(), seq.to_string()),
         ]))
     }

@@ -3,6 +3,7 @@
 //! the hello-writer plugin), the `quiesce` CLI and the example app writer; certificates from
 //! `quiesce-broker certs`. Every wait is on a condition, under a deadline.
 
+mod cephfs;
 mod cluster;
 mod security;
 mod sets;

@@ -3,10 +3,10 @@
 //! ```toml
 //! catalog = "/var/lib/quiesce/catalog.sqlite"   # every set, kept across restarts
 //! hold_limit_ms = 10000     # longest any writer is held frozen in a set
-//! lease_ms = 15000          # each node's lease on a running set, renewed every third of it
+//! lease_ms = 5000           # each node's lease on a running set, renewed every third of it
 //!
 //! [timeouts]                # per call, in milliseconds (as in the host's configuration)
-//! freeze_ms = 10000
+//! freeze_ms = 5000
 //!
 //! [volumes.shared]          # a volume the broker snapshots, with its provider
 //! provider = "btrfs"

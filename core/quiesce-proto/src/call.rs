@@ -3,8 +3,8 @@
 //! Every crate that makes, carries or answers a writer call speaks these types: the state
 //! machine, the driver, the host's worker threads, the broker link (`quiesce-link` converts them
 //! to and from the wire, once), the D-Bus application writers and the SDK's test harness. Adding
-//! a call or a failure kind here makes the compiler walk every consumer (ARCHITECTURE.md, "Adding
-//! a writer call").
+//! a call or a failure kind here makes the compiler walk every consumer (ARCHITECTURE.md, "How to
+//! add a writer call").
 
 use crate::set::{OutcomeKind, Phase, SnapshotInfo};
 use serde::{Deserialize, Serialize};

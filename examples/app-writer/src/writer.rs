@@ -153,7 +153,10 @@ impl AppWriter {
             .await?;
         let label = match label {
             Some(label) => {
-                log(&format!("post-snapshot {set_id}: wrote {}", label.display()));
+                log(&format!(
+                    "post-snapshot {set_id}: wrote {}",
+                    label.display()
+                ));
                 label.display().to_string()
             }
             None => {

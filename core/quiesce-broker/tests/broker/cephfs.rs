@@ -107,7 +107,14 @@ impl Cluster {
         let data = node.mount.mountpoint.join(&self.volume_dir).join("app");
         let mut command = Command::new(binary("quiesce-example-app-writer", "app-writer"));
         command
-            .args(["--bus", &node.bus.address, "--id", "app", "--volume", "shared"])
+            .args([
+                "--bus",
+                &node.bus.address,
+                "--id",
+                "app",
+                "--volume",
+                "shared",
+            ])
             .args(["--mmap", "--mmap-records", "200000"])
             .arg("--data")
             .arg(&data)
@@ -159,7 +166,7 @@ impl Cluster {
         text.lines()
             .filter_map(|l| l.strip_prefix("frozen "))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .last()
+            .next_back()
             .unwrap_or_else(|| panic!("the app was never frozen: {text}"))
     }
 
@@ -246,12 +253,8 @@ fn one_set(tag: &str, flush: &str) -> (u64, Vec<u64>, SetRecord) {
         || cluster.logs(),
     );
     let (code, record, stderr) = cluster.create(1);
-    let record = record.unwrap_or_else(|| {
-        panic!(
-            "no record (exit {code}): {stderr}\n{}",
-            cluster.logs()
-        )
-    });
+    let record =
+        record.unwrap_or_else(|| panic!("no record (exit {code}): {stderr}\n{}", cluster.logs()));
     assert_eq!(code, 0, "{stderr}\n{record:#?}");
     assert_eq!(record.outcome, Outcome::AppConsistent, "{record:#?}");
     let acknowledged = cluster.acknowledged(0);

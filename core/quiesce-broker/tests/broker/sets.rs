@@ -485,12 +485,14 @@ fn a_snapshot_asked_for_on_node3_is_app_consistent_read_only_and_holds_what_ever
     assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
 }
 
+/// The writer panics (under `RUST_BACKTRACE=1` when the suite runs so): the record says
+/// `panicked`, in the requester's answer and in `quiesce snapshot show --json` on another node.
 #[test]
-fn a_writer_failing_freeze_on_node2_aborts_the_set_everywhere_and_leaves_no_snapshot() {
+fn a_writer_panicking_in_freeze_on_node2_aborts_the_set_everywhere_and_leaves_no_snapshot() {
     let cluster = Cluster::start(&[
         Spec::default(),
         Spec {
-            db: "fail_in = \"freeze\"",
+            db: "panic_in = \"freeze\"",
             ..Spec::default()
         },
         Spec::default(),
@@ -501,7 +503,18 @@ fn a_writer_failing_freeze_on_node2_aborts_the_set_everywhere_and_leaves_no_snap
     let (phase, writer, reason) = failed(&record);
     assert_eq!(phase, Phase::Freeze);
     assert_eq!(writer, Some(("node2".into(), "db".into())));
-    assert!(reason.contains("told to fail in freeze"), "{reason}");
+    assert!(reason.contains("told to panic in freeze"), "{reason}");
+    let shown: SetRecord = cluster.nodes[0].cli_json(&["snapshot", "show", &record.id.0]);
+    let db = shown
+        .writers
+        .iter()
+        .find(|w| w.writer.node == "node2" && w.writer.writer == "db")
+        .unwrap();
+    assert_eq!(
+        db.failure.as_ref().map(|f| f.kind),
+        Some(quiesce_proto::FailureKind::Panicked),
+        "{shown:#?}"
+    );
     for node in &cluster.nodes {
         assert!(
             !node.app_frozen(),
@@ -831,6 +844,17 @@ fn a_node_silent_longer_than_the_lease_answers_its_late_thaw_lost_and_the_set_fa
         Some(quiesce_proto::FailureKind::Lost)
     );
     assert!(record.snapshot.is_none());
+    let shown: SetRecord = cluster.nodes[2].cli_json(&["snapshot", "show", &record.id.0]);
+    assert_eq!(
+        shown
+            .writers
+            .iter()
+            .find(|w| w.writer == node2_db.writer)
+            .and_then(|w| w.failure.as_ref())
+            .map(|f| f.kind),
+        Some(quiesce_proto::FailureKind::Lost),
+        "quiesce snapshot show --json says lost too: {shown:#?}"
+    );
     wait_released(&cluster, &[0, 1, 2], "every writer released");
     assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
     // node2 never left: the link held through the silence.

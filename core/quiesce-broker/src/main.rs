@@ -126,6 +126,11 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     let config = match &serve.config {
         Some(path) => {
             let config = quiesce_broker::config::Config::load(path)?;
+            if let Some(warning) =
+                quiesce_config::set_limit_warning(config.hold_limit_ms, &config.timeouts)
+            {
+                tracing::warn!("{}: {warning}", path.display());
+            }
             for (volume, provider) in &config.volumes {
                 // A provider that freezes the file system the catalog is on would deadlock.
                 provider

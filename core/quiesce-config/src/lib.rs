@@ -150,8 +150,7 @@ fn check_range(path: &Path, range: &Range, value: u64) -> Result<(), ConfigError
     ))
 }
 
-/// Checks the hold limit and the per-call timeouts: each in its range, and a freeze deadline
-/// that can fire before the hold limit.
+/// Checks the hold limit and the per-call timeouts: each in its range.
 pub fn check_set_limits(
     path: &Path,
     hold_limit_ms: u64,
@@ -169,17 +168,20 @@ pub fn check_set_limits(
     for (range, value) in RANGES.iter().zip(values) {
         check_range(path, range, value)?;
     }
-    if timeouts.freeze_ms >= hold_limit_ms {
-        return Err(ConfigError::invalid(
-            path,
-            "timeouts.freeze_ms",
-            format!(
-                "{} is not below hold_limit_ms ({hold_limit_ms}): the hold limit would release every writer before a writer that does not answer freeze could be named; lower freeze_ms or raise hold_limit_ms",
-                timeouts.freeze_ms
-            ),
-        ));
-    }
     Ok(())
+}
+
+/// What the limits may not mean, said once at start. A freeze deadline at or past the hold
+/// limit cannot fire: each freeze call is cut at the hold limit instead (the set machine's
+/// rule), and a writer that has not answered by then is named as timed out there. That works,
+/// so it is not refused; the warning says how the deadline is adjusted.
+pub fn set_limit_warning(hold_limit_ms: u64, timeouts: &Timeouts) -> Option<String> {
+    (timeouts.freeze_ms >= hold_limit_ms).then(|| {
+        format!(
+            "timeouts.freeze_ms = {} is not below hold_limit_ms = {hold_limit_ms}: every freeze call ends at the hold limit instead, and a writer that has not answered by then is named as timed out; lower freeze_ms to give writers a deadline of their own",
+            timeouts.freeze_ms
+        )
+    })
 }
 
 /// Checks the broker's lease against its range and the hold limit.
@@ -225,7 +227,7 @@ mod tests {
     }
 
     #[test]
-    fn limits_in_range_and_a_freeze_deadline_below_the_hold_limit() {
+    fn limits_in_range_and_a_warning_for_a_freeze_deadline_past_the_hold_limit() {
         let p = Path::new("c.toml");
         let defaults = Timeouts::default();
         check_set_limits(p, 10_000, &defaults).unwrap();
@@ -249,8 +251,10 @@ mod tests {
             freeze_ms: 10_000,
             ..Timeouts::default()
         };
-        let e = check_set_limits(p, 10_000, &equal).unwrap_err();
-        assert!(e.to_string().contains("is not below hold_limit_ms"), "{e}");
+        check_set_limits(p, 10_000, &equal).unwrap();
+        let warning = set_limit_warning(10_000, &equal).expect("a warning");
+        assert!(warning.contains("is not below hold_limit_ms"), "{warning}");
+        assert_eq!(set_limit_warning(10_001, &equal), None);
         check_lease(p, 5_000, 10_000).unwrap();
         assert!(check_lease(p, 29, 10_000).is_err());
         assert!(check_lease(p, 10_000, 10_000).is_err());

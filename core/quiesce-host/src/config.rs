@@ -7,7 +7,7 @@
 //!
 //! [timeouts]                            # per call, in milliseconds
 //! prepare_ms = 60000
-//! freeze_ms = 5000                      # below hold_limit_ms
+//! freeze_ms = 5000                      # below hold_limit_ms, or it ends at the hold limit
 //! thaw_ms = 10000
 //! post_snapshot_ms = 60000
 //! abort_ms = 10000

@@ -203,7 +203,10 @@ impl Host {
     /// What the configuration may not mean (each said once, at start, as a warning).
     pub fn warnings(&self) -> Vec<String> {
         let config = &self.config;
-        let mut warnings = vec![];
+        let mut warnings: Vec<String> =
+            quiesce_config::set_limit_warning(config.hold_limit_ms, &config.timeouts)
+                .into_iter()
+                .collect();
         if config.plugin_dir.is_none() && config.volumes.is_empty() {
             warnings.push("no plugin_dir and no [volumes.*]: this host serves only writers that applications register over D-Bus, and takes no snapshot of its own".into());
         }

@@ -462,7 +462,7 @@ fn the_guest_is_thawed_whatever_phase_the_set_fails_in() {
         ("thaw", "fail_in = \"thaw\"", Phase::Thaw, Some("beside")),
         (
             "post-snapshot",
-            "fail_in = \"post_snapshot\"",
+            "fail_in = \"post-snapshot\"",
             Phase::PostSnapshot,
             Some("beside"),
         ),
@@ -498,11 +498,16 @@ fn the_guest_is_thawed_whatever_phase_the_set_fails_in() {
     assert_thawed_and_writing(&guest, "snapshot");
 
     // A writer beside it hangs in its freeze past the hold limit (3 s, before its freeze
-    // deadline): the guest is thawed at the hold limit, not when `beside` comes back.
+    // deadline of 8 s, which the hold limit cuts): the guest is thawed at the hold limit, not
+    // when `beside` comes back, and `beside` is named.
     bed.order("beside", "hang_in = \"freeze\"");
     let record = run_set(&rt, &host);
     let (failed_in, by, reason) = failure(&record);
-    assert_eq!((failed_in, by), (Phase::Freeze, None), "{record:#?}");
+    assert_eq!(
+        (failed_in, by.as_deref()),
+        (Phase::Freeze, Some("beside")),
+        "{record:#?}"
+    );
     assert!(reason.contains("hold limit"), "{reason}");
     assert_eq!(result(&record, "qemu-vm1").state, WriterState::Aborted);
     // `beside` still hangs; the guest is already thawed.

@@ -104,6 +104,13 @@ impl Settings {
     pub fn frozen_limit_ms(&self) -> u64 {
         self.hold_limit_ms + 1000
     }
+
+    /// How long a stall lasts (a paused broker, a silent node): longer than the lease, shorter
+    /// than the hold limit — the window in which a node releases its writers on its own while
+    /// the broker could still take the snapshot.
+    pub fn stall(&self) -> Duration {
+        Duration::from_millis(self.lease_ms + (self.hold_limit_ms - self.lease_ms) / 2)
+    }
 }
 
 /// The programs the lab runs, built from the workspace (debug profile) and copied into the
@@ -582,6 +589,33 @@ impl Lab {
         self.broker = Some(broker);
     }
 
+    /// Pauses the broker (SIGSTOP) as a stalled machine or process would: its connections stay
+    /// open, nothing answers.
+    pub fn pause_broker(&self) {
+        self.broker
+            .as_ref()
+            .expect("the broker runs")
+            .signal("STOP");
+    }
+
+    /// Lets a paused broker run again (SIGCONT).
+    pub fn resume_broker(&self) {
+        self.broker
+            .as_ref()
+            .expect("the broker runs")
+            .signal("CONT");
+    }
+
+    /// Node `i` silent: every packet in and out of it dropped, its link up.
+    pub fn silence_node(&self, i: usize) {
+        self.net.drop_packets(i);
+    }
+
+    /// Node `i`'s packets pass again.
+    pub fn unsilence_node(&self, i: usize) {
+        self.net.pass_packets(i);
+    }
+
     /// `kill -9` of the broker.
     pub fn kill_broker(&mut self) {
         if let Some(mut broker) = self.broker.take() {
@@ -620,7 +654,7 @@ impl Lab {
                 self.pg.socket_dir, self.pg.port, self.volume.mount, data
             ),
             SQLITE_NODE => format!(
-                "[plugins.sqlite]\nid = \"sqlite\"\nvolume = \"shared\"\ndatabases = [{:?}]\nbusy_timeout_ms = 12000\n",
+                "[plugins.sqlite]\nid = \"sqlite\"\nvolume = \"shared\"\ndatabases = [{:?}]\nbusy_timeout_ms = 12000\nreport_query = \"SELECT coalesce(max(n), 0) FROM records\"\n",
                 data.join("sqlite/*.db")
             ),
             _ => format!(

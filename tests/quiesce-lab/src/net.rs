@@ -97,6 +97,17 @@ impl Network {
     pub fn restore(&self, i: usize) {
         run(Command::new("ip").args(["link", "set", &self.nodes[i].veth, "up"]));
     }
+
+    /// Drops every packet in and out of node `i` while its link stays up (a node gone silent
+    /// without any connection breaking).
+    pub fn drop_packets(&self, i: usize) {
+        quiesce_testbed::drop_packets(&self.nodes[i].netns);
+    }
+
+    /// Lets node `i`'s packets through again.
+    pub fn pass_packets(&self, i: usize) {
+        quiesce_testbed::pass_packets(&self.nodes[i].netns);
+    }
 }
 
 impl Drop for Network {

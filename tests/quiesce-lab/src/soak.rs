@@ -8,18 +8,25 @@
 //!    to hang there), the fault is injected, the probe is let go. Faults: `kill -9` of a host;
 //!    `kill -9` of the broker and its restart; a node's link cut (`ip link set … down`) and
 //!    restored; a writer that hangs (the probe itself, past its deadline); a plugin that panics
-//!    (the probe, in that call); the app writer exiting. Then the cluster is brought back (the
+//!    (the probe, in that call); the app writer exiting; and two stalls that outlast the lease
+//!    but not the hold limit, the faults that once made a set lie: the broker paused (SIGSTOP,
+//!    then SIGCONT) and a node gone silent (every packet in and out of it dropped, its link up).
+//!    Then the cluster is brought back (the
 //!    host restarted, the link restored, the app writer started again) and checked: the set
 //!    failed, naming the node and the writer the fault concerns (the broker's restart records
 //!    "the broker stopped during the set"); it kept no snapshot and no partial snapshot is left
 //!    on the volume; every application writes again, and none went longer without an
-//!    acknowledged write than the hold limit + 1 s (from its own ack log);
+//!    acknowledged write than the hold limit + 1 s (from its own ack log). After a stall the set
+//!    may also end app-consistent (a stall in prepare, or after every writer was released, breaks
+//!    no hold); then its snapshot is copied off the volume and verified as a backup is;
 //! 2. a **backup**: `examples/restic-backup.sh` on node2, as written. The set must be
 //!    app-consistent with every writer of the cluster; the backup is restored from restic and
-//!    verified (`verify`): no acknowledged write lost; the snapshot was released.
+//!    verified (`verify`): no acknowledged write lost, no record past the freeze point its
+//!    writer reported; the snapshot was released.
 
 use crate::acks::{unix_ns, Gap};
 use crate::lab::{expected_writers, wait_probe_call, Lab, Settings, APP_NODE, NODES, PG_NODE};
+use crate::verify::freeze_points;
 use quiesce_proto::{CallKind, Outcome, Phase, SetRecord};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -34,16 +41,20 @@ pub enum Fault {
     WriterHang,
     PluginPanic,
     AppWriterExit,
+    BrokerPause,
+    NodeSilent,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 8] = [
         Fault::HostKill,
         Fault::BrokerKill,
         Fault::LinkCut,
         Fault::WriterHang,
         Fault::PluginPanic,
         Fault::AppWriterExit,
+        Fault::BrokerPause,
+        Fault::NodeSilent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,7 +65,14 @@ impl Fault {
             Fault::WriterHang => "writer hangs",
             Fault::PluginPanic => "plugin panics",
             Fault::AppWriterExit => "app writer exits",
+            Fault::BrokerPause => "broker paused",
+            Fault::NodeSilent => "node silent",
         }
+    }
+
+    /// A stall: the set may outlive it, and may then even be app-consistent (verified).
+    pub fn is_stall(self) -> bool {
+        matches!(self, Fault::BrokerPause | Fault::NodeSilent)
     }
 }
 
@@ -82,7 +100,7 @@ impl fmt::Display for Injection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.fault {
             // The broker runs in node1's namespace; the node is where the set was held.
-            Fault::BrokerKill => write!(
+            Fault::BrokerKill | Fault::BrokerPause => write!(
                 f,
                 "{} during {} (held on {})",
                 self.fault.name(),
@@ -130,7 +148,7 @@ impl Rng {
     }
 }
 
-/// The plan: every fault once in each round of six, in a random order, each on a random node
+/// The plan: every fault once in each round (of `Fault::ALL.len()`), in a random order, each on a random node
 /// (the app writer's exit: on node3, where it runs) during a random call.
 pub fn plan(cycles: usize, seed: u64) -> Vec<Injection> {
     let mut rng = Rng::new(seed);
@@ -147,7 +165,7 @@ pub fn plan(cycles: usize, seed: u64) -> Vec<Injection> {
             };
             let call = HELD_CALLS[rng.below(HELD_CALLS.len())];
             let held = match (fault, node) {
-                (Fault::LinkCut, PG_NODE) => 1 + rng.below(2),
+                (Fault::LinkCut | Fault::NodeSilent, PG_NODE) => 1 + rng.below(2),
                 _ => node,
             };
             plan.push(Injection {
@@ -182,9 +200,13 @@ pub struct Summary {
     /// Faults injected, by fault and call.
     pub faults: BTreeMap<Fault, BTreeMap<CallKind, u64>>,
     pub restores: u64,
+    /// Snapshots of sets that outlived a stall app-consistent, copied and verified.
+    pub copies_verified: u64,
     /// Acknowledged records found in restores, by application (summed over restores).
     pub records_verified: BTreeMap<String, u64>,
     pub records_lost: u64,
+    /// Records in a copy past the freeze point their writer reported (must be 0).
+    pub records_past_freeze: u64,
     pub longest_freeze: Freeze,
     /// The limit the lab holds every application to: the hold limit + 1 s.
     pub frozen_limit_ms: u64,
@@ -214,6 +236,7 @@ impl Summary {
         self.stopped.is_none()
             && self.cycles_done == self.cycles_planned
             && self.records_lost == 0
+            && self.records_past_freeze == 0
             && self.frozen_beyond_limit == 0
             && self.partial_snapshots_left == 0
             && self.violations.is_empty()
@@ -268,8 +291,8 @@ impl fmt::Display for Summary {
         }
         writeln!(
             f,
-            "  restores verified:     {} (from restic)",
-            self.restores
+            "  restores verified:     {} (from restic); {} snapshot copies of sets app-consistent after a stall",
+            self.restores, self.copies_verified
         )?;
         let by: Vec<String> = self
             .records_verified
@@ -283,6 +306,11 @@ impl fmt::Display for Summary {
             by.join(", ")
         )?;
         writeln!(f, "  records lost:          {}", self.records_lost)?;
+        writeln!(
+            f,
+            "  past freeze point:     {} (records in a copy written after their writer's reported freeze)",
+            self.records_past_freeze
+        )?;
         writeln!(
             f,
             "  longest freeze seen:   {} ms ({}, {}); limit {} ms (hold limit + 1 s)",
@@ -460,11 +488,25 @@ impl Lab {
             }
             Fault::LinkCut => self.cut_link(node),
             Fault::AppWriterExit => self.stop_app_writer(),
+            Fault::BrokerPause => self.pause_broker(),
+            Fault::NodeSilent => self.silence_node(node),
             Fault::WriterHang | Fault::PluginPanic => {}
+        }
+        if fault.is_stall() {
+            // The stall's length is the fault itself, not a wait for anything.
+            std::thread::sleep(self.settings.stall());
+            match fault {
+                Fault::BrokerPause => self.resume_broker(),
+                _ => self.unsilence_node(node),
+            }
         }
         if matches!(
             fault,
-            Fault::BrokerKill | Fault::LinkCut | Fault::AppWriterExit
+            Fault::BrokerKill
+                | Fault::LinkCut
+                | Fault::AppWriterExit
+                | Fault::BrokerPause
+                | Fault::NodeSilent
         ) && reached
             && !self.release_probe(held, release)
         {
@@ -515,6 +557,9 @@ impl Lab {
                     ),
                 );
                 "no record".to_string()
+            }
+            Some(record) if fault.is_stall() && record.outcome == Outcome::AppConsistent => {
+                self.verify_set_after_stall(cycle, injection, record, t0, s)
             }
             Some(record) => self.judge_fault_set(cycle, injection, record, s),
         };
@@ -589,6 +634,10 @@ impl Lab {
                 writer == Some((NODES[APP_NODE].to_string(), "app".to_string()))
             }
             Fault::BrokerKill => reason.contains("the broker stopped during the set"),
+            // A stall may fail the set in whatever way it explains (a lease lapsed, a node
+            // missed its heartbeats, the driver's own gap): what it must not do is end
+            // app-consistent over a hold that did not hold, which the copy's check catches.
+            Fault::BrokerPause | Fault::NodeSilent => true,
         };
         if !ok {
             s.violation(
@@ -600,6 +649,69 @@ impl Lab {
             );
         }
         format!("failed in {phase}, {named}: {reason}")
+    }
+
+    /// A set that outlived a stall and ended app-consistent: its snapshot, copied off the volume
+    /// (a copy PostgreSQL may recover on) and then deleted, must verify as a backup does — every
+    /// acknowledged write there, nothing past a reported freeze point.
+    fn verify_set_after_stall(
+        &mut self,
+        cycle: usize,
+        injection: Injection,
+        record: &SetRecord,
+        t0: u64,
+        s: &mut Summary,
+    ) -> String {
+        s.outcome("app-consistent (after a stall, verified)");
+        let id = &record.id.0;
+        let (Some(snapshot), Some(snapshot_phase)) = (
+            &record.snapshot,
+            record.phases.iter().find(|p| p.phase == Phase::Snapshot),
+        ) else {
+            s.violation(
+                cycle,
+                format!(
+                    "{injection}: app-consistent set {id} has no snapshot or no snapshot phase"
+                ),
+            );
+            return format!("set {id} app-consistent without a snapshot");
+        };
+        let copy = self.backup_path(&format!("copy-{cycle}"));
+        quiesce_testbed::run(
+            std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&snapshot.path)
+                .arg(&copy),
+        );
+        let deleted = self
+            .cli(crate::lab::SQLITE_NODE, &["snapshot", "delete", id])
+            .output()
+            .unwrap();
+        if !deleted.status.success() {
+            s.violation(
+                cycle,
+                format!(
+                    "{injection}: quiesce snapshot delete {id}: {}",
+                    String::from_utf8_lossy(&deleted.stderr)
+                ),
+            );
+        }
+        let bound = t0 + snapshot_phase.start_ms * 1_000_000;
+        let points = freeze_points(&record.writers, &self.app_writer_run());
+        let v = self.verify_restore(&copy, bound, &points);
+        let _ = std::fs::remove_dir_all(&copy);
+        s.copies_verified += 1;
+        s.records_lost += v.lost;
+        s.records_past_freeze += v.past_freeze;
+        for p in &v.problems {
+            s.violation(cycle, format!("{injection}: set {id}: {p}"));
+        }
+        format!(
+            "set {id} app-consistent, its snapshot verified: {} acknowledged records present, {} lost, {} past a freeze point",
+            v.records(),
+            v.lost,
+            v.past_freeze
+        )
     }
 
     /// Every application writes again, and none went longer than the limit without an
@@ -732,10 +844,26 @@ impl Lab {
             s.violation(cycle, e);
             return "restore FAILED".into();
         }
-        let v = self.verify_restore(&target, bound);
+        let points = freeze_points(&record.writers, &self.app_writer_run());
+        let app_writer = self.app_writer_run();
+        for app in [
+            "buffering-app",
+            "sqlite wal.db",
+            "sqlite journal.db",
+            app_writer.as_str(),
+        ] {
+            if !points.contains_key(app) {
+                s.violation(
+                    cycle,
+                    format!("backup set {id}: the writer of {app} reported no freeze point"),
+                );
+            }
+        }
+        let v = self.verify_restore(&target, bound, &points);
         let _ = std::fs::remove_dir_all(&target);
         s.restores += 1;
         s.records_lost += v.lost;
+        s.records_past_freeze += v.past_freeze;
         for (app, n) in &v.verified {
             // One entry for every run of the app writer.
             let app = if app.starts_with("app-writer") {
@@ -762,18 +890,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_round_of_six_holds_every_fault_once() {
-        let plan = plan(13, 7);
-        assert_eq!(plan.len(), 13);
-        for round in plan.chunks(6).filter(|r| r.len() == 6) {
+    fn every_round_holds_every_fault_once() {
+        let n = Fault::ALL.len();
+        let plan = plan(2 * n + 1, 7);
+        assert_eq!(plan.len(), 2 * n + 1);
+        for round in plan.chunks(n).filter(|r| r.len() == n) {
             let faults: BTreeSet<Fault> = round.iter().map(|i| i.fault).collect();
-            assert_eq!(faults.len(), 6);
+            assert_eq!(faults.len(), n);
         }
         assert!(plan
             .iter()
             .filter(|i| i.fault == Fault::AppWriterExit)
             .all(|i| i.node == APP_NODE));
-        let again = super::plan(13, 7);
+        let again = super::plan(2 * n + 1, 7);
         assert!(plan
             .iter()
             .zip(&again)

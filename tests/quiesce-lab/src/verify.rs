@@ -8,12 +8,21 @@
 //! - the buffering app's and each app writer run's `records.log` hold records 1..=K, whole
 //!   lines, K at least the last acknowledged one.
 //!
+//! And nothing in it may be newer than the set's freeze: each writer that holds its
+//! application's writes reports the application's last record at freeze (the buffering app's
+//! and the app writer's `last_record`, the sqlite writer's `report_query`, here the highest
+//! record number), and the copy holds no record past it. A record past it was written after the
+//! freeze point its writer reported: the hold did not hold until the snapshot, and a set that
+//! says app-consistent about such a snapshot lies.
+//!
 //! "Before the snapshot" is a bound the caller gives: a moment no later than the provider's
 //! start (the lab takes the moment it asked for the set plus the record's `snapshot` phase start,
 //! both measured before the snapshot). Every write acknowledged before it was durable, or held
 //! by a frozen writer's flush, when the snapshot was taken.
 
-use crate::lab::{chown_postgres, pg_bin, Lab, PgServer, SQLITE_DBS};
+use crate::lab::{chown_postgres, pg_bin, Lab, PgServer, APP_NODE, NODES, SQLITE_DBS, SQLITE_NODE};
+use quiesce_proto::WriterResult;
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -25,6 +34,8 @@ pub struct Verification {
     pub verified: Vec<(String, u64)>,
     /// Acknowledged records missing from it (must be none).
     pub lost: u64,
+    /// Records in it past the freeze point their writer reported (must be none).
+    pub past_freeze: u64,
     /// Everything that is wrong, each in words.
     pub problems: Vec<String>,
 }
@@ -44,9 +55,66 @@ impl Verification {
             ));
         }
     }
+
+    /// `present`: the highest record the copy holds; `point`: the last record the app's writer
+    /// reported at freeze, if it reports one.
+    fn freeze_point(&mut self, app: &str, present: u64, point: Option<u64>) {
+        if let Some(point) = point.filter(|&p| present > p) {
+            self.past_freeze += present - point;
+            self.problems.push(format!(
+                "{app}: the copy holds records up to {present}, past record {point}, the last its writer reported at freeze: {} were written after the freeze point",
+                present - point
+            ));
+        }
+    }
+}
+
+/// The freeze point each holding writer of a set (its `writers`) reported, by application (the names of the
+/// lab's ack logs): what the snapshot may hold at most. `app_writer` names the app writer's
+/// current run, the one its writer speaks for.
+pub fn freeze_points(writers: &[WriterResult], app_writer: &str) -> BTreeMap<String, u64> {
+    let mut points = BTreeMap::new();
+    for w in writers {
+        let number = |key: &str| {
+            w.reports
+                .get(key)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        match (w.writer.node.as_str(), w.writer.writer.as_str()) {
+            (node, "buffer") if node == NODES[APP_NODE] => {
+                if let Some(n) = number("last_record") {
+                    points.insert("buffering-app".to_string(), n);
+                }
+            }
+            (node, "app") if node == NODES[APP_NODE] => {
+                if let Some(n) = number("last_record") {
+                    points.insert(app_writer.to_string(), n);
+                }
+            }
+            (node, "sqlite") if node == NODES[SQLITE_NODE] => {
+                for (db, _) in SQLITE_DBS {
+                    let reported = w
+                        .reports
+                        .iter()
+                        .find(|(k, _)| k.ends_with(&format!("/{db}:report_query")))
+                        .and_then(|(_, v)| v.trim().parse::<u64>().ok());
+                    if let Some(n) = reported {
+                        points.insert(format!("sqlite {db}"), n);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    points
 }
 
 impl Lab {
+    /// The name of the app writer's current run, as its ack log is named.
+    pub fn app_writer_run(&self) -> String {
+        self.acks.last().map(|a| a.app.clone()).unwrap_or_default()
+    }
+
     /// Restores the restic snapshot tagged with `set_id` into `target` (the volume's tree).
     pub fn restore_backup(&self, set_id: &str, target: &Path) -> Result<(), String> {
         let mut command = Command::new("restic");
@@ -71,8 +139,14 @@ impl Lab {
         Ok(())
     }
 
-    /// Verifies a restored tree against what the applications acknowledged before `bound_ns`.
-    pub fn verify_restore(&mut self, root: &Path, bound_ns: u64) -> Verification {
+    /// Verifies a restored tree against what the applications acknowledged before `bound_ns`
+    /// and the freeze points their writers reported (`points`, see [`freeze_points`]).
+    pub fn verify_restore(
+        &mut self,
+        root: &Path,
+        bound_ns: u64,
+        points: &BTreeMap<String, u64>,
+    ) -> Verification {
         self.refresh_acks();
         let mut v = Verification::default();
         self.verify_postgres(root, bound_ns, &mut v);
@@ -88,6 +162,7 @@ impl Lab {
                     }
                     check_gapless(&mut v, &app, c.count, c.min, c.max);
                     v.app(&app, count, c.present);
+                    v.freeze_point(&app, c.max, points.get(&app).copied());
                 }
                 Err(e) => {
                     v.problems.push(e);
@@ -110,7 +185,10 @@ impl Lab {
                 continue; // started after the snapshot
             }
             match numbered_lines(&path) {
-                Ok(k) => v.app(&app, count, k.min(last).min(count)),
+                Ok(k) => {
+                    v.app(&app, count, k.min(last).min(count));
+                    v.freeze_point(&app, k, points.get(&app).copied());
+                }
                 Err(e) => {
                     v.problems.push(format!("{app}: {e}"));
                     v.app(&app, count, 0);
@@ -268,6 +346,58 @@ mod tests {
             .contains("record 3 follows record 1"));
         std::fs::write(&p, "1 10\n2 1").unwrap();
         assert!(numbered_lines(&p).unwrap_err().contains("cut short"));
+    }
+
+    #[test]
+    fn a_record_past_the_reported_freeze_point_is_a_problem() {
+        let mut v = Verification::default();
+        v.freeze_point("x", 10, Some(10));
+        v.freeze_point("y", 10, None);
+        assert_eq!((v.past_freeze, v.problems.len()), (0, 0));
+        v.freeze_point("z", 12, Some(10));
+        assert_eq!(v.past_freeze, 2);
+        assert!(v.problems[0].contains("past record 10"), "{:?}", v.problems);
+    }
+
+    #[test]
+    fn freeze_points_are_read_from_the_holding_writers_reports() {
+        use quiesce_proto::{Level, WriterMetadata, WriterRef, WriterState};
+        let writer = |node: &str, id: &str, reports: &[(&str, &str)]| WriterResult {
+            writer: WriterRef::new(node, id),
+            metadata: WriterMetadata::new(id, id, Level::BackEnd),
+            state: WriterState::Thawed,
+            failure: None,
+            excluded: false,
+            reports: reports
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            call_us: BTreeMap::new(),
+        };
+        let writers = vec![
+            writer("node3", "buffer", &[("last_record", "41")]),
+            writer("node3", "app", &[("last_record", "7")]),
+            writer(
+                "node2",
+                "sqlite",
+                &[
+                    ("/v/sqlite/wal.db:report_query", "100"),
+                    ("/v/sqlite/journal.db:report_query", "99"),
+                ],
+            ),
+            writer("node1", "pg", &[("wal_flush_lsn", "0/1")]),
+        ];
+        let points = freeze_points(&writers, "app-writer run 2");
+        let expect: BTreeMap<String, u64> = [
+            ("buffering-app", 41),
+            ("app-writer run 2", 7),
+            ("sqlite wal.db", 100),
+            ("sqlite journal.db", 99),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(points, expect);
     }
 
     #[test]

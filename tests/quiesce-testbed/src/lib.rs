@@ -24,7 +24,7 @@ mod netns;
 pub mod postgres;
 
 pub use ceph::{CephClient, CephCluster, CephMount};
-pub use netns::Netns;
+pub use netns::{drop_packets, pass_packets, Netns};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

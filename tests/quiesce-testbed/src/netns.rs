@@ -72,23 +72,15 @@ impl Netns {
         command
     }
 
-    /// Drops every packet in and out of the namespace (loopback aside) while the link stays up:
-    /// a node that is silent for a while without any connection breaking (a stalled switch, a
-    /// congested network). `pass_packets` ends it. (`netem` is not in this kernel; iptables is.)
+    /// Drops every packet in and out of the namespace (loopback aside) while the link stays up;
+    /// see [`drop_packets`]. `pass_packets` ends it.
     pub fn drop_packets(&self) {
-        require("iptables", "iptables");
-        self.exec(&[
-            "iptables", "-I", "INPUT", "1", "!", "-i", "lo", "-j", "DROP",
-        ]);
-        self.exec(&[
-            "iptables", "-I", "OUTPUT", "1", "!", "-o", "lo", "-j", "DROP",
-        ]);
+        drop_packets(&self.name);
     }
 
     /// Lets packets through again after [`Netns::drop_packets`].
     pub fn pass_packets(&self) {
-        self.exec(&["iptables", "-D", "INPUT", "!", "-i", "lo", "-j", "DROP"]);
-        self.exec(&["iptables", "-D", "OUTPUT", "!", "-o", "lo", "-j", "DROP"]);
+        pass_packets(&self.name);
     }
 
     /// Cuts the namespace off: its side of the pair goes down, as when a cable is pulled.
@@ -111,5 +103,27 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// Drops every packet in and out of network namespace `netns` (loopback aside) while its link
+/// stays up: a node that is silent for a while without any connection breaking (a stalled
+/// switch, a congested network). [`pass_packets`] ends it. (`netem` is not in this kernel;
+/// iptables is.)
+pub fn drop_packets(netns: &str) {
+    require("iptables", "iptables");
+    for rule in [["INPUT", "-i"], ["OUTPUT", "-o"]] {
+        run(Command::new("ip")
+            .args(["netns", "exec", netns, "iptables", "-I", rule[0], "1", "!"])
+            .args([rule[1], "lo", "-j", "DROP"]));
+    }
+}
+
+/// Lets packets through again after [`drop_packets`].
+pub fn pass_packets(netns: &str) {
+    for rule in [["INPUT", "-i"], ["OUTPUT", "-o"]] {
+        run(Command::new("ip")
+            .args(["netns", "exec", netns, "iptables", "-D", rule[0], "!"])
+            .args([rule[1], "lo", "-j", "DROP"]));
     }
 }

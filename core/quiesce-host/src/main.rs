@@ -160,7 +160,7 @@ async fn run() -> anyhow::Result<()> {
 
     // The cluster snapshot methods of Host1 reach the broker with the host's own link options.
     let set_requests = quiesce_host::set_requests::SetRequests::new(link.clone());
-    let connection = quiesce_host::dbus::serve(host.clone(), args.bus.as_deref(), set_requests)
+    let served = quiesce_host::dbus::serve(host.clone(), args.bus.as_deref(), set_requests)
         .await
         .with_context(|| match &args.bus {
             Some(a) => format!("serving {} on the bus at {a}", quiesce_dbus::HOST_NAME),
@@ -174,7 +174,11 @@ async fn run() -> anyhow::Result<()> {
         quiesce_host::broker_link::spawn(host.clone(), link);
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let bus_lost = quiesce_host::dbus::closed(&connection).await?;
+    // The connection stays open as long as `_connection` lives.
+    let quiesce_host::dbus::Served {
+        connection: _connection,
+        closed: bus_lost,
+    } = served;
     let lost = tokio::select! {
         r = tokio::signal::ctrl_c() => { r.context("waiting for a shutdown signal")?; false }
         _ = terminate.recv() => false,

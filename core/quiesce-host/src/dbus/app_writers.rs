@@ -49,6 +49,12 @@ impl AppWriters {
     }
 }
 
+/// How long a registering application has to answer for its metadata. Only its own
+/// `RegisterWriter` call waits meanwhile (calls are served concurrently), so this bounds a
+/// hostile caller with room for a slow one on a loaded machine; it stays below libdbus's
+/// default call timeout of 25 s, so that a caller using it still gets the host's answer.
+const METADATA_WAIT: Duration = Duration::from_secs(20);
+
 /// Registers the `org.quiesce.AppWriter1` object the caller exports at `object`: reads and
 /// checks its metadata, adds the writer to the host and serves its `Writer1` object.
 pub(super) async fn register(
@@ -68,13 +74,14 @@ pub(super) async fn register(
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;
-    let json = tokio::time::timeout(Duration::from_secs(5), app.metadata())
+    let json = tokio::time::timeout(METADATA_WAIT, app.metadata())
             .await
             .map_err(|_| {
                 Error::InvalidMetadata(format!(
-                    "{owner} did not answer for the Metadata property of {} at {} within 5 s",
+                    "{owner} did not answer for the Metadata property of {} at {} within {} s",
                     quiesce_dbus::APP_WRITER_INTERFACE,
-                    object.as_str()
+                    object.as_str(),
+                    METADATA_WAIT.as_secs()
                 ))
             })?
             .map_err(|e| {

@@ -36,7 +36,7 @@ pub async fn serve(
     host: Arc<Host>,
     address: Option<&str>,
     set_requests: SetRequests,
-) -> zbus::Result<Connection> {
+) -> zbus::Result<Served> {
     let builder = match address {
         Some(address) => zbus::connection::Builder::address(address)?,
         None => zbus::connection::Builder::system()?,
@@ -50,12 +50,25 @@ pub async fn serve(
     for w in &writers {
         builder = builder.serve_at(writer_path(w.id()), WriterIface::new(w.clone(), &host))?;
     }
-    let connection = builder.name(HOST_NAME)?.build().await?;
+    let connection = builder.build().await?;
     for w in &writers {
         writer1::watch_state(&connection, w.clone()).await?;
     }
     app_writers::watch_vanishing(&connection, host, apps).await?;
-    Ok(connection)
+    let closed = closed(&connection).await?;
+    // The name last: whoever sees it may rely on everything above (and a bus lost from then
+    // on is seen by `closed`, not as a failure to start).
+    connection.request_name(HOST_NAME).await?;
+    Ok(Served {
+        connection,
+        closed: Box::pin(closed),
+    })
+}
+
+/// The host on the bus: its connection, and a future that completes when the bus closes it.
+pub struct Served {
+    pub connection: Connection,
+    pub closed: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 /// Refuses callers that are neither root nor in the operator group.
@@ -92,9 +105,7 @@ fn in_operator_group(uid: u32) -> bool {
 
 /// Completes when the bus closes this connection (the daemon stopped, or it disconnected the
 /// host): a stream of a signal nobody sends ends exactly then.
-pub async fn closed(
-    connection: &Connection,
-) -> zbus::Result<impl std::future::Future<Output = ()>> {
+async fn closed(connection: &Connection) -> zbus::Result<impl std::future::Future<Output = ()>> {
     use futures_util::StreamExt;
     let rule = zbus::MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)

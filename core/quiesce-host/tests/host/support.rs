@@ -12,9 +12,24 @@ pub use quiesce_testbed::{
 pub async fn connect(bus: &Bus) -> zbus::Connection {
     zbus::connection::Builder::address(bus.address.as_str())
         .unwrap()
+        .serve_at("/org/quiesce/Test", TestClient)
+        .unwrap()
         .build()
         .await
         .expect("connecting to the private bus")
+}
+
+/// Served on every test connection so that `build()` starts zbus's object server and waits
+/// until it dispatches. Started later by `Connection::object_server()`, its dispatcher is
+/// spawned without a wait (zbus 5.19, `start_object_server`), and a method call arriving
+/// before its match rule is in place goes unanswered: now and then a test application that
+/// served its `AppWriter1` object that way and registered at once never answered the host's
+/// read of its metadata.
+struct TestClient;
+
+#[zbus::interface(name = "org.quiesce.Test1")]
+impl TestClient {
+    fn ping(&self) {}
 }
 
 fn cargo() -> Command {

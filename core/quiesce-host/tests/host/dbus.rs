@@ -412,6 +412,13 @@ async fn an_app_writer_killed_mid_freeze_fails_the_set_naming_it_and_the_others_
     tokio::time::timeout(Duration::from_secs(10), frozen)
         .await
         .expect("the app writer froze");
+    // The gate's freeze has begun (the app's answer alone does not say the next level was
+    // called): the set is held in freeze when the app dies.
+    quiesce_testbed::wait_until("the gate's freeze called", Duration::from_secs(30), || {
+        support::events(&log)
+            .contains(&"gate freeze".to_string())
+            .then_some(())
+    });
     app.kill();
     let gone = async {
         while let Some(signal) = removed.next().await {
@@ -424,7 +431,7 @@ async fn an_app_writer_killed_mid_freeze_fails_the_set_naming_it_and_the_others_
         .await
         .expect("the host dropped the app writer");
     // Let the gate's freeze return; the abort queued behind it releases it.
-    std::fs::OpenOptions::new().write(true).open(&gate).unwrap();
+    support::release_fifo(&gate);
 
     let (_id, outcome, snapshot) = set.await.unwrap().unwrap();
     assert!(

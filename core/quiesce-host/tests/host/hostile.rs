@@ -287,7 +287,7 @@ async fn a_diagnostic_thaw_of_a_writer_a_set_holds_is_refused_and_the_set_stays_
         "{e}"
     );
     assert_eq!(fast.state().await.unwrap(), "frozen");
-    std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    support::release_fifo(&fifo);
     let (_, outcome, _) = set.await.unwrap().unwrap();
     assert!(outcome.starts_with("app-consistent"), "{outcome}");
     let ev = events(&log);

@@ -367,7 +367,7 @@ async fn a_freeze_that_never_answers_is_named_under_the_default_deadlines() {
         mute.failure.as_ref().map(|f| (f.phase, f.kind)),
         Some((Phase::Freeze, FailureKind::TimedOut))
     );
-    std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    support::release_fifo(&fifo);
     settle(&host).await;
     assert_nobody_frozen(&host);
 }
@@ -441,7 +441,7 @@ hang_fifo = "{}"
     }
 
     // When the hung freeze finally returns, the queued abort releases the writer.
-    std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    support::release_fifo(&fifo);
     settle(&host).await;
     let ev = events(&log);
     assert!(

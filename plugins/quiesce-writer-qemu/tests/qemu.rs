@@ -140,17 +140,12 @@ impl Bed {
 
     /// Lets a misbehave writer hanging in a call go on.
     fn release(&self, id: &str) {
-        use std::os::unix::fs::OpenOptionsExt;
         let (_, fifo) = self.control(id);
-        // Non-blocking: opening a FIFO for writing fails (ENXIO) rather than waits when nobody
-        // has it open for reading, i.e. when the writer is not hanging after all.
-        let opened = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-            .open(&fifo);
-        if let Err(e) = opened {
-            panic!("{id} is not hanging on {}: {e}", fifo.display());
-        }
+        assert!(
+            quiesce_testbed::release_fifo(&fifo, Duration::from_secs(60)),
+            "{id} is not hanging on {}",
+            fifo.display()
+        );
     }
 
     /// How many lines `line` (e.g. "beside freeze") the misbehave events log has now.

@@ -941,20 +941,7 @@ impl Lab {
     /// Lets node `i`'s probe writer's hanging call return: opens its FIFO for writing once
     /// the writer waits on it (within `timeout`). False when no one waited.
     pub fn release_probe(&self, i: usize, timeout: Duration) -> bool {
-        use std::os::unix::fs::OpenOptionsExt;
-        let fifo = &self.nodes[i].probe_fifo;
-        poll_until(timeout, || {
-            // Non-blocking: fails (ENXIO) while no reader has the FIFO open.
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(fifo)
-            {
-                Ok(_) => true,
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => false,
-                Err(e) => panic!("opening {}: {e}", fifo.display()),
-            }
-        })
+        quiesce_testbed::release_fifo(&self.nodes[i].probe_fifo, timeout)
     }
 
     /// Reads every application's ack log up to now.

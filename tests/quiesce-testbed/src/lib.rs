@@ -109,6 +109,27 @@ pub fn poll_until<T>(timeout: Duration, mut condition: impl FnMut() -> Option<T>
     }
 }
 
+/// Lets a test writer hanging on `fifo` (the misbehave plugin's `hang_fifo`) go on: opening the
+/// FIFO for writing returns its blocked open for reading (it only opens it: nothing is written).
+/// The open is non-blocking — it fails with ENXIO while no reader has the FIFO open — and tried
+/// until `timeout`: false when no writer was hanging on it by then. (A blocking open would hang
+/// the test for ever on a writer that never reached its hang.)
+pub fn release_fifo(fifo: &Path, timeout: Duration) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    poll_until(timeout, || {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(fifo)
+        {
+            Ok(_) => Some(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => None,
+            Err(e) => panic!("opening {}: {e}", fifo.display()),
+        }
+    })
+    .is_some()
+}
+
 /// A child process with its stderr in a file, killed (SIGKILL, as a crash) when dropped, however
 /// the test ends.
 #[derive(Debug)]

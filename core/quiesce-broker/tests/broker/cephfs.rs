@@ -432,23 +432,10 @@ impl Db {
     /// now returns.
     fn release(&self) {
         std::fs::remove_file(&self.control).unwrap();
-        // Opening the FIFO for writing lets the writer's blocked open for reading return (the
-        // writer only opens it). The open blocks until the writer has it open, so it runs on a
-        // thread of its own, under a deadline: a writer that is not there fails the test
-        // instead of hanging it.
-        let fifo = self.fifo.clone();
-        let (opened, wait) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = opened.send(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&fifo)
-                    .map(drop),
-            );
-        });
-        wait.recv_timeout(DEADLINE)
-            .expect("the db writer's hanging freeze never opened its FIFO")
-            .unwrap();
+        assert!(
+            quiesce_testbed::release_fifo(&self.fifo, DEADLINE),
+            "the db writer's hanging freeze never opened its FIFO"
+        );
     }
 }
 

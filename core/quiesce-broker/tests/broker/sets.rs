@@ -360,12 +360,11 @@ impl Node {
 
     /// Lets the misbehave writer's hanging call return.
     fn release_hang(&self) {
-        // Opening the FIFO for writing lets the writer's blocked open for reading return.
-        // The writer only opens it, so nothing is written (it would meet a closed pipe).
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.fifo)
-            .unwrap();
+        assert!(
+            quiesce_testbed::release_fifo(&self.fifo, DEADLINE),
+            "no writer was hanging on {}",
+            self.fifo.display()
+        );
     }
 }
 

@@ -142,24 +142,13 @@ pub fn plugin_dir(into: &Path, libs: &[&Path]) -> PathBuf {
     dir
 }
 
-/// Lets a writer hanging on `fifo` (`hang_fifo`) go on: opening the FIFO for writing returns
-/// its blocked open for reading. The open blocks until the writer has the FIFO open, so it runs
-/// on a thread of its own under a deadline: a writer that never reached its hang fails the test
-/// instead of hanging it.
+/// Lets a writer hanging on `fifo` (`hang_fifo`) go on; fails when none hangs on it.
 pub fn release_fifo(fifo: &Path) {
-    let fifo = fifo.to_path_buf();
-    let (opened, wait) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = opened.send(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&fifo)
-                .map(drop),
-        );
-    });
-    wait.recv_timeout(std::time::Duration::from_secs(60))
-        .expect("no writer was hanging on the FIFO")
-        .unwrap();
+    assert!(
+        quiesce_testbed::release_fifo(fifo, std::time::Duration::from_secs(60)),
+        "no writer was hanging on {}",
+        fifo.display()
+    );
 }
 
 /// The lines the test plugin wrote to its events file: `"<writer> <call>"`.

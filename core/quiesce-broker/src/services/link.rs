@@ -233,17 +233,17 @@ async fn run_link(
                 return;
             }
             _ = tx.closed() => break "the host stopped reading its link".to_string(),
-            next = tokio::time::timeout(timeout, inbound.message()) => match next {
-                Err(_) => {
+            next = next_message(&mut inbound, timeout, broker.heartbeat_interval(), &node) => match next {
+                None => {
                     let why = format!("no heartbeat for {} ms (the heartbeat timeout)", timeout.as_millis());
                     let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
                         "node {node}: {why}; the broker dropped this link, attach again"
                     ))));
                     break why;
                 }
-                Ok(Ok(None)) => break "its host closed the link".to_string(),
-                Ok(Err(status)) => break format!("its link broke: {}", status.message()),
-                Ok(Ok(Some(message))) => message,
+                Some(Ok(None)) => break "its host closed the link".to_string(),
+                Some(Err(status)) => break format!("its link broke: {}", status.message()),
+                Some(Ok(Some(message))) => message,
             },
         };
         match handle(&broker, &node, link, message) {
@@ -261,6 +261,38 @@ async fn run_link(
         }
     };
     broker.detach(&node, link, &why);
+}
+
+/// The next message of a link, or `None` when the node sent nothing for `timeout`. A timeout
+/// that fires late is the broker's own stall (SIGSTOPped, starved of CPU: it did not run at the
+/// deadline), not the node's silence — what the node sent meanwhile waits unread in the
+/// connection — so the node gets another `grace` (a heartbeat interval) to be heard, and the
+/// set in progress fails on the broker's own gap in its leases, not on a node said to be gone.
+async fn next_message(
+    inbound: &mut Streaming<v1::HostMessage>,
+    timeout: Duration,
+    grace: Duration,
+    node: &str,
+) -> Option<Result<Option<v1::HostMessage>, Status>> {
+    let mut until = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(until, inbound.message()).await {
+            Ok(next) => return Some(next),
+            Err(_) => {
+                let late = tokio::time::Instant::now().saturating_duration_since(until);
+                if late <= grace / 4 {
+                    return None;
+                }
+                tracing::warn!(
+                    node,
+                    "the heartbeat timeout fired {} ms late: the broker itself did not run (paused or starved of CPU); node {node} gets another {} ms to be heard before it is dropped",
+                    late.as_millis(),
+                    grace.as_millis()
+                );
+                until = tokio::time::Instant::now() + grace;
+            }
+        }
+    }
 }
 
 /// One message on an attached link; the answer to send, if any.

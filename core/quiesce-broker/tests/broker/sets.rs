@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Each node's lease on a running set: the broker renews it every third.
 const LEASE_MS: u64 = 1500;
@@ -737,6 +737,9 @@ fn a_broker_killed_after_taking_the_snapshot_deletes_it_when_it_restarts() {
 /// releases its writers on its own; when the broker goes on, its late thaws must not be taken
 /// as proof that the writers stayed frozen. The set fails and keeps no snapshot (before the
 /// fix it ended app-consistent with records written after the freeze point in the snapshot).
+/// The pause also outlasts the heartbeat timeout: the nodes' heartbeats sent meanwhile wait
+/// unread, and a broker that runs again must not drop the nodes for its own stall ("no
+/// heartbeat"); the hosts, which heard nothing from it, reconnect on their own.
 #[test]
 fn a_broker_paused_longer_than_the_lease_mid_freeze_never_records_the_set_app_consistent() {
     let hang = Spec {
@@ -765,6 +768,10 @@ fn a_broker_paused_longer_than_the_lease_mid_freeze_never_records_the_set_app_co
         "node1's and node3's writers released by their leases while the broker is paused",
     );
     assert_released_within_the_lease(&cluster, &[0, 2], paused_ns);
+    // Paused for twice the heartbeat timeout in all: the length of the fault, not a wait for
+    // anything.
+    let paused_for = Duration::from_nanos((now_ns() - paused_ns) as u64);
+    std::thread::sleep((2 * Duration::from_millis(HEARTBEAT_MS)).saturating_sub(paused_for));
     cluster.broker.process.signal("CONT");
     cluster.nodes[1].release_hang();
     let (code, record, stderr) = finish(create);
@@ -775,6 +782,15 @@ fn a_broker_paused_longer_than_the_lease_mid_freeze_never_records_the_set_app_co
     assert!(
         reason.contains("not renewed") || reason.contains("lease on set"),
         "the failure says the leases lapsed: {reason}"
+    );
+    assert!(
+        !reason.contains("left the cluster"),
+        "the broker's own stall is not blamed on a node: {reason}"
+    );
+    let log = cluster.broker.process.log();
+    assert!(
+        !log.contains("no heartbeat for"),
+        "the broker dropped nodes for heartbeats it did not read while paused:\n{log}"
     );
     assert!(record.snapshot.is_none());
     wait_released(&cluster, &[0, 1, 2], "every writer released");

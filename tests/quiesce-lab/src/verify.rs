@@ -217,7 +217,8 @@ impl Lab {
         }
         chown_postgres(&root.join("pg"));
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let mut copy = PgServer::on(&data, root, 5433);
+        // A port of its own: another lab (a soak beside the test suite) restores at the same time.
+        let mut copy = PgServer::on(&data, root, quiesce_testbed::postgres::free_port());
         // Thrown away after the checks: it need not be durable itself.
         copy.start(None, &["fsync=off"]);
         let checked = (|| -> Result<(i64, i64, i64, i64), String> {

@@ -12,12 +12,15 @@
 //!    overhead (freeze window minus provider time);
 //! 4. the cost to applications: pgbench TPS and p99 / max latency without snapshots and with a
 //!    snapshot every 5 s;
-//! 5. the per-call overhead of a plugin writer through the ABI and of an app writer over D-Bus.
+//! 5. the per-call overhead of a plugin writer through the ABI and of an app writer over D-Bus;
+//! 6. CephFS: a bare `mkdir .snap/NAME` against the freeze window of three nodes with their node
+//!    flush (`syncfs`) and without (`none`), on the test bed's Ceph cluster: what the flush costs.
 //!
 //! It prints a table with medians and ratios and writes a JSON report.
 
 mod bare;
 mod calls;
+mod cephfs;
 mod cluster;
 mod daemons;
 mod scale;
@@ -44,9 +47,9 @@ struct Cli {
     /// Node counts for the scale benchmark.
     #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
     nodes: Vec<usize>,
-    /// Run only these items (1 bare snapshot, 2 cluster sets, 3 scale, 4 pgbench, 5 per call);
-    /// all by default.
-    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=5))]
+    /// Run only these items (1 bare snapshot, 2 cluster sets, 3 scale, 4 pgbench, 5 per call,
+    /// 6 CephFS); all by default.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=6))]
     only: Vec<u8>,
 }
 
@@ -77,6 +80,7 @@ struct Report {
     scale: Vec<scale::ScaleResult>,
     pgbench: Option<cluster::PgbenchResult>,
     calls: Option<calls::CallsResult>,
+    cephfs: Option<cephfs::CephfsResult>,
     ratios: Ratios,
     targets: Vec<Target>,
 }
@@ -89,6 +93,11 @@ struct Ratios {
     plugin_call_over_in_memory: Option<f64>,
     dbus_call_over_in_memory: Option<f64>,
     coordination_256_over_16: Option<f64>,
+    cephfs_window_syncfs_over_bare: Option<f64>,
+    cephfs_window_none_over_bare: Option<f64>,
+    cephfs_flush_cost_ms: Option<f64>,
+    cephfs_burst_window_syncfs_over_bare: Option<f64>,
+    cephfs_burst_flush_cost_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -189,7 +198,19 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     } else {
         None
     };
+    let cephfs = if wanted(6) {
+        eprintln!("[6] CephFS: bare .snap against three nodes with and without the node flush ...");
+        Some(cephfs::measure(dir.path(), &bin, reps, if cli.quick { 1 } else { 2 }).await?)
+    } else {
+        None
+    };
 
+    let cephfs_load = |burst: bool| {
+        cephfs
+            .as_ref()
+            .and_then(|c| c.loads.iter().find(|l| (l.dirty_mb_per_node > 0) == burst))
+    };
+    let (cephfs_apps, cephfs_burst) = (cephfs_load(false), cephfs_load(true));
     let window = cluster_result.as_ref().map(|c| c.freeze_window.median_ms);
     // The physical limit the window is held against: the bare command's snapshot under the
     // same conditions (between the sets, applications writing).
@@ -217,6 +238,14 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 _ => None,
             }
         },
+        cephfs_window_syncfs_over_bare: cephfs_apps
+            .map(|c| c.syncfs.freeze_window.median_ms / c.bare_snap.median_ms),
+        cephfs_window_none_over_bare: cephfs_apps
+            .map(|c| c.none.freeze_window.median_ms / c.bare_snap.median_ms),
+        cephfs_flush_cost_ms: cephfs_apps.map(|c| c.flush_cost_ms),
+        cephfs_burst_window_syncfs_over_bare: cephfs_burst
+            .map(|c| c.syncfs.freeze_window.median_ms / c.bare_snap.median_ms),
+        cephfs_burst_flush_cost_ms: cephfs_burst.map(|c| c.flush_cost_ms),
     };
     let mut targets = vec![];
     if let (Some(window), Some(bare)) = (window, bare_ms) {
@@ -233,6 +262,20 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             target: ">= 95 % of without".into(),
             measured: format!("{:.1} %", 100.0 * ratio),
             met: ratio >= 0.95,
+        });
+    }
+    if let Some(apps) = cephfs_apps {
+        // As item 2's target, on CephFS: with the example applications the flush has little to
+        // write, and the window holds them no longer than the bare snapshot plus 10 ms.
+        let (window, bare) = (
+            apps.syncfs.freeze_window.median_ms,
+            apps.bare_snap.median_ms,
+        );
+        targets.push(Target {
+            what: "CephFS freeze window median with the node flush (syncfs), three nodes".into(),
+            target: format!("<= bare .snap + 10 ms = {:.1} ms", bare + 10.0),
+            measured: format!("{window:.1} ms"),
+            met: window <= bare + 10.0,
         });
     }
     if let Some(s256) = scale.iter().find(|s| s.nodes == 256) {
@@ -267,6 +310,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         scale,
         pgbench,
         calls,
+        cephfs,
         ratios,
         targets,
     };
@@ -414,6 +458,62 @@ fn print_table(r: &Report) {
         row("plugin writer through the ABI", &calls.plugin_abi);
         row("application writer over D-Bus", &calls.app_dbus);
     }
+    if let Some(c) = &r.cephfs {
+        println!(
+            "6. CephFS, {} nodes (ceph-fuse each, app writer on each, node1 --mmap)",
+            c.nodes
+        );
+    }
+    for c in r.cephfs.iter().flat_map(|c| &c.loads) {
+        println!("  load: {}", c.load);
+        row(
+            "bare mkdir .snap/NAME (the provider's), apps writing",
+            &c.bare_snap,
+        );
+        for run in [&c.syncfs, &c.none] {
+            let f = &run.flush;
+            row(&format!("freeze window, flush = {f}"), &run.freeze_window);
+            row(
+                &format!("  provider (mkdir .snap), flush = {f}"),
+                &run.provider,
+            );
+            row(
+                &format!("  set over gRPC, end to end, flush = {f}"),
+                &run.end_to_end,
+            );
+            // The phases inside the window; the others are in the JSON report.
+            for phase in ["freeze", "snapshot", "thaw"] {
+                if let Some(s) = run.phases.get(phase) {
+                    row(&format!("  phase {phase}, flush = {f}"), s);
+                }
+            }
+            for (node, s) in &run.flush_freeze {
+                row(&format!("  {node}/flush.shared freeze, flush = {f}"), s);
+            }
+            if run.flush == "syncfs" {
+                for (node, s) in &run.flush_ms {
+                    row(&format!("  {node}/flush.shared flush_ms (its own)"), s);
+                }
+            }
+            for (node, s) in &run.app_freeze {
+                row(&format!("  {node}/app freeze, flush = {f}"), s);
+            }
+        }
+        println!(
+            "  {:<52} {:>9.2}",
+            "what the flush costs: window syncfs - none (median)", c.flush_cost_ms
+        );
+        let by_phase: Vec<String> = c
+            .flush_cost_by_phase_ms
+            .iter()
+            .map(|(phase, ms)| format!("{phase} {ms:+.1}"))
+            .collect();
+        println!(
+            "  {:<52} {}",
+            "  of it, by phase (median syncfs - none, ms)",
+            by_phase.join(", ")
+        );
+    }
     let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
     println!("\nratios");
     for (what, v) in [
@@ -440,6 +540,26 @@ fn print_table(r: &Report) {
         (
             "D-Bus call / in-memory call",
             r.ratios.dbus_call_over_in_memory,
+        ),
+        (
+            "CephFS window syncfs / bare .snap",
+            r.ratios.cephfs_window_syncfs_over_bare,
+        ),
+        (
+            "CephFS window none / bare .snap",
+            r.ratios.cephfs_window_none_over_bare,
+        ),
+        (
+            "CephFS flush cost, syncfs - none (ms)",
+            r.ratios.cephfs_flush_cost_ms,
+        ),
+        (
+            "CephFS burst: window syncfs / bare .snap",
+            r.ratios.cephfs_burst_window_syncfs_over_bare,
+        ),
+        (
+            "CephFS burst: flush cost (ms)",
+            r.ratios.cephfs_burst_flush_cost_ms,
         ),
     ] {
         println!("  {what:<40} {}", opt(v));

@@ -180,8 +180,10 @@ pub struct Status {
     pub state: State,
     /// The call running now, and since when.
     pub busy: Option<Busy>,
-    /// Calls waiting behind it.
-    pub queued: usize,
+    /// Calls not yet answered: the one running and those waiting behind it. (Counted until
+    /// answered, not until taken off the queue: a worker between taking a call and marking it
+    /// busy would otherwise look settled.)
+    pub pending: usize,
     /// Since when the writer has been frozen — its first freeze, by whatever path; another
     /// freeze never restarts it — if it is.
     pub frozen_since: Option<Instant>,
@@ -284,7 +286,7 @@ impl WriterHandle {
     /// Waits until the worker has nothing running or queued (for shutdown and tests).
     pub async fn settled(&self) {
         let mut rx = self.status.subscribe();
-        let _ = rx.wait_for(|s| s.busy.is_none() && s.queued == 0).await;
+        let _ = rx.wait_for(|s| s.busy.is_none() && s.pending == 0).await;
     }
 
     /// Calls the writer for set `set_id` and waits at most `budget` for its answer.
@@ -348,13 +350,15 @@ impl WriterHandle {
             }
         }
         let (reply, answer) = oneshot::channel();
-        self.status.send_modify(|s| s.queued += 1);
+        self.status.send_modify(|s| s.pending += 1);
         let job = Job {
             request,
             budget,
             reply,
         };
         if self.jobs.send(job).is_err() {
+            self.status
+                .send_modify(|s| s.pending = s.pending.saturating_sub(1));
             return pending(Err(gone(&writer)));
         }
         pending(Ok(answer))
@@ -465,13 +469,13 @@ impl Worker {
     }
 
     fn run_job(&mut self, job: Job) {
-        self.status
-            .send_modify(|s| s.queued = s.queued.saturating_sub(1));
         let result = match job.request {
             Request::Set { call, set_id } => self.set_call(call, &set_id, job.budget),
             Request::Diagnose(call) => self.diagnostic_call(call, job.budget),
             Request::Release => self.release(job.budget),
         };
+        self.status
+            .send_modify(|s| s.pending = s.pending.saturating_sub(1));
         // The caller may have given up (deadline passed): then nobody listens, which is fine.
         let _ = job.reply.send(result);
     }

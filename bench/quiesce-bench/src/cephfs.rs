@@ -25,7 +25,7 @@
 use crate::daemons::{self, Broker};
 use crate::stats::Sample;
 use quiesce_proto::SetRecord;
-use quiesce_testbed::{Bus, CephCluster, CephMount, Child, Policy};
+use quiesce_testbed::{Bus, CephCluster, CephMount, Child};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -269,30 +269,15 @@ impl Rig {
                     mount
                 ),
             )?;
-            let bus = Bus::start(Policy::Permissive);
-            let mut command = Command::new(self.bin.join("quiesce-host"));
-            command
-                .arg("--config")
-                .arg(&config)
-                .args(["--bus", &bus.address, "--broker", &self.broker.url])
-                .arg("--ca")
-                .arg(self.certs.join("ca.pem"))
-                .arg("--cert")
-                .arg(self.certs.join(format!("{name}.pem")))
-                .arg("--key")
-                .arg(self.certs.join(format!("{name}.key")))
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null());
-            let host = Child::spawn(command, home.join("host.log"));
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !host.log().contains("serving on D-Bus") {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "{name}'s host did not start: {}",
-                    host.log()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let (host, bus) = daemons::start_host(
+                &self.bin,
+                &self.certs,
+                &self.broker,
+                &name,
+                &config,
+                home.join("host.log"),
+            )
+            .await?;
             // The application on its node's own mount, in a directory of this block's.
             let data = mount
                 .join(&self.volume_dir)
@@ -344,29 +329,9 @@ impl Rig {
     }
 
     async fn wait_writers(&self, count: usize) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = Command::new(self.bin.join("quiesce"))
-                .args(["writers", "--volume", "shared", "--json"])
-                .args(["--broker", &self.broker.url])
-                .arg("--ca")
-                .arg(self.certs.join("ca.pem"))
-                .arg("--cert")
-                .arg(self.certs.join("bench.pem"))
-                .arg("--key")
-                .arg(self.certs.join("bench.key"))
-                .output()?;
-            let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            if doc["volumes"][0]["writers"].as_array().map_or(0, Vec::len) == count {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the broker did not see {count} writers: {doc}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.broker
+            .wait_writers("shared", count, Duration::from_secs(30), || self.logs())
+            .await
     }
 
     fn logs(&self) -> String {

@@ -10,7 +10,7 @@
 use crate::daemons::{self, Broker};
 use crate::stats::Sample;
 use quiesce_proto::SetRecord;
-use quiesce_testbed::{run, BtrfsVolume, Bus, Child, Policy};
+use quiesce_testbed::{run, BtrfsVolume, Bus, Child};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -256,30 +256,9 @@ impl Lab {
                     plugins.display().to_string()
                 ),
             )?;
-            let bus = Bus::start(Policy::Permissive);
-            let mut command = Command::new(bin.join("quiesce-host"));
-            command
-                .arg("--config")
-                .arg(&config)
-                .args(["--bus", &bus.address, "--broker", &broker.url])
-                .arg("--ca")
-                .arg(certs.join("ca.pem"))
-                .arg("--cert")
-                .arg(certs.join(format!("{name}.pem")))
-                .arg("--key")
-                .arg(certs.join(format!("{name}.key")))
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null());
-            let host = Child::spawn(command, home.join("host.log"));
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !host.log().contains("serving on D-Bus") {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "{name}'s host did not start: {}",
-                    host.log()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let (host, bus) =
+                daemons::start_host(bin, &certs, &broker, name, &config, home.join("host.log"))
+                    .await?;
             nodes.push(Node { host, bus });
         }
         // The application writer on node3, over D-Bus.
@@ -316,20 +295,9 @@ impl Lab {
     }
 
     async fn wait_writers(&self, count: usize) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = self.quiesce(&["writers", "--volume", "shared", "--json"], None)?;
-            let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            if doc["volumes"][0]["writers"].as_array().map_or(0, Vec::len) == count {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the broker did not see {count} writers: {doc}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.broker
+            .wait_writers("shared", count, Duration::from_secs(30), || self.logs())
+            .await
     }
 
     fn logs(&self) -> String {
@@ -343,36 +311,18 @@ impl Lab {
         text
     }
 
-    /// Runs `quiesce ARGS`: through node `bus`'s host when given, else at the broker.
-    fn quiesce(&self, args: &[&str], bus: Option<usize>) -> anyhow::Result<std::process::Output> {
-        let mut command = Command::new(self.bin.join("quiesce"));
-        command.args(args);
-        match bus {
-            Some(i) => {
-                command.args(["--bus", &self.nodes[i].bus.address]);
-            }
-            None => {
-                let certs = self.dir.join("certs");
-                command
-                    .args(["--broker", &self.broker.url])
-                    .arg("--ca")
-                    .arg(certs.join("ca.pem"))
-                    .arg("--cert")
-                    .arg(certs.join("bench.pem"))
-                    .arg("--key")
-                    .arg(certs.join("bench.key"));
-            }
-        }
-        Ok(command.output()?)
+    /// Runs `quiesce ARGS` through node `i`'s host, as backup software on that node would.
+    fn quiesce(&self, args: &[&str], i: usize) -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(self.bin.join("quiesce"))
+            .args(args)
+            .args(["--bus", &self.nodes[i].bus.address])
+            .output()?)
     }
 
     /// One `quiesce snapshot create` on node2, timed, and the snapshot deleted after.
     fn snapshot(&self) -> anyhow::Result<(SetRecord, Duration)> {
         let started = Instant::now();
-        let out = self.quiesce(
-            &["snapshot", "create", "--volume", "shared", "--json"],
-            Some(1),
-        )?;
+        let out = self.quiesce(&["snapshot", "create", "--volume", "shared", "--json"], 1)?;
         let took = started.elapsed();
         anyhow::ensure!(
             out.status.success(),
@@ -382,7 +332,7 @@ impl Lab {
             self.logs()
         );
         let record: SetRecord = serde_json::from_slice(&out.stdout)?;
-        let del = self.quiesce(&["snapshot", "delete", &record.id.0], Some(1))?;
+        let del = self.quiesce(&["snapshot", "delete", &record.id.0], 1)?;
         anyhow::ensure!(
             del.status.success(),
             "quiesce snapshot delete: {}",

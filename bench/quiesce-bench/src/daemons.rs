@@ -2,10 +2,10 @@
 
 use quiesce_link::v1::catalog_client::CatalogClient;
 use quiesce_link::v1::sets_client::SetsClient;
-use quiesce_link::v1::{CreateSetRequest, DeleteSetRequest, ListNodesRequest};
+use quiesce_link::v1::{CreateSetRequest, DeleteSetRequest, ListNodesRequest, ListWritersRequest};
 use quiesce_link::{Security, TlsFiles};
 use quiesce_proto::SetRecord;
-use quiesce_testbed::Child;
+use quiesce_testbed::{Bus, Child, Policy};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -108,6 +108,43 @@ impl Broker {
         }
     }
 
+    /// Waits until the broker knows exactly `count` writers on `volume`; `logs` says why not.
+    pub async fn wait_writers(
+        &self,
+        volume: &str,
+        count: usize,
+        within: Duration,
+        logs: impl Fn() -> String,
+    ) -> anyhow::Result<()> {
+        let mut catalog =
+            CatalogClient::new(quiesce_link::connect(&self.url, &self.security()).await?);
+        let deadline = Instant::now() + within;
+        loop {
+            // One page: a benchmark's few writers fit the broker's default page.
+            let known: usize = catalog
+                .list_writers(ListWritersRequest {
+                    volumes: vec![volume.into()],
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .volumes
+                .iter()
+                .map(|v| v.writers.len())
+                .sum();
+            if known == count {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the broker knows {known} of {count} writers on {volume} after {within:?}\n{}",
+                logs()
+            );
+            // Polling the broker's catalog, as in `wait_nodes`.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs one set of `volume` and deletes its snapshot: (record, time to the answer).
     pub async fn set(
         &self,
@@ -137,4 +174,42 @@ impl Broker {
             .await?;
         Ok((record, took))
     }
+}
+
+/// Starts `quiesce-host` for node `name` with `config` on a private bus of its own, attached to
+/// `broker` with the node's certificate from `certs`; returns once it serves on D-Bus.
+pub async fn start_host(
+    bin: &Path,
+    certs: &Path,
+    broker: &Broker,
+    name: &str,
+    config: &Path,
+    log: PathBuf,
+) -> anyhow::Result<(Child, Bus)> {
+    let bus = Bus::start(Policy::Permissive);
+    let mut command = Command::new(bin.join("quiesce-host"));
+    command
+        .arg("--config")
+        .arg(config)
+        .args(["--bus", &bus.address, "--broker", &broker.url])
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(certs.join(format!("{name}.pem")))
+        .arg("--key")
+        .arg(certs.join(format!("{name}.key")))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null());
+    let host = Child::spawn(command, log);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Its log is the only sign: polled.
+    while !host.log().contains("serving on D-Bus") {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{name}'s host did not start: {}",
+            host.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((host, bus))
 }

@@ -500,14 +500,11 @@ impl Lab {
                 _ => self.unsilence_node(node),
             }
         }
-        if matches!(
+        if (matches!(
             fault,
-            Fault::BrokerKill
-                | Fault::LinkCut
-                | Fault::AppWriterExit
-                | Fault::BrokerPause
-                | Fault::NodeSilent
-        ) && reached
+            Fault::BrokerKill | Fault::LinkCut | Fault::AppWriterExit
+        ) || fault.is_stall())
+            && reached
             && !self.release_probe(held, release)
         {
             s.violation(
@@ -844,8 +841,8 @@ impl Lab {
             s.violation(cycle, e);
             return "restore FAILED".into();
         }
-        let points = freeze_points(&record.writers, &self.app_writer_run());
         let app_writer = self.app_writer_run();
+        let points = freeze_points(&record.writers, &app_writer);
         for app in [
             "buffering-app",
             "sqlite wal.db",

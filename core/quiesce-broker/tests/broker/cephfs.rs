@@ -19,7 +19,7 @@ use quiesce_testbed::{CephCluster, CephMount, Netns};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The width of one record in `records.map` (`app-writer --mmap`).
 const RECORD_BYTES: usize = 33;
@@ -249,6 +249,16 @@ impl Cluster {
         finish(self.spawn_create(i))
     }
 
+    /// A set through node `i`'s host that must end app-consistent (exit 0): its record.
+    fn create_app_consistent(&self, i: usize) -> SetRecord {
+        let (code, record, stderr) = self.create(i);
+        let record =
+            record.unwrap_or_else(|| panic!("no record (exit {code}): {stderr}\n{}", self.logs()));
+        assert_eq!(code, 0, "{stderr}\n{record:#?}");
+        assert_eq!(record.outcome, Outcome::AppConsistent, "{record:#?}");
+        record
+    }
+
     /// Waits until node1's application has stored its first records, read through node1's own
     /// mount, which holds the pages.
     fn wait_for_records(&self) {
@@ -386,24 +396,12 @@ fn start_node(
 impl Node {
     /// The app writer's freezes `(ns, last record)` and thaws `ns`.
     fn app_holds(&self) -> (Vec<(u128, u64)>, Vec<u128>) {
-        let text = read(&self.app_events);
-        let mut frozen = vec![];
-        let mut thawed = vec![];
-        for line in text.lines() {
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            match parts.as_slice() {
-                ["frozen", ns, seq, ..] => frozen.push((ns.parse().unwrap(), seq.parse().unwrap())),
-                ["thawed", ns, ..] => thawed.push(ns.parse().unwrap()),
-                _ => {}
-            }
-        }
-        (frozen, thawed)
+        app_holds(&self.app_events)
     }
 
     /// Whether the app writer is frozen now.
     fn app_frozen(&self) -> bool {
-        let (frozen, thawed) = self.app_holds();
-        frozen.len() > thawed.len()
+        app_frozen(&self.app_events)
     }
 
     fn db(&self) -> &Db {
@@ -439,27 +437,6 @@ impl Db {
     }
 }
 
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
-/// Waits for a `quiesce snapshot create` to end: (exit code, record, stderr).
-fn finish(child: std::process::Child) -> (i32, Option<SetRecord>, String) {
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        serde_json::from_slice(&output.stdout).ok(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 /// The acknowledged records (1..=`acknowledged`) that `map` lacks or holds wrong.
 fn missing(map: &[u8], acknowledged: u64) -> Vec<u64> {
     (1..=acknowledged)
@@ -478,11 +455,7 @@ fn missing(map: &[u8], acknowledged: u64) -> Vec<u64> {
 fn one_set(tag: &str, flush: &str) -> (u64, Vec<u64>, SetRecord) {
     let cluster = Cluster::start(tag, flush);
     cluster.wait_for_records();
-    let (code, record, stderr) = cluster.create(1);
-    let record =
-        record.unwrap_or_else(|| panic!("no record (exit {code}): {stderr}\n{}", cluster.logs()));
-    assert_eq!(code, 0, "{stderr}\n{record:#?}");
-    assert_eq!(record.outcome, Outcome::AppConsistent, "{record:#?}");
+    let record = cluster.create_app_consistent(1);
     let acknowledged = cluster.acknowledged(0);
     let map = cluster.snapshot_records(&record);
     (acknowledged, missing(&map, acknowledged), record)
@@ -630,11 +603,7 @@ fn a_node_cut_off_mid_set_on_cephfs_fails_the_set_naming_it_keeps_no_snapshot_an
         || cluster.attached().then_some(()),
         || cluster.logs(),
     );
-    let (code, record, stderr) = cluster.create(1);
-    let record =
-        record.unwrap_or_else(|| panic!("no record (exit {code}): {stderr}\n{}", cluster.logs()));
-    assert_eq!(code, 0, "{stderr}\n{record:#?}");
-    assert_eq!(record.outcome, Outcome::AppConsistent, "{record:#?}");
+    let record = cluster.create_app_consistent(1);
     let acknowledged = cluster.acknowledged(0);
     assert!(
         acknowledged > held_at,

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Each node's lease on a running set: the broker renews it every third.
 const LEASE_MS: u64 = 1500;
@@ -54,13 +54,6 @@ struct Cluster {
     certs: Certs,
     volume: BtrfsVolume,
     _dir: tempfile::TempDir,
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
 
 impl Cluster {
@@ -193,18 +186,6 @@ impl Cluster {
     }
 }
 
-/// Waits for a `quiesce snapshot create` to end: (exit code, record, stderr).
-fn finish(child: std::process::Child) -> (i32, Option<SetRecord>, String) {
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let record = serde_json::from_str(&stdout).ok();
-    (
-        output.status.code().unwrap_or(-1),
-        record,
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 fn start_node(
     dir: &Path,
     volume: &BtrfsVolume,
@@ -292,10 +273,6 @@ fn start_node(
     }
 }
 
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
 impl Node {
     fn cli(&self, args: &[&str]) -> Command {
         let mut command = Command::new(cli_exe());
@@ -338,24 +315,12 @@ impl Node {
 
     /// The app writer's freezes `(ns, last record)` and thaws `ns`.
     fn app_holds(&self) -> (Vec<(u128, u64)>, Vec<u128>) {
-        let text = read(&self.app_events);
-        let mut frozen = vec![];
-        let mut thawed = vec![];
-        for line in text.lines() {
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            match parts.as_slice() {
-                ["frozen", ns, seq, ..] => frozen.push((ns.parse().unwrap(), seq.parse().unwrap())),
-                ["thawed", ns, ..] => thawed.push(ns.parse().unwrap()),
-                _ => {}
-            }
-        }
-        (frozen, thawed)
+        app_holds(&self.app_events)
     }
 
     /// Whether the app writer is frozen now.
     fn app_frozen(&self) -> bool {
-        let (frozen, thawed) = self.app_holds();
-        frozen.len() > thawed.len()
+        app_frozen(&self.app_events)
     }
 
     /// Lets the misbehave writer's hanging call return.

@@ -357,3 +357,48 @@ pub fn wait_nodes(broker: &Broker, auth: &[String], expected: &[&str], logs: &[&
         },
     )
 }
+
+/// A file's text, or "" while it does not exist.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Now, in nanoseconds since the Unix epoch: the clock the applications' logs use.
+pub fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Waits for a `quiesce snapshot create --json` to end: (exit code, the record when one was
+/// printed, stderr).
+pub fn finish(child: std::process::Child) -> (i32, Option<quiesce_proto::SetRecord>, String) {
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        serde_json::from_slice(&output.stdout).ok(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// An app writer's freezes `(ns, last record)` and thaws `ns`, from its `--events` file.
+pub fn app_holds(events: &Path) -> (Vec<(u128, u64)>, Vec<u128>) {
+    let mut frozen = vec![];
+    let mut thawed = vec![];
+    for line in read(events).lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            ["frozen", ns, seq, ..] => frozen.push((ns.parse().unwrap(), seq.parse().unwrap())),
+            ["thawed", ns, ..] => thawed.push(ns.parse().unwrap()),
+            _ => {}
+        }
+    }
+    (frozen, thawed)
+}
+
+/// Whether the app writer of `events` is frozen now.
+pub fn app_frozen(events: &Path) -> bool {
+    let (frozen, thawed) = app_holds(events);
+    frozen.len() > thawed.len()
+}

@@ -55,8 +55,6 @@ pub enum DeleteError {
     Running(String),
     #[error("set {id} kept no snapshot (its outcome: {outcome})")]
     NoSnapshot { id: String, outcome: String },
-    #[error("the snapshot of set {id} was already deleted")]
-    AlreadyDeleted { id: String },
     #[error(
         "set {id} was of volume {volume:?}, which the broker no longer has; delete {path} by hand"
     )]
@@ -369,7 +367,8 @@ impl Sets {
             });
         };
         if record.deleted_unix_ms.is_some() {
-            return Err(DeleteError::AlreadyDeleted { id: id.into() });
+            // Idempotent, like `rm -f`: the record says when it went.
+            return Ok(record);
         }
         let volume = record.request.volumes.first().cloned().unwrap_or_default();
         let provider = self

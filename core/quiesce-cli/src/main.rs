@@ -50,6 +50,7 @@
 //! `{"epoch": N, "nodes": [{"name", "host_version", "address", "volumes", "writers",
 //! "attached_unix_ms", "last_seen_ms_ago", "joined_epoch"}]}`.
 
+mod exit;
 mod snapshot;
 mod table;
 
@@ -106,7 +107,7 @@ struct BrokerArgs {
 enum Command {
     /// Snapshot sets across the cluster, through the quiesce-host on this node over D-Bus (no
     /// certificates needed).
-    #[command(after_help = snapshot::EXIT_STATUS)]
+    #[command(after_help = exit::help())]
     Snapshot {
         /// The D-Bus bus the host serves on (default: the system bus, which follows
         /// DBUS_SYSTEM_BUS_ADDRESS).
@@ -230,9 +231,9 @@ async fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             // clap's own status for a usage error is 2, which `snapshot create` uses for a set
-            // that ran and failed: a request that could not be made is 1.
+            // that ran and failed: a bad command line is EX_USAGE.
             return if e.use_stderr() {
-                ExitCode::FAILURE
+                exit::Exit::Usage.into()
             } else {
                 ExitCode::SUCCESS
             };
@@ -245,10 +246,24 @@ async fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
+            let status = exit::of_error(&e);
             eprintln!("quiesce: {e:#}");
-            ExitCode::FAILURE
+            if wants_json(&matches) {
+                // One parser for a script: the failure is a document on stdout too.
+                println!("{}", exit::error_document(status, &format!("{e:#}")));
+            }
+            status.into()
         }
     }
+}
+
+/// Whether the command line asked for `--json` (on whichever subcommand has it).
+fn wants_json(matches: &clap::ArgMatches) -> bool {
+    let mut matches = matches;
+    while let Some((_, sub)) = matches.subcommand() {
+        matches = sub;
+    }
+    matches!(matches.try_get_one::<bool>("json"), Ok(Some(true)))
 }
 
 async fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
@@ -271,10 +286,10 @@ async fn snapshot(
         .map(|flag| format!("--{flag}"))
         .collect();
     if !typed.is_empty() {
-        bail!(
+        return Err(exit::Failure::new(exit::Exit::Usage, format!(
             "`quiesce snapshot` asks the quiesce-host on this node, which reaches the broker with its own certificate: drop {} (they are for `quiesce writers` and `quiesce nodes`)",
             typed.join(", ")
-        );
+        )));
     }
     snapshot::run(bus.as_deref(), command).await
 }
@@ -357,7 +372,10 @@ async fn all_nodes(
 
 async fn catalog(broker: &BrokerArgs, command: CatalogCommand) -> anyhow::Result<ExitCode> {
     let Some(url) = broker.broker.clone() else {
-        bail!("which broker? pass --broker https://HOST:PORT or set QUIESCE_BROKER");
+        return Err(exit::Failure::new(
+            exit::Exit::Usage,
+            "which broker? pass --broker https://HOST:PORT or set QUIESCE_BROKER",
+        ));
     };
     let security = security(broker)?;
     let channel = quiesce_link::connect(&url, &security).await?;

@@ -3,25 +3,13 @@
 //! its own node certificate. The caller needs no certificate: this is the path for backup
 //! software that knows nothing about the cluster.
 
+use crate::exit::Exit;
 use anyhow::Context;
 use clap::Subcommand;
 use quiesce_dbus::HostClient;
 use quiesce_proto::{SetRecord, WriterResult};
 use serde::Serialize;
 use std::process::ExitCode;
-
-/// What `quiesce snapshot --help` says about the exit status (the crate docs say the same).
-pub const EXIT_STATUS: &str = "\
-Exit status:
-  0  create: the set kept a snapshot (app-consistent, or crash-consistent with --best-effort);
-     list, show, delete: the command succeeded
-  2  create: the set ran and failed; its record is printed as for a success
-  1  the request could not be made or was refused (no host on the bus, a host without --broker,
-     the broker unreachable, not authorised, an unknown volume or set, another set running, a
-     bad command line); the message is on stderr and nothing is printed on stdout";
-
-/// The exit status of `create` for a set that ran and failed.
-pub const SET_FAILED: u8 = 2;
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -78,11 +66,7 @@ pub async fn run(bus: Option<&str>, command: SnapshotCommand) -> anyhow::Result<
             let record = parse(&host.create_snapshot(&volumes, best_effort).await?)?;
             let record = whole(&host, record, json).await?;
             print_one(&record, json)?;
-            Ok(if record.outcome.is_failed() {
-                ExitCode::from(SET_FAILED)
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(Exit::of_outcome(&record).into())
         }
         SnapshotCommand::List { json } => {
             // Page by page: a catalog of any size lists, each reply stays small.

@@ -68,9 +68,11 @@ pub enum Error {
     DuplicateWriter(String),
     /// No set with that id.
     UnknownSet(String),
-    /// The volume is not configured on this node.
+    /// The volume is not configured on this node (`RunLocalSet`), or the broker has no such
+    /// volume (`CreateSnapshot`).
     UnknownVolume(String),
-    /// Another set is running on this node.
+    /// Another set is running on this node, or in the cluster (`CreateSnapshot`; a
+    /// `DeleteSnapshot` of a set still running): retry later.
     Busy(String),
     /// A writer is still stuck in an abandoned call.
     WriterStuck(String),
@@ -84,8 +86,9 @@ pub enum Error {
     /// The host could not reach the broker (connection refused or timed out, TLS handshake
     /// refused, the broker unavailable or the link broken mid-call).
     BrokerUnreachable(String),
-    /// The broker would not start the set (unknown volume, no live node, another set running)
-    /// or delete it (still running, no snapshot kept): nothing was frozen or deleted.
+    /// The broker would not start the set or delete its snapshot for a reason `Busy` and
+    /// `UnknownVolume` do not name (it kept no snapshot, its provider failed to delete it):
+    /// nothing was frozen or deleted.
     SetRefused(String),
     /// The broker answered with an unexpected error (it refused this node's certificate for
     /// requests, does not serve snapshot sets, failed internally) or with an answer that is not

@@ -43,6 +43,10 @@ pub enum SetRequestError {
         action: &'static str,
         message: String,
     },
+    #[error("the broker at {url} is busy: {message}; nothing was frozen or deleted")]
+    Busy { url: String, message: String },
+    #[error("the broker at {url} has no such volume: {message}; `quiesce writers` lists the cluster's volumes")]
+    UnknownVolume { url: String, message: String },
     #[error("the broker at {url} knows no set {id:?} ({message}); ListSnapshots (`quiesce snapshot list`) shows the sets it knows")]
     UnknownSet {
         url: String,
@@ -281,6 +285,9 @@ fn from_status(
     };
     let url = broker.url.clone();
     match status.code() {
+        // Only a create names volumes; every other request names a set.
+        Code::NotFound if id.is_empty() => SetRequestError::UnknownVolume { url, message },
+        Code::Aborted => SetRequestError::Busy { url, message },
         Code::NotFound => SetRequestError::UnknownSet {
             url,
             id: id.to_string(),

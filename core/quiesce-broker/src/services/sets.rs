@@ -55,7 +55,15 @@ impl v1::sets_server::Sets for SetsService {
             .await
             .map_err(|e| match e {
                 crate::sets::CreateError::Catalog(e) => catalog_status(e),
-                e => Status::failed_precondition(e.to_string()),
+                // Each refusal its own code, so that a requester can tell "retry later" from
+                // "fix the request".
+                e @ crate::sets::CreateError::Busy { .. } => Status::aborted(e.to_string()),
+                e @ crate::sets::CreateError::UnknownVolume { .. } => {
+                    Status::not_found(e.to_string())
+                }
+                e @ crate::sets::CreateError::OneVolume(_) => {
+                    Status::invalid_argument(e.to_string())
+                }
             })?;
         Ok(Response::new(v1::SetReply {
             record_json: record_json(&record),
@@ -166,6 +174,7 @@ impl v1::sets_server::Sets for SetsService {
             .map_err(|e| Status::internal(format!("the deletion task failed: {e}")))?
             .map_err(|e| match e {
                 crate::sets::DeleteError::Unknown(_) => Status::not_found(e.to_string()),
+                crate::sets::DeleteError::Running(_) => Status::aborted(e.to_string()),
                 crate::sets::DeleteError::Catalog(e) => catalog_status(e),
                 e => Status::failed_precondition(e.to_string()),
             })?;

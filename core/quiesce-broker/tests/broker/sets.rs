@@ -591,7 +591,10 @@ fn the_broker_killed_mid_freeze_leaves_no_writer_frozen_past_the_lease_and_its_r
         || cluster.logs(),
     );
     let (code, _, stderr) = finish(create);
-    assert_eq!(code, 1, "the request could not be answered: {stderr}");
+    assert_eq!(
+        code, 69,
+        "EX_UNAVAILABLE: the request could not be answered: {stderr}"
+    );
     // The documented error for a broker gone mid-call, not a failure of the broker.
     assert!(
         stderr.contains("BrokerUnreachable") || stderr.contains("cannot reach the broker"),
@@ -678,7 +681,7 @@ fn a_broker_killed_after_taking_the_snapshot_deletes_it_when_it_restarts() {
     );
     cluster.broker.process.kill();
     let (code, _, _) = finish(create);
-    assert_eq!(code, 1);
+    assert_eq!(code, 69, "EX_UNAVAILABLE: the broker went away mid-set");
     cluster.broker.start_again();
     let listed: Vec<SetRecord> = cluster.nodes[0].cli_json(&["snapshot", "list"]);
     let (phase, _, reason) = failed(&listed[0]);
@@ -936,7 +939,7 @@ esac
     );
     cluster.broker.process.kill();
     let (code, _, _) = finish(create);
-    assert_eq!(code, 1);
+    assert_eq!(code, 69, "EX_UNAVAILABLE: the broker went away mid-set");
     cluster.broker.start_again();
     let listed: Vec<SetRecord> = cluster.nodes[0].cli_json(&["snapshot", "list"]);
     assert_eq!(listed.len(), 1, "{listed:?}");

@@ -39,6 +39,8 @@ fn set_request_error(e: SetRequestError) -> Error {
         SetRequestError::InvalidRequest(_) => Error::InvalidRequest(message),
         SetRequestError::Unreachable { .. } => Error::BrokerUnreachable(message),
         SetRequestError::Refused { .. } => Error::SetRefused(message),
+        SetRequestError::Busy { .. } => Error::Busy(message),
+        SetRequestError::UnknownVolume { .. } => Error::UnknownVolume(message),
         SetRequestError::UnknownSet { .. } => Error::UnknownSet(message),
         SetRequestError::Failed { .. } => Error::BrokerFailed(message),
     }

@@ -824,7 +824,7 @@ async fn cluster_snapshot_requests_to_a_host_without_broker_name_the_missing_fla
         ],
         &[],
     );
-    assert_eq!(status, Some(1), "{out}{err}");
+    assert_eq!(status, Some(78), "EX_CONFIG: {out}{err}");
     assert!(out.is_empty(), "{out}");
     assert!(
         err.starts_with("quiesce: this host was started without --broker")
@@ -835,11 +835,22 @@ async fn cluster_snapshot_requests_to_a_host_without_broker_name_the_missing_fla
         &["snapshot", "list", "--json"],
         &[("QUIESCE_BUS", &bus.address)],
     );
-    assert_eq!(status, Some(1), "{out}{err}");
-    assert!(out.is_empty() && err.contains("NoBroker"), "{out}{err}");
-    // A command-line mistake is 1 too, not clap's usual 2 (2 means "the set ran and failed").
+    assert_eq!(status, Some(78), "{out}{err}");
+    assert!(err.contains("NoBroker"), "{out}{err}");
+    // With --json, the failure is a document on stdout too: one parser for a script.
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("a JSON error document");
+    assert_eq!(doc["error"]["exit_status"], 78, "{doc}");
+    assert_eq!(doc["error"]["kind"], "config", "{doc}");
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("NoBroker"),
+        "{doc}"
+    );
+    // A command-line mistake is EX_USAGE, not clap's usual 2 (2 means "the set ran and failed").
     let (status, _, err) = quiesce_cli(&["snapshot", "create", "--bus", &bus.address], &[]);
-    assert_eq!(status, Some(1), "{err}");
+    assert_eq!(status, Some(64), "{err}");
     assert!(err.contains("--volume"), "{err}");
     // Broker flags belong to `writers`/`nodes`: typed on `snapshot`, they are a misunderstanding.
     let (status, _, err) = quiesce_cli(
@@ -853,7 +864,7 @@ async fn cluster_snapshot_requests_to_a_host_without_broker_name_the_missing_fla
         ],
         &[],
     );
-    assert_eq!(status, Some(1), "{err}");
+    assert_eq!(status, Some(64), "{err}");
     assert!(err.contains("drop --broker"), "{err}");
 }
 
@@ -905,8 +916,9 @@ async fn a_broker_on_a_closed_port_is_reported_unreachable_at_once() {
         &["snapshot", "show", "set-1", "--json", "--bus", &bus.address],
         &[],
     );
-    assert_eq!(status, Some(1), "{out}{err}");
-    assert!(out.is_empty(), "{out}");
+    assert_eq!(status, Some(69), "EX_UNAVAILABLE: {out}{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("a JSON error document");
+    assert_eq!(doc["error"]["kind"], "unavailable", "{doc}");
     assert!(
         err.contains(&url) && err.contains("(org.quiesce.Error.BrokerUnreachable)"),
         "{err}"

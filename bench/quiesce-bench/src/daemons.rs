@@ -156,6 +156,7 @@ impl Broker {
             .create(CreateSetRequest {
                 volumes: vec![volume.into()],
                 best_effort: false,
+                lease_ms: 0,
             })
             .await?
             .into_inner();

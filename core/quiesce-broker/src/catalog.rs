@@ -51,7 +51,7 @@ fn advice(cause: &rusqlite::Error) -> &'static str {
 }
 
 /// The schema version, in SQLite's `user_version`.
-const SCHEMA: i64 = 2;
+const SCHEMA: i64 = 3;
 
 /// One page of ended sets.
 #[derive(Debug, Default)]
@@ -146,7 +146,9 @@ impl Catalog {
                     record_json TEXT NOT NULL,
                     phase TEXT,
                     snapshot_json TEXT,
-                    provider_until_unix_ms INTEGER
+                    provider_until_unix_ms INTEGER,
+                    kept INTEGER NOT NULL DEFAULT 0,
+                    lease_until_unix_ms INTEGER
                 );",
             )
             .map_err(sqlite)?;
@@ -156,10 +158,22 @@ impl Catalog {
                 .execute_batch("ALTER TABLE sets ADD COLUMN provider_until_unix_ms INTEGER;")
                 .map_err(sqlite)?;
         }
+        if (1..3).contains(&version) {
+            // Schema 3 adds which sets still keep a snapshot, and until when their lease holds
+            // it: the reaper and retention read only those rows.
+            writer
+                .execute_batch(
+                    "ALTER TABLE sets ADD COLUMN kept INTEGER NOT NULL DEFAULT 0;
+                     ALTER TABLE sets ADD COLUMN lease_until_unix_ms INTEGER;",
+                )
+                .map_err(sqlite)?;
+            backfill_kept(&writer, path)?;
+        }
         // Pages of ended sets in start order, without a scan of the whole table per page.
         writer
             .execute_batch(
-                "CREATE INDEX IF NOT EXISTS sets_by_start ON sets (state, started_unix_ms, id);",
+                "CREATE INDEX IF NOT EXISTS sets_by_start ON sets (state, started_unix_ms, id);
+                 CREATE INDEX IF NOT EXISTS sets_kept ON sets (kept, started_unix_ms, id);",
             )
             .map_err(sqlite)?;
         writer
@@ -357,6 +371,40 @@ impl Catalog {
         Ok(page)
     }
 
+    /// The ended sets whose snapshot is still kept, oldest first: few (what retention and
+    /// leases leave), whatever the size of the catalog.
+    pub fn kept(&self) -> Result<Vec<SetRecord>, CatalogError> {
+        let conn = self.reader();
+        let mut statement = conn
+            .prepare("SELECT id, record_json FROM sets WHERE kept = 1 AND state = 'ended' ORDER BY started_unix_ms, id")
+            .map_err(|e| self.sqlite(e))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.sqlite(e))?;
+        let mut kept = vec![];
+        for row in rows {
+            let (id, json) = row.map_err(|e| self.sqlite(e))?;
+            kept.push(self.parse(&id, &json)?);
+        }
+        Ok(kept)
+    }
+
+    /// The ids of the kept snapshots whose lease lapsed at `now_unix_ms` or before.
+    pub fn lapsed(&self, now_unix_ms: u64) -> Result<Vec<String>, CatalogError> {
+        let conn = self.reader();
+        let mut statement = conn
+            .prepare("SELECT id FROM sets WHERE kept = 1 AND state = 'ended' AND lease_until_unix_ms <= ?1 ORDER BY lease_until_unix_ms")
+            .map_err(|e| self.sqlite(e))?;
+        let ids = statement
+            .query_map([i64::try_from(now_unix_ms).unwrap_or(i64::MAX)], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.sqlite(e))?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(|e| self.sqlite(e))?;
+        Ok(ids)
+    }
+
     /// One set: its record and whether it is still running.
     pub fn get(&self, id: &str) -> Result<Option<(SetRecord, bool)>, CatalogError> {
         let row = self
@@ -377,10 +425,49 @@ fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("records always serialize to JSON")
 }
 
+/// Whether a record still keeps its snapshot, and until when its lease holds it.
+fn kept_columns(record: &SetRecord) -> (bool, Option<i64>) {
+    let kept = record.snapshot.is_some() && record.deleted_unix_ms.is_none();
+    let lease = record
+        .lease_until_unix_ms
+        .filter(|_| kept)
+        .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+    (kept, lease)
+}
+
+/// Schema 3's columns for the rows of an older catalog.
+fn backfill_kept(conn: &Connection, path: &Path) -> Result<(), CatalogError> {
+    let sqlite = |cause| CatalogError::Sqlite {
+        path: path.into(),
+        cause,
+    };
+    let rows: Vec<(String, String)> = conn
+        .prepare("SELECT id, record_json FROM sets WHERE state = 'ended'")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()
+        })
+        .map_err(sqlite)?;
+    for (id, json) in rows {
+        // A row that does not read is reported by every listing; it keeps nothing here.
+        let Ok(record) = serde_json::from_str::<SetRecord>(&json) else {
+            continue;
+        };
+        let (kept, lease) = kept_columns(&record);
+        conn.execute(
+            "UPDATE sets SET kept = ?2, lease_until_unix_ms = ?3 WHERE id = ?1",
+            params![id, kept, lease],
+        )
+        .map_err(sqlite)?;
+    }
+    Ok(())
+}
+
 fn write_final(conn: &Connection, path: &Path, record: &SetRecord) -> Result<(), CatalogError> {
+    let (kept, lease) = kept_columns(record);
     conn.execute(
-        "UPDATE sets SET state = 'ended', record_json = ?2, snapshot_json = NULL WHERE id = ?1",
-        params![record.id.0, json(record)],
+        "UPDATE sets SET state = 'ended', record_json = ?2, snapshot_json = NULL, kept = ?3, lease_until_unix_ms = ?4 WHERE id = ?1",
+        params![record.id.0, json(record), kept, lease],
     )
     .map(drop)
     .map_err(|cause| CatalogError::Sqlite {

@@ -12,7 +12,14 @@
 //! provider = "btrfs"
 //! subvolume = "/mnt/shared/data"
 //! snapshots = "/mnt/shared/.snapshots"
+//!
+//! [retention.shared]        # optional: the broker deletes kept snapshots past these
+//! max_kept = 14             # the newest 14 at most
+//! max_age = "30d"           # none older than 30 days (humantime: "36h", "2w", "1d 12h")
 //! ```
+//!
+//! Retention never deletes a snapshot still held by a requester's lease (a backup reading
+//! it): that one goes when its lease lapses.
 //!
 //! The providers are those of `quiesce-provider` (btrfs, command, lvm, zfs, dir-copy); the
 //! broker runs on a machine that reaches the shared volume (or the storage's API).
@@ -37,6 +44,55 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub volumes: BTreeMap<String, ProviderConfig>,
+    #[serde(default)]
+    pub retention: BTreeMap<String, Retention>,
+}
+
+/// How many kept snapshots of a volume the broker keeps, and for how long.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub max_kept: Option<usize>,
+    #[serde(default, deserialize_with = "duration")]
+    pub max_age: Option<Duration>,
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration like \"30d\" or \"36h\": {e}"
+        ))
+    })
+}
+
+impl Retention {
+    /// Which of a volume's kept snapshots (`kept`, oldest first) are past this retention at
+    /// `now_unix_ms`: beyond the newest `max_kept`, or started longer than `max_age` ago.
+    /// One held by a lease that has not lapsed is never among them (it still counts towards
+    /// `max_kept`).
+    pub fn past(&self, kept: &[&quiesce_proto::SetRecord], now_unix_ms: u64) -> Vec<String> {
+        let oldest_allowed = self
+            .max_age
+            .map(|age| now_unix_ms.saturating_sub(age.as_millis() as u64));
+        kept.iter()
+            .rev()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.lease_until_unix_ms
+                    .is_none_or(|until| until <= now_unix_ms)
+            })
+            .filter(|(newer, r)| {
+                let too_many = self.max_kept.is_some_and(|max| *newer >= max);
+                let too_old = match (oldest_allowed, r.started_unix_ms) {
+                    (Some(oldest), Some(started)) => started < oldest,
+                    _ => false,
+                };
+                too_many || too_old
+            })
+            .map(|(_, r)| r.id.0.clone())
+            .collect()
+    }
 }
 
 fn default_hold_limit() -> u64 {
@@ -68,6 +124,22 @@ impl Config {
         quiesce_config::check_lease(path, self.lease_ms, self.hold_limit_ms)?;
         if self.catalog.as_os_str().is_empty() {
             return Err(ConfigError::invalid(path, "catalog", "must name a file"));
+        }
+        for (volume, retention) in &self.retention {
+            if !self.volumes.contains_key(volume) {
+                return Err(ConfigError::invalid(
+                    path,
+                    format!("retention.{volume}"),
+                    "names no volume of this broker: add [volumes.NAME] or fix the name",
+                ));
+            }
+            if retention.max_kept == Some(0) {
+                return Err(ConfigError::invalid(
+                    path,
+                    format!("retention.{volume}.max_kept"),
+                    "0 would delete every snapshot as soon as it is taken: keep at least 1",
+                ));
+            }
         }
         Ok(())
     }

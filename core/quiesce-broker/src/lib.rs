@@ -149,6 +149,11 @@ impl Bound {
     /// Serves until `shutdown` completes; a set running then is aborted first, so that its
     /// writers are released by the broker rather than by their leases.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        // Leases and retention are kept while the broker serves, and stop with it.
+        let _reaper = self
+            .sets
+            .clone()
+            .map(|sets| AbortOnDrop(tokio::spawn(sets.reap_forever())));
         let sets = self.sets.clone();
         let shutdown = async move {
             shutdown.await;
@@ -181,5 +186,14 @@ impl Bound {
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|e| ServeError::Serve(quiesce_link::error_chain(&e)))
+    }
+}
+
+/// A task that ends when its owner does.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

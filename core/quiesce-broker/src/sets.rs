@@ -69,6 +69,25 @@ pub enum DeleteError {
     Catalog(#[from] CatalogError),
 }
 
+/// Why a lease could not be renewed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error("no set {0} in the catalog (`quiesce snapshot list` shows them)")]
+    Unknown(String),
+    #[error("set {0} is still running; its lease starts when it ends")]
+    Running(String),
+    #[error("set {id} kept no snapshot (its outcome: {outcome})")]
+    NoSnapshot { id: String, outcome: String },
+    #[error("the snapshot of set {id} was deleted ({because}) at {unix_ms} ms since the Unix epoch: run a new set")]
+    Deleted {
+        id: String,
+        because: &'static str,
+        unix_ms: u64,
+    },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
 /// The sets of a broker.
 pub struct Sets {
     broker: Arc<Broker>,
@@ -77,6 +96,10 @@ pub struct Sets {
     catalog: Arc<Catalog>,
     running: Arc<quiesce_driver::RunningSlot>,
     counter: AtomicU64,
+    retention: BTreeMap<String, crate::config::Retention>,
+    /// Held across each read-modify-write of a kept snapshot's record (delete, renew, reap):
+    /// a renewal never lands between the reaper's read and its deletion.
+    keeping: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Sets {
@@ -87,6 +110,10 @@ impl std::fmt::Debug for Sets {
             .finish_non_exhaustive()
     }
 }
+
+/// How often the broker deletes the snapshots whose lease lapsed or that are past their
+/// volume's retention: a lease is kept to within this much.
+pub const REAP_EVERY: Duration = Duration::from_secs(1);
 
 /// What a restarted broker wrote down about a set it had abandoned.
 const ABANDONED: &str = "the broker stopped during the set (it was killed or crashed); the restarted broker recorded the set as failed and deleted its snapshot, if it had one";
@@ -161,12 +188,19 @@ impl Sets {
             catalog,
             running: quiesce_driver::RunningSlot::new(),
             counter: AtomicU64::new(0),
+            retention: config.retention.clone(),
+            keeping: std::sync::Mutex::new(()),
         }))
     }
 
     /// Runs one set across the cluster and returns its record, whatever its outcome. The set
-    /// runs on a task of its own: dropping this future does not stop it.
-    pub async fn create(self: &Arc<Self>, request: SetRequest) -> Result<SetRecord, CreateError> {
+    /// runs on a task of its own: dropping this future does not stop it. `lease`: the
+    /// requester's lease on the snapshot kept, from the set's end (`None`: kept until deleted).
+    pub async fn create(
+        self: &Arc<Self>,
+        request: SetRequest,
+        lease: Option<Duration>,
+    ) -> Result<SetRecord, CreateError> {
         let [volume] = request.volumes.as_slice() else {
             return Err(CreateError::OneVolume(request.volumes.len()));
         };
@@ -219,10 +253,9 @@ impl Sets {
             self.deadlines,
             now,
         );
-        if let Err(e) = self
-            .catalog
-            .start(&set.record_if_abandoned(now, ABANDONED.into()), started)
-        {
+        let mut start_record = set.record_if_abandoned(now, ABANDONED.into());
+        start_record.started_unix_ms = Some(started);
+        if let Err(e) = self.catalog.start(&start_record, started) {
             return Err(e.into());
         }
         tracing::info!(set = %id, epoch, writers = participants.len(), volume = %volume, "cluster set started");
@@ -266,6 +299,12 @@ impl Sets {
                 .await;
             follower.abort();
             lapse_follower.abort();
+            let mut record = record;
+            record.started_unix_ms = Some(started);
+            if record.snapshot.is_some() {
+                record.lease_until_unix_ms =
+                    lease.map(|lease| unix_ms().saturating_add(lease.as_millis() as u64));
+            }
             let record = sets.record_or_undo(record, &volume).await;
             drop(running);
             tracing::info!(set = %record.id, outcome = %record.outcome, freeze_window_ms = ?record.freeze_window_ms, provider_ms = ?record.provider_ms, "cluster set ended");
@@ -353,6 +392,113 @@ impl Sets {
 
     /// Deletes the snapshot an ended set kept; the record stays, marked deleted. Blocking.
     pub fn delete(&self, id: &str) -> Result<SetRecord, DeleteError> {
+        let _keeping = self.keeping();
+        self.delete_because(id, quiesce_proto::Deletion::Requested)
+    }
+
+    fn keeping(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.keeping.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Renews the requester's lease on set `id`'s snapshot: kept `lease` from now (`None`:
+    /// until deleted). Blocking.
+    pub fn renew(&self, id: &str, lease: Option<Duration>) -> Result<SetRecord, RenewError> {
+        let _keeping = self.keeping();
+        let (mut record, running) = self
+            .catalog
+            .get(id)?
+            .ok_or_else(|| RenewError::Unknown(id.into()))?;
+        if running {
+            return Err(RenewError::Running(id.into()));
+        }
+        if record.snapshot.is_none() {
+            return Err(RenewError::NoSnapshot {
+                id: id.into(),
+                outcome: record.outcome.to_string(),
+            });
+        }
+        if let Some(unix_ms) = record.deleted_unix_ms {
+            return Err(RenewError::Deleted {
+                id: id.into(),
+                because: record.deleted_because.map_or("on request", |d| d.as_str()),
+                unix_ms,
+            });
+        }
+        record.lease_until_unix_ms =
+            lease.map(|lease| unix_ms().saturating_add(lease.as_millis() as u64));
+        self.catalog.update(&record)?;
+        Ok(record)
+    }
+
+    /// Deletes what must go now: snapshots whose requester's lease lapsed, then those past the
+    /// volume's retention (`max_kept`, `max_age`; a snapshot still held by a lease is never
+    /// deleted by retention). Blocking; the broker calls it every [`REAP_EVERY`].
+    pub fn reap(&self) {
+        let _keeping = self.keeping();
+        let now = unix_ms();
+        let lapsed = match self.catalog.lapsed(now) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::error!("reading the leases on kept snapshots: {e}");
+                return;
+            }
+        };
+        for id in lapsed {
+            match self.delete_because(&id, quiesce_proto::Deletion::LeaseLapsed) {
+                Ok(_) => {
+                    tracing::info!(set = %id, "its requester's lease lapsed: snapshot deleted")
+                }
+                Err(e) => {
+                    tracing::error!(set = %id, "its requester's lease lapsed, but its snapshot could not be deleted: {e}")
+                }
+            }
+        }
+        if self.retention.is_empty() {
+            return;
+        }
+        let kept = match self.catalog.kept() {
+            Ok(kept) => kept,
+            Err(e) => {
+                tracing::error!("reading the kept snapshots for retention: {e}");
+                return;
+            }
+        };
+        for (volume, retention) in &self.retention {
+            let of_volume: Vec<&SetRecord> = kept
+                .iter()
+                .filter(|r| r.request.volumes.first() == Some(volume))
+                .collect();
+            for id in retention.past(&of_volume, now) {
+                match self.delete_because(&id, quiesce_proto::Deletion::Retention) {
+                    Ok(_) => {
+                        tracing::info!(set = %id, volume = %volume, "past the volume's retention: snapshot deleted")
+                    }
+                    Err(e) => {
+                        tracing::error!(set = %id, volume = %volume, "past the volume's retention, but its snapshot could not be deleted: {e}")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs [`Sets::reap`] every [`REAP_EVERY`] until dropped.
+    pub async fn reap_forever(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(REAP_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let sets = self.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || sets.reap()).await {
+                tracing::error!("the reaper of leases and retention failed: {e}");
+            }
+        }
+    }
+
+    fn delete_because(
+        &self,
+        id: &str,
+        because: quiesce_proto::Deletion,
+    ) -> Result<SetRecord, DeleteError> {
         let (mut record, running) = self
             .catalog
             .get(id)?
@@ -386,8 +532,9 @@ impl Sets {
                 reason: e.to_string(),
             })?;
         record.deleted_unix_ms = Some(unix_ms());
+        record.deleted_because = Some(because);
         self.catalog.update(&record)?;
-        tracing::info!(set = id, snapshot = %snapshot.path, "snapshot deleted on request");
+        tracing::info!(set = id, snapshot = %snapshot.path, because = because.as_str(), "snapshot deleted");
         Ok(record)
     }
 }

@@ -169,7 +169,8 @@ pub struct Failure {
 }
 
 impl Failure {
-    pub fn new(exit: Exit, message: impl Into<String>) -> anyhow::Error {
+    /// The failure as the `anyhow::Error` every command returns.
+    pub fn error(exit: Exit, message: impl Into<String>) -> anyhow::Error {
         Failure {
             exit,
             message: message.into(),

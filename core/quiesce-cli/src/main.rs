@@ -1,10 +1,13 @@
 //! `quiesce`: the cluster's command-line requester.
 //!
 //! ```text
-//! quiesce snapshot create --volume NAME... [--best-effort] [--json]   run one set across the cluster
-//! quiesce snapshot list [--json]                                     the cluster's sets, oldest first
-//! quiesce snapshot show ID [--json]                                  one set's record
-//! quiesce snapshot delete ID [--json]                                delete the snapshot a set kept
+//! quiesce snapshot create --volume NAME... [--best-effort] [--lease D | --keep] [--json]   run one set
+//! quiesce snapshot exec --volume NAME [--best-effort] [--at DIR] [--lease D] -- COMMAND...  a set, COMMAND on it
+//! quiesce snapshot renew ID [--lease D | --keep] [--json]      renew the lease on a kept snapshot
+//! quiesce snapshot list [--volume NAME] [--since D] [--json]   the cluster's sets, oldest first
+//! quiesce snapshot show ID [--json]                            one set's record
+//! quiesce snapshot delete ID [--json]                          delete the snapshot a set kept
+//! quiesce snapshot prune --volume NAME [--keep-last N] [--keep-within D] [--dry-run] [--json]
 //! quiesce writers [--volume NAME]... [--json]   per volume, which writers on which nodes use it
 //! quiesce nodes [--json]                        the live nodes
 //! ```
@@ -15,24 +18,18 @@
 //! which follows `DBUS_SYSTEM_BUS_ADDRESS`; `--bus ADDRESS` or `QUIESCE_BUS` for another bus).
 //! The host forwards to the broker with its own node certificate, so the caller needs no
 //! certificate — this is the path for backup software that knows nothing about the cluster.
-//! `create` and `delete` need root or the `quiesce` group; `list` and `show` are open to all.
-//! `create` waits until the set ended.
+//! Creating, renewing, deleting and pruning need root or the `quiesce` group (`exec` needs root:
+//! it mounts); `list` and `show` are open to all. `create` waits until the set ended; the
+//! snapshot it keeps is held by a lease (1 h by default) unless `--keep`.
 //!
 //! Output: the set's id and outcome (with the phase, writer and reason when it failed), its
 //! volumes, the snapshot's path, provider and id (or that none was kept, or when it was
 //! deleted), the freeze window, the provider's and the total time, and one line per writer
 //! (node, writer, state, failure); `list` prints one line per set. With `--json`, stdout holds
 //! exactly one document: the record in the `SetRecord` form of `core/quiesce-proto/JSON.md`
-//! (`list`: a JSON array of them, oldest first).
+//! (`list`: a JSON array of them, oldest first), or on failure `{"error": {...}}`.
 //!
-//! Exit status of `snapshot`:
-//!
-//! - **0** — `create`: the set kept a snapshot (`app-consistent`, or `crash-consistent` with
-//!   `--best-effort`); `list`, `show`, `delete`: the command succeeded;
-//! - **2** — `create`: the set ran and failed; its record is printed as for a success;
-//! - **1** — the request could not be made or was refused (no host on the bus, a host started
-//!   without `--broker`, the broker unreachable, not authorised, an unknown volume or set,
-//!   another set running, a bad command line): the message is on stderr, nothing on stdout.
+//! The exit statuses are in one place, [`exit`]: `--help` and the README print its table.
 //!
 //! ## `quiesce writers`, `quiesce nodes`: the broker directly
 //!
@@ -40,7 +37,7 @@
 //! --cert admin.pem --key admin.key`, or the environment variables `QUIESCE_BROKER`,
 //! `QUIESCE_CA`, `QUIESCE_CERT`, `QUIESCE_KEY` (`--insecure` / `QUIESCE_INSECURE=1` for a
 //! plaintext demo broker). Any certificate of the cluster (client or node) will do. They exit 0
-//! on success and 1 with a message on stderr otherwise.
+//! on success; a failure exits with the status [`exit`] gives it and a message on stderr.
 //!
 //! `--json` prints one document on stdout; its form is stable in the sense of quiesce-proto's
 //! JSON.md (fields are only added): `writers` prints
@@ -50,7 +47,9 @@
 //! `{"epoch": N, "nodes": [{"name", "host_version", "address", "volumes", "writers",
 //! "attached_unix_ms", "last_seen_ms_ago", "joined_epoch"}]}`.
 
+mod exec;
 mod exit;
+mod prune;
 mod snapshot;
 mod table;
 
@@ -286,7 +285,7 @@ async fn snapshot(
         .map(|flag| format!("--{flag}"))
         .collect();
     if !typed.is_empty() {
-        return Err(exit::Failure::new(exit::Exit::Usage, format!(
+        return Err(exit::Failure::error(exit::Exit::Usage, format!(
             "`quiesce snapshot` asks the quiesce-host on this node, which reaches the broker with its own certificate: drop {} (they are for `quiesce writers` and `quiesce nodes`)",
             typed.join(", ")
         )));
@@ -372,7 +371,7 @@ async fn all_nodes(
 
 async fn catalog(broker: &BrokerArgs, command: CatalogCommand) -> anyhow::Result<ExitCode> {
     let Some(url) = broker.broker.clone() else {
-        return Err(exit::Failure::new(
+        return Err(exit::Failure::error(
             exit::Exit::Usage,
             "which broker? pass --broker https://HOST:PORT or set QUIESCE_BROKER",
         ));

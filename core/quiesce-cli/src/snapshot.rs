@@ -1,4 +1,4 @@
-//! `quiesce snapshot create|list|show|delete`: snapshot sets across the cluster, asked of the
+//! `quiesce snapshot create|exec|renew|list|show|delete|prune`: snapshot sets across the cluster, asked of the
 //! host on this node over D-Bus (`org.quiesce.Host1`), which forwards them to the broker with
 //! its own node certificate. The caller needs no certificate: this is the path for backup
 //! software that knows nothing about the cluster.
@@ -10,6 +10,7 @@ use quiesce_dbus::HostClient;
 use quiesce_proto::{SetRecord, WriterResult};
 use serde::Serialize;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -24,13 +25,76 @@ pub enum SnapshotCommand {
         /// record (never the default).
         #[arg(long)]
         best_effort: bool,
+        #[command(flatten)]
+        hold: Hold,
         /// Print the record as JSON (the SetRecord form of quiesce-proto's JSON.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one set, then COMMAND with the snapshot mounted read-only at the same path every time
+    /// (`/run/quiesce/snapshots/VOLUME`, in a mount namespace of the command's own), then delete
+    /// the snapshot however the command ended (needs root). The command's environment has
+    /// QUIESCE_SNAPSHOT_PATH, QUIESCE_SNAPSHOT_SOURCE, QUIESCE_SET_ID, QUIESCE_OUTCOME and
+    /// QUIESCE_VOLUME; SIGTERM, SIGINT and SIGHUP are passed on to it. Exits with the command's
+    /// status, or quiesce's own when no snapshot was kept.
+    Exec {
+        /// The volume to snapshot.
+        #[arg(long, value_name = "NAME")]
+        volume: String,
+        /// As for `create`: keep a crash-consistent snapshot when writers fail (the command
+        /// sees QUIESCE_OUTCOME=crash-consistent).
+        #[arg(long)]
+        best_effort: bool,
+        /// Mount the snapshot here instead of /run/quiesce/snapshots/VOLUME.
+        #[arg(long, value_name = "DIR")]
+        at: Option<std::path::PathBuf>,
+        /// The lease exec renews every third of while the command runs: if quiesce is killed,
+        /// the broker deletes the snapshot this long after the last renewal.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2m")]
+        lease: Duration,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Renew the lease on the snapshot a set kept (needs root or the quiesce group).
+    Renew {
+        /// The set's id.
+        id: String,
+        #[command(flatten)]
+        hold: Hold,
+        /// Print the record after the renewal as JSON.
         #[arg(long)]
         json: bool,
     },
     /// The cluster's snapshot sets, oldest first: one line per set.
     List {
+        /// Only the sets of this volume.
+        #[arg(long, value_name = "NAME")]
+        volume: Option<String>,
+        /// Only the sets started within this long ("36h", "7d").
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
         /// Print a JSON array of SetRecord documents.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume's kept snapshots except those the rules keep (needs root or the quiesce
+    /// group). A snapshot is kept when any rule keeps it; one still held by a lease (a backup
+    /// reading it) is never deleted.
+    Prune {
+        /// The volume whose snapshots to prune.
+        #[arg(long, value_name = "NAME")]
+        volume: String,
+        /// Keep the newest N snapshots.
+        #[arg(long, value_name = "N")]
+        keep_last: Option<usize>,
+        /// Keep the snapshots started within this long ("7d", "36h").
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        keep_within: Option<Duration>,
+        /// Say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print {"volume", "kept", "held", "deleted", "dry_run"} as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -53,6 +117,26 @@ pub enum SnapshotCommand {
     },
 }
 
+/// How long the snapshot a set keeps is held.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Hold {
+    /// Hold the snapshot this long after the set ended ("90m", "1d"); the broker deletes it
+    /// then unless `quiesce snapshot renew` renews it or it was deleted first. A requester that
+    /// dies leaks nothing.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1h", conflicts_with = "keep")]
+    lease: Duration,
+    /// Keep the snapshot until `quiesce snapshot delete` (or prune, or the broker's retention)
+    /// deletes it.
+    #[arg(long)]
+    keep: bool,
+}
+
+impl Hold {
+    fn lease(self) -> Option<Duration> {
+        (!self.keep).then_some(self.lease)
+    }
+}
+
 /// Runs one `quiesce snapshot` command against the host on the bus at `bus` (the system bus
 /// when `None`).
 pub async fn run(bus: Option<&str>, command: SnapshotCommand) -> anyhow::Result<ExitCode> {
@@ -61,36 +145,81 @@ pub async fn run(bus: Option<&str>, command: SnapshotCommand) -> anyhow::Result<
         SnapshotCommand::Create {
             volumes,
             best_effort,
+            hold,
             json,
         } => {
-            let record = parse(&host.create_snapshot(&volumes, best_effort).await?)?;
+            let record = parse(
+                &host
+                    .create_snapshot_leased(&volumes, best_effort, hold.lease())
+                    .await?,
+            )?;
             let record = whole(&host, record, json).await?;
             print_one(&record, json)?;
             Ok(Exit::of_outcome(&record).into())
         }
-        SnapshotCommand::List { json } => {
-            // Page by page: a catalog of any size lists, each reply stays small.
-            let mut records = vec![];
-            let mut after = String::new();
-            loop {
-                let (page, next, unreadable) = host.list_snapshots_page(&after, 1000).await?;
-                for row in unreadable {
-                    eprintln!("quiesce: skipped a catalog row: {row}");
-                }
-                for r in &page {
-                    records.push(parse(r)?);
-                }
-                if next.is_empty() {
-                    break;
-                }
-                after = next;
-            }
+        SnapshotCommand::Exec {
+            volume,
+            best_effort,
+            at,
+            lease,
+            command,
+        } => {
+            let exec = crate::exec::Exec {
+                volume,
+                best_effort,
+                at,
+                lease,
+                command,
+            };
+            crate::exec::run(&host, exec).await
+        }
+        SnapshotCommand::Renew { id, hold, json } => {
+            print_one(
+                &parse(&host.renew_snapshot(&id, hold.lease()).await?)?,
+                json,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::List {
+            volume,
+            since,
+            json,
+        } => {
+            let now = unix_ms();
+            let records: Vec<SetRecord> = all_records(&host)
+                .await?
+                .into_iter()
+                .filter(|r| {
+                    volume
+                        .as_ref()
+                        .is_none_or(|v| r.request.volumes.contains(v))
+                })
+                .filter(|r| {
+                    since.is_none_or(|since| {
+                        started_unix_ms(r)
+                            .is_some_and(|t| t >= now.saturating_sub(since.as_millis() as u64))
+                    })
+                })
+                .collect();
             if json {
                 print_json(&records)?;
             } else {
-                print_list(&records);
+                print_list(&records, now);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCommand::Prune {
+            volume,
+            keep_last,
+            keep_within,
+            dry_run,
+            json,
+        } => {
+            let rules = crate::prune::Rules {
+                keep_last,
+                keep_within,
+            };
+            crate::prune::run(&host, &volume, rules, dry_run, json).await
         }
         SnapshotCommand::Show { id, json } => {
             let record = parse(&host.show_snapshot(&id).await?)?;
@@ -102,6 +231,46 @@ pub async fn run(bus: Option<&str>, command: SnapshotCommand) -> anyhow::Result<
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Every set record the cluster keeps, oldest first, page by page: a catalog of any size
+/// lists, each reply stays small.
+pub async fn all_records(host: &HostClient) -> anyhow::Result<Vec<SetRecord>> {
+    let mut records = vec![];
+    let mut after = String::new();
+    loop {
+        let (page, next, unreadable) = host.list_snapshots_page(&after, 1000).await?;
+        for row in unreadable {
+            eprintln!("quiesce: skipped a catalog row: {row}");
+        }
+        for r in &page {
+            records.push(parse(r)?);
+        }
+        if next.is_empty() {
+            return Ok(records);
+        }
+        after = next;
+    }
+}
+
+/// When a set started: its record says so, or (a record of an older broker) its id does.
+pub fn started_unix_ms(record: &SetRecord) -> Option<u64> {
+    record.started_unix_ms.or_else(|| {
+        record
+            .id
+            .0
+            .strip_prefix("set-")?
+            .split('-')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The whole record when `--json` asks for it: a record too large for one reply comes with
@@ -169,16 +338,18 @@ fn print_record(record: &SetRecord) {
             ""
         }
     );
-    match (&record.snapshot, record.deleted_unix_ms) {
-        (Some(s), None) => println!("  snapshot: {} ({}, id {})", s.path, s.provider, s.id),
-        (Some(s), Some(ms)) => println!(
-            "  snapshot: {} ({}, id {}), deleted {}",
+    if let Some(started) = started_unix_ms(record) {
+        println!("  started: {}", utc(started));
+    }
+    match &record.snapshot {
+        Some(s) => println!(
+            "  snapshot: {} ({}, id {}), {}",
             s.path,
             s.provider,
             s.id,
-            utc(ms)
+            held(record, unix_ms())
         ),
-        (None, _) => println!("  snapshot: none kept"),
+        None => println!("  snapshot: none kept"),
     }
     let freeze = match record.freeze_window_ms {
         Some(ms) => format!("freeze window {ms} ms"),
@@ -232,30 +403,54 @@ fn writer_result(w: &WriterResult) -> String {
     }
 }
 
-fn print_list(records: &[SetRecord]) {
+fn print_list(records: &[SetRecord], now: u64) {
     if records.is_empty() {
-        println!("no snapshot sets yet (`quiesce snapshot create --volume NAME` runs one)");
+        println!("no snapshot sets (`quiesce snapshot create --volume NAME` runs one)");
         return;
     }
-    let rows: Vec<[String; 5]> = records
+    let rows: Vec<[String; 7]> = records
         .iter()
         .map(|r| {
-            let snapshot = match (&r.snapshot, r.deleted_unix_ms) {
-                (Some(s), None) => s.path.clone(),
-                (Some(s), Some(_)) => format!("{} (deleted)", s.path),
-                (None, _) => "-".to_string(),
-            };
+            let started = started_unix_ms(r);
             [
                 r.id.0.clone(),
-                r.outcome.label().to_string(),
+                started.map_or("-".into(), utc),
+                started.map_or("-".into(), |t| age(now.saturating_sub(t))),
                 r.request.volumes.join(","),
-                snapshot,
-                format!("{} ms", r.total_ms),
+                r.outcome.label().to_string(),
+                r.snapshot.as_ref().map_or("-".into(), |s| s.path.clone()),
+                match r.snapshot {
+                    Some(_) => held(r, now),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
-    let header = ["ID", "OUTCOME", "VOLUMES", "SNAPSHOT", "TOTAL"].map(String::from);
+    let header = [
+        "ID", "STARTED", "AGE", "VOLUMES", "OUTCOME", "SNAPSHOT", "HELD",
+    ]
+    .map(String::from);
     crate::print_table_indented("", &header, &rows);
+}
+
+/// How a kept snapshot is held: until deleted, by a lease (for how much longer), or deleted
+/// (when and why).
+fn held(record: &SetRecord, now: u64) -> String {
+    match (record.deleted_unix_ms, record.lease_until_unix_ms) {
+        (Some(at), _) => format!(
+            "deleted {} ({})",
+            utc(at),
+            record.deleted_because.map_or("requested", |d| d.as_str())
+        ),
+        (None, Some(until)) if until > now => format!("lease {} left", age(until - now)),
+        (None, Some(_)) => "lease lapsed, deletion due".into(),
+        (None, None) => "kept until deleted".into(),
+    }
+}
+
+/// A span of milliseconds, to the second, as people read it ("3h 2m 5s").
+fn age(ms: u64) -> String {
+    humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
 }
 
 /// The kebab-case name JSON.md gives an enum value (`post-snapshotting`, `timeout`).
@@ -266,38 +461,15 @@ fn kebab<T: Serialize>(value: &T) -> String {
         .unwrap_or_default()
 }
 
-/// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+/// Milliseconds since the Unix epoch as RFC 3339 in UTC, to the second.
 fn utc(unix_ms: u64) -> String {
-    let secs = unix_ms / 1000;
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_dates_are_civil_dates() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
-        assert_eq!(utc(1_795_809_300_123), "2026-11-27 19:55:00 UTC");
-    }
 
     #[test]
     fn the_documented_records_print_and_round_trip() {
@@ -314,7 +486,7 @@ mod tests {
         for record in &records {
             print_record(record);
         }
-        print_list(&records);
+        print_list(&records, 1_795_809_300_123);
         // What --json prints reads back as the same record.
         let printed = serde_json::to_string_pretty(failed).unwrap();
         assert_eq!(

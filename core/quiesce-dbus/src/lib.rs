@@ -142,6 +142,13 @@ pub trait Host {
     /// returns its record as JSON (`SetRecord`, `core/quiesce-proto/JSON.md`) once it ended,
     /// whatever its outcome: a failed set is an answer, not an error.
     fn create_snapshot(&self, volumes: &[&str], best_effort: bool) -> Result<String, Error>;
+    fn create_snapshot_leased(
+        &self,
+        volumes: &[&str],
+        best_effort: bool,
+        lease_ms: u64,
+    ) -> Result<String, Error>;
+    fn renew_snapshot(&self, id: &str, lease_ms: u64) -> Result<String, Error>;
     /// The cluster's set records as JSON, oldest first.
     fn list_snapshots(&self) -> Result<Vec<String>, Error>;
     /// The record of one cluster set as JSON.

@@ -97,6 +97,33 @@ impl HostClient {
             .map_err(|e| self.call_error("CreateSnapshot", e))
     }
 
+    /// `CreateSnapshotLeased`: as [`HostClient::create_snapshot`], the snapshot held by this
+    /// requester's lease of `lease` from the set's end (`None`: kept until deleted).
+    pub async fn create_snapshot_leased(
+        &self,
+        volumes: &[String],
+        best_effort: bool,
+        lease: Option<std::time::Duration>,
+    ) -> Result<String, CallError> {
+        let volumes: Vec<&str> = volumes.iter().map(String::as_str).collect();
+        self.proxy
+            .create_snapshot_leased(&volumes, best_effort, lease_ms(lease))
+            .await
+            .map_err(|e| self.call_error("CreateSnapshotLeased", e))
+    }
+
+    /// `RenewSnapshot`: holds set `id`'s snapshot `lease` from now (`None`: until deleted).
+    pub async fn renew_snapshot(
+        &self,
+        id: &str,
+        lease: Option<std::time::Duration>,
+    ) -> Result<String, CallError> {
+        self.proxy
+            .renew_snapshot(id, lease_ms(lease))
+            .await
+            .map_err(|e| self.call_error("RenewSnapshot", e))
+    }
+
     /// `ListSnapshots`: every set record of the cluster as JSON, oldest first.
     pub async fn list_snapshots(&self) -> Result<Vec<String>, CallError> {
         self.proxy
@@ -173,6 +200,11 @@ impl HostClient {
             _ => CallError::Bus { bus, method, cause },
         }
     }
+}
+
+/// A lease as the host's methods take it: 0 for none (kept until deleted), at least 1 ms.
+fn lease_ms(lease: Option<std::time::Duration>) -> u64 {
+    lease.map_or(0, |d| (d.as_millis() as u64).max(1))
 }
 
 fn describe_bus(address: Option<&str>) -> String {

@@ -12,7 +12,8 @@
 use crate::broker_link::LinkOptions;
 use quiesce_link::v1::sets_client::SetsClient;
 use quiesce_link::v1::{
-    CreateSetRequest, DeleteSetRequest, ListSetsRequest, ShowSetRequest, ShowWritersRequest,
+    CreateSetRequest, DeleteSetRequest, ListSetsRequest, RenewSetRequest, ShowSetRequest,
+    ShowWritersRequest,
 };
 use quiesce_link::ConnectError;
 use quiesce_proto::SetRecord;
@@ -84,10 +85,13 @@ impl SetRequests {
 
     /// Runs one set of `volumes` across the cluster; returns its record (SetRecord JSON) once
     /// it ended, whatever its outcome.
+    /// `lease_ms`: the requester's lease on the snapshot kept, from the set's end; 0: kept
+    /// until deleted.
     pub async fn create(
         &self,
         volumes: Vec<String>,
         best_effort: bool,
+        lease_ms: u64,
     ) -> Result<String, SetRequestError> {
         const ACTION: &str = "run a snapshot set";
         let broker = self.broker()?;
@@ -107,6 +111,7 @@ impl SetRequests {
             .create(CreateSetRequest {
                 volumes,
                 best_effort,
+                lease_ms,
             })
             .await
             .map_err(|status| {
@@ -227,6 +232,23 @@ impl SetRequests {
                     "ShowSnapshot tells whether the snapshot was deleted once the broker answers again",
                 )
             })?;
+        record(broker, ACTION, reply.into_inner().record_json)
+    }
+
+    /// Renews the requester's lease on the snapshot set `id` kept: `lease_ms` from now (0:
+    /// until deleted); returns its record.
+    pub async fn renew(&self, id: String, lease_ms: u64) -> Result<String, SetRequestError> {
+        const ACTION: &str = "renew a snapshot's lease";
+        let broker = self.broker()?;
+        check_id(&id)?;
+        let mut client = connect(broker, ACTION).await?;
+        let reply = client
+            .renew(RenewSetRequest {
+                id: id.clone(),
+                lease_ms,
+            })
+            .await
+            .map_err(|status| from_status(broker, ACTION, &id, status, "try again"))?;
         record(broker, ACTION, reply.into_inner().record_json)
     }
 

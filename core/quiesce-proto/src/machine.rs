@@ -440,6 +440,9 @@ impl SnapshotSet {
             cleanup_error: self.cleanup_error.clone(),
             total_ms: ms(ended.saturating_duration_since(self.started)),
             deleted_unix_ms: None,
+            deleted_because: None,
+            started_unix_ms: None,
+            lease_until_unix_ms: None,
             writers_omitted: 0,
         }
     }

@@ -251,6 +251,28 @@ pub struct PhaseTiming {
     pub end_ms: u64,
 }
 
+/// Why a kept snapshot was deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Deletion {
+    /// `quiesce snapshot delete` (or `DeleteSnapshot`, `prune`).
+    Requested,
+    /// Its requester's lease lapsed: the requester died or stopped renewing.
+    LeaseLapsed,
+    /// The broker's retention for the volume (`max_kept`, `max_age`).
+    Retention,
+}
+
+impl Deletion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Deletion::Requested => "requested",
+            Deletion::LeaseLapsed => "lease-lapsed",
+            Deletion::Retention => "retention",
+        }
+    }
+}
+
 /// Everything recorded about a finished set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetRecord {
@@ -274,6 +296,18 @@ pub struct SetRecord {
     /// milliseconds since the Unix epoch; absent while it is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted_unix_ms: Option<u64>,
+    /// Why the kept snapshot was deleted, once it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_because: Option<Deletion>,
+    /// When the set started, in milliseconds since the Unix epoch (absent in the records of
+    /// older brokers and of sets run by one host alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_unix_ms: Option<u64>,
+    /// Until when the kept snapshot is held by its requester's lease, in milliseconds since the
+    /// Unix epoch: the broker deletes it then unless the requester renews the lease. Absent: kept
+    /// until deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_until_unix_ms: Option<u64>,
     /// How many writers this copy of the record leaves out (a reply too large otherwise:
     /// see [`SetRecord::compact`]); 0, and absent, in a whole record.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -382,6 +416,9 @@ mod tests {
             cleanup_error: None,
             total_ms: 0,
             deleted_unix_ms: None,
+            deleted_because: None,
+            started_unix_ms: None,
+            lease_until_unix_ms: None,
             writers_omitted: 0,
         }
     }

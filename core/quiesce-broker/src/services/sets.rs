@@ -31,6 +31,11 @@ fn record_json(record: &quiesce_proto::SetRecord) -> String {
         .expect("records always serialize to JSON")
 }
 
+/// A request's lease: 0 means kept until deleted.
+fn lease(lease_ms: u64) -> Option<std::time::Duration> {
+    (lease_ms > 0).then(|| std::time::Duration::from_millis(lease_ms))
+}
+
 fn catalog_status(e: crate::catalog::CatalogError) -> Status {
     tracing::error!("{e}");
     Status::internal(e.to_string())
@@ -46,12 +51,16 @@ impl v1::sets_server::Sets for SetsService {
         let v1::CreateSetRequest {
             volumes,
             best_effort,
+            lease_ms,
         } = request.into_inner();
         let record = sets
-            .create(quiesce_proto::SetRequest {
-                volumes,
-                best_effort,
-            })
+            .create(
+                quiesce_proto::SetRequest {
+                    volumes,
+                    best_effort,
+                },
+                lease(lease_ms),
+            )
             .await
             .map_err(|e| match e {
                 crate::sets::CreateError::Catalog(e) => catalog_status(e),
@@ -176,6 +185,26 @@ impl v1::sets_server::Sets for SetsService {
                 crate::sets::DeleteError::Unknown(_) => Status::not_found(e.to_string()),
                 crate::sets::DeleteError::Running(_) => Status::aborted(e.to_string()),
                 crate::sets::DeleteError::Catalog(e) => catalog_status(e),
+                e => Status::failed_precondition(e.to_string()),
+            })?;
+        Ok(Response::new(v1::SetReply {
+            record_json: record_json(&record),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<v1::RenewSetRequest>,
+    ) -> Result<Response<v1::SetReply>, Status> {
+        let sets = self.sets(&request)?;
+        let v1::RenewSetRequest { id, lease_ms } = request.into_inner();
+        let record = tokio::task::spawn_blocking(move || sets.renew(&id, lease(lease_ms)))
+            .await
+            .map_err(|e| Status::internal(format!("the renewal task failed: {e}")))?
+            .map_err(|e| match e {
+                crate::sets::RenewError::Unknown(_) => Status::not_found(e.to_string()),
+                crate::sets::RenewError::Running(_) => Status::aborted(e.to_string()),
+                crate::sets::RenewError::Catalog(e) => catalog_status(e),
                 e => Status::failed_precondition(e.to_string()),
             })?;
         Ok(Response::new(v1::SetReply {

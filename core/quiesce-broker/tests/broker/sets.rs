@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// The backup tools' tests, on this file's cluster.
+#[path = "backup.rs"]
+mod backup;
+
 /// Each node's lease on a running set: the broker renews it every third.
 const LEASE_MS: u64 = 1500;
 /// Far above the lease, so a writer released in time was released by its lease, not by the
@@ -1117,6 +1121,9 @@ fn synthetic_record(id: &str, writers: usize, failed: bool) -> SetRecord {
         cleanup_error: None,
         total_ms: 100,
         deleted_unix_ms: None,
+        deleted_because: None,
+        started_unix_ms: None,
+        lease_until_unix_ms: None,
         writers_omitted: 0,
     }
 }
@@ -1215,4 +1222,289 @@ fn thousands_of_records_and_records_of_thousands_of_writers_list_and_show_page_b
         text.contains("the last one failed") && text.contains("more writers"),
         "{text}"
     );
+}
+
+/// `quiesce ARGS` on node `i`, to its end: (exit code, stdout, stderr).
+fn run_cli(node: &Node, args: &[&str]) -> (i32, String, String) {
+    let output = node.cli(args).output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `quiesce snapshot create --volume shared --json ARGS` on `node`: the record of a set that
+/// kept a snapshot.
+fn create_kept(node: &Node, args: &[&str]) -> SetRecord {
+    let mut all = vec!["snapshot", "create", "--volume", "shared", "--json"];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = run_cli(node, &all);
+    assert_eq!(code, 0, "quiesce {all:?}: {stderr}");
+    let record: SetRecord = serde_json::from_str(&stdout).unwrap();
+    assert!(record.snapshot.is_some(), "{record:?}");
+    record
+}
+
+fn show(node: &Node, id: &SetRecord) -> SetRecord {
+    node.cli_json(&["snapshot", "show", &id.id.0])
+}
+
+fn snapshot_exists(record: &SetRecord) -> bool {
+    Path::new(&record.snapshot.as_ref().unwrap().path).exists()
+}
+
+/// Issue 16: a requester's lease. A backup that dies (or forgets) leaks no snapshot: the broker
+/// deletes it when its lease lapses. The negative controls: a snapshot taken `--keep`, and a
+/// leased one renewed `--keep` before its lease lapsed, stay.
+#[test]
+fn a_leased_snapshot_is_deleted_when_its_lease_lapses_and_a_kept_or_renewed_one_stays() {
+    let cluster = Cluster::start(&[Spec::default()]);
+    let node = &cluster.nodes[0];
+    let kept = create_kept(node, &["--keep"]);
+    assert_eq!(kept.lease_until_unix_ms, None, "--keep: held until deleted");
+    let renewed = create_kept(node, &["--lease", "4s"]);
+    let until = renewed
+        .lease_until_unix_ms
+        .expect("a leased record says until when");
+    let started = renewed
+        .started_unix_ms
+        .expect("a record says when it started");
+    assert!(until > started, "{renewed:?}");
+    let renewed_now: SetRecord = node.cli_json(&["snapshot", "renew", &renewed.id.0, "--keep"]);
+    assert_eq!(renewed_now.lease_until_unix_ms, None);
+    let shortened = create_kept(node, &["--keep"]);
+    let _: SetRecord = node.cli_json(&["snapshot", "renew", &shortened.id.0, "--lease", "1s"]);
+    // Taken after `renewed`, on the same lease: when its lease has lapsed, so had `renewed`'s
+    // first one, and the reaper, which deletes every lapsed lease in one pass, deleted neither
+    // or both had the renewal not held.
+    let lapsing = create_kept(node, &["--lease", "4s"]);
+
+    let deleted = wait_for(
+        "the broker to delete the snapshot whose lease lapsed",
+        || {
+            let record = show(node, &lapsing);
+            record.deleted_unix_ms.is_some().then_some(record)
+        },
+        || cluster.logs(),
+    );
+    assert_eq!(
+        deleted.deleted_because,
+        Some(quiesce_proto::Deletion::LeaseLapsed)
+    );
+    assert!(deleted.deleted_unix_ms.unwrap() >= lapsing.lease_until_unix_ms.unwrap());
+    assert!(
+        !snapshot_exists(&deleted),
+        "the snapshot is gone from the volume"
+    );
+    let shortened = show(node, &shortened);
+    assert_eq!(
+        shortened.deleted_because,
+        Some(quiesce_proto::Deletion::LeaseLapsed),
+        "a renewal shortens a lease too: {shortened:?}"
+    );
+    for record in [&kept, &renewed] {
+        let record = show(node, record);
+        assert_eq!(record.deleted_unix_ms, None, "{record:?}");
+        assert!(snapshot_exists(&record), "{record:?}");
+    }
+    assert_eq!(
+        cluster.volume.snapshot_list().len(),
+        2,
+        "exactly the kept and the renewed snapshot remain"
+    );
+
+    // A deleted snapshot's lease cannot be renewed; deleting it again is not an error.
+    let (code, _, stderr) = run_cli(node, &["snapshot", "renew", &lapsing.id.0]);
+    assert_eq!(code, 1, "refused: {stderr}");
+    assert!(
+        stderr.contains("lease-lapsed"),
+        "the reason is given: {stderr}"
+    );
+    let (code, _, stderr) = run_cli(node, &["snapshot", "delete", &lapsing.id.0]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) = run_cli(node, &["snapshot", "list"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("(lease-lapsed)") && stdout.contains("until deleted"),
+        "the list says how each snapshot is held: {stdout}"
+    );
+}
+
+/// Issue 16: a backup tool killed (SIGKILL) while its set runs never renews nor deletes; the
+/// snapshot its set keeps goes when the lease lapses. A second request while the set runs is
+/// refused busy (75); an unknown volume or set is 66.
+#[test]
+fn a_requester_killed_mid_set_leaks_no_snapshot_and_refusals_exit_with_their_own_status() {
+    let cluster = Cluster::start(&[Spec {
+        db: "hang_in = \"freeze\"",
+        ..Spec::default()
+    }]);
+    let node = &cluster.nodes[0];
+    let mut create = node
+        .cli(&["snapshot", "create", "--volume", "shared", "--lease", "2s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the set to hang in freeze",
+        || node.called("freeze").then_some(()),
+        || cluster.logs(),
+    );
+    let (code, _, stderr) = run_cli(node, &["snapshot", "create", "--volume", "shared"]);
+    assert_eq!(code, 75, "EX_TEMPFAIL while a set runs: {stderr}");
+    create.kill().unwrap();
+    create.wait().unwrap();
+    node.release_hang();
+
+    let record = wait_for(
+        "the set to end and its snapshot's lease to lapse",
+        || {
+            let listed: Vec<SetRecord> = node.cli_json(&["snapshot", "list"]);
+            listed
+                .into_iter()
+                .next()
+                .filter(|r| r.deleted_unix_ms.is_some())
+        },
+        || cluster.logs(),
+    );
+    assert_eq!(record.outcome, Outcome::AppConsistent, "{record:?}");
+    assert_eq!(
+        record.deleted_because,
+        Some(quiesce_proto::Deletion::LeaseLapsed)
+    );
+    assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
+
+    let (code, _, stderr) = run_cli(node, &["snapshot", "create", "--volume", "nowhere"]);
+    assert_eq!(code, 66, "EX_NOINPUT for an unknown volume: {stderr}");
+    let (code, _, stderr) = run_cli(node, &["snapshot", "show", "set-that-never-was"]);
+    assert_eq!(code, 66, "EX_NOINPUT for an unknown set: {stderr}");
+}
+
+/// Issue 16: a best-effort set that went on without a failed writer is not a success a script
+/// may mistake for app-consistent: it exits 3.
+#[test]
+fn a_best_effort_set_without_a_failed_writer_exits_crash_consistent() {
+    let cluster = Cluster::start(&[Spec {
+        db: "fail_in = \"freeze\"",
+        ..Spec::default()
+    }]);
+    let node = &cluster.nodes[0];
+    let (code, stdout, stderr) = run_cli(
+        node,
+        &[
+            "snapshot",
+            "create",
+            "--volume",
+            "shared",
+            "--best-effort",
+            "--keep",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 3, "{stderr}");
+    let record: SetRecord = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        matches!(record.outcome, Outcome::CrashConsistent { .. }),
+        "{record:?}"
+    );
+    assert!(snapshot_exists(&record));
+    // The negative control: without --best-effort the same writer fails the set (2).
+    let (code, _, stderr) = run_cli(
+        node,
+        &["snapshot", "create", "--volume", "shared", "--json"],
+    );
+    assert_eq!(code, 2, "{stderr}");
+}
+
+/// Issue 16: retention, the broker's and `quiesce snapshot prune`'s. Neither deletes a snapshot
+/// a lease still holds; each deletes exactly what it says.
+#[test]
+fn retention_and_prune_keep_what_they_say_and_never_delete_a_held_snapshot() {
+    let cluster = Cluster::start_full(&[Spec::default()], HEARTBEAT_MS, None, |volume, _| {
+        format!(
+            "provider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n\n[retention.shared]\nmax_kept = 3\n",
+            volume.data, volume.snapshots
+        )
+    });
+    let node = &cluster.nodes[0];
+    let held_old = create_kept(node, &["--lease", "1h"]);
+    let kept: Vec<SetRecord> = (0..4).map(|_| create_kept(node, &["--keep"])).collect();
+    let held_new = create_kept(node, &["--lease", "1h"]);
+    // Six kept, at most three: of those beyond the newest three, the unheld go and the held
+    // one stays; the newest, held, counts among the three.
+    let expected_gone = [kept[0].id.clone(), kept[1].id.clone()];
+    wait_for(
+        "retention to delete the two snapshots beyond the newest three that no lease holds",
+        || (cluster.volume.snapshot_list().len() == 4).then_some(()),
+        || cluster.logs(),
+    );
+    for record in kept.iter().chain([&held_old, &held_new]) {
+        let now = show(node, record);
+        let gone = expected_gone.contains(&record.id);
+        assert_eq!(now.deleted_unix_ms.is_some(), gone, "{now:?}");
+        if gone {
+            assert_eq!(
+                now.deleted_because,
+                Some(quiesce_proto::Deletion::Retention)
+            );
+        }
+        assert_eq!(snapshot_exists(&now), !gone);
+    }
+
+    // prune: keep the newest one; the older held snapshot stays whatever the rule.
+    let (code, _, stderr) = run_cli(node, &["snapshot", "prune", "--volume", "shared"]);
+    assert_eq!(code, 64, "no rule is a usage error: {stderr}");
+    let plan: serde_json::Value = node.cli_json(&[
+        "snapshot",
+        "prune",
+        "--volume",
+        "shared",
+        "--keep-last",
+        "1",
+        "--dry-run",
+    ]);
+    let ids = |key: &str| -> Vec<String> {
+        plan[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids("kept"), vec![held_new.id.0.clone()]);
+    assert_eq!(ids("held"), vec![held_old.id.0.clone()]);
+    assert_eq!(
+        ids("deleted"),
+        vec![kept[2].id.0.clone(), kept[3].id.0.clone()]
+    );
+    assert_eq!(
+        cluster.volume.snapshot_list().len(),
+        4,
+        "a dry run deletes nothing"
+    );
+    let done: serde_json::Value = node.cli_json(&[
+        "snapshot",
+        "prune",
+        "--volume",
+        "shared",
+        "--keep-last",
+        "1",
+    ]);
+    assert_eq!(done["deleted"], plan["deleted"]);
+    assert_eq!(cluster.volume.snapshot_list().len(), 2);
+    for (record, exists) in [
+        (&kept[2], false),
+        (&kept[3], false),
+        (&held_old, true),
+        (&held_new, true),
+    ] {
+        assert_eq!(
+            snapshot_exists(&show(node, record)),
+            exists,
+            "{}",
+            record.id.0
+        );
+    }
 }

@@ -148,7 +148,41 @@ impl HostIface {
     ) -> Result<String, Error> {
         authorize(connection, &header, "start a snapshot set").await?;
         self.set_requests
-            .create(volumes, best_effort)
+            .create(volumes, best_effort, 0)
+            .await
+            .map_err(set_request_error)
+    }
+
+    /// As `CreateSnapshot`, the snapshot held by the caller's lease: the broker deletes it
+    /// `lease_ms` after the set ended unless `RenewSnapshot` renews it or it is deleted first
+    /// (0: kept until deleted, as `CreateSnapshot`). A requester that dies leaks nothing.
+    async fn create_snapshot_leased(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        volumes: Vec<String>,
+        best_effort: bool,
+        lease_ms: u64,
+    ) -> Result<String, Error> {
+        authorize(connection, &header, "start a snapshot set").await?;
+        self.set_requests
+            .create(volumes, best_effort, lease_ms)
+            .await
+            .map_err(set_request_error)
+    }
+
+    /// Renews the lease on the snapshot set `id` kept: held `lease_ms` from now (0: until
+    /// deleted); returns the set's record.
+    async fn renew_snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        id: String,
+        lease_ms: u64,
+    ) -> Result<String, Error> {
+        authorize(connection, &header, "renew a snapshot's lease").await?;
+        self.set_requests
+            .renew(id, lease_ms)
             .await
             .map_err(set_request_error)
     }

@@ -541,8 +541,24 @@ async fn callers_under_another_uid_are_refused_for_freeze_and_register_and_may_r
             ),
         ),
         (
+            "CreateSnapshotLeased",
+            host_call(
+                Some(NOBODY),
+                "CreateSnapshotLeased",
+                &["array:string:demo", "boolean:false", "uint64:1000"],
+            ),
+        ),
+        (
             "DeleteSnapshot",
             host_call(Some(NOBODY), "DeleteSnapshot", &["string:set-1"]),
+        ),
+        (
+            "RenewSnapshot",
+            host_call(
+                Some(NOBODY),
+                "RenewSnapshot",
+                &["string:set-1", "uint64:1000"],
+            ),
         ),
         ("Freeze", writer_call(Some(NOBODY), "Freeze")),
         ("Thaw", writer_call(Some(NOBODY), "Thaw")),
@@ -554,6 +570,8 @@ async fn callers_under_another_uid_are_refused_for_freeze_and_register_and_may_r
         );
         assert!(err.contains("uid 65534 may not"), "{what}: {err}");
     }
+    // The CLI exits EX_NOPERM for it, for a script to branch on.
+    assert_eq!(cli_as_nobody(&bus.address), Some(77));
     assert!(
         support::events(&log).is_empty(),
         "no writer was called: {:?}",
@@ -615,6 +633,8 @@ async fn callers_under_another_uid_are_refused_for_freeze_and_register_and_may_r
         !ok && err.contains("org.freedesktop.DBus.Error.AccessDenied"),
         "{err}"
     );
+    // Refused by the bus's policy: EX_NOPERM too.
+    assert_eq!(cli_as_nobody(&bus.address), Some(77));
     let (ok, out, err) = client(
         Some(NOBODY),
         "dbus-send",
@@ -641,6 +661,22 @@ async fn callers_under_another_uid_are_refused_for_freeze_and_register_and_may_r
         ],
     );
     assert!(ok && out.contains("app-consistent"), "{out}{err}");
+}
+
+/// `quiesce snapshot create --volume demo` as uid nobody: its exit status.
+fn cli_as_nobody(bus: &str) -> Option<i32> {
+    Command::new("setpriv")
+        .args([
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+        ])
+        .arg(binary("quiesce-cli", "quiesce"))
+        .args(["snapshot", "create", "--volume", "demo", "--bus", bus])
+        .env_remove("QUIESCE_BUS")
+        .status()
+        .expect("running quiesce under setpriv")
+        .code()
 }
 
 /// An object that claims to be an application writer but serves broken metadata.

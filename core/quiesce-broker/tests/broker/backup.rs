@@ -1,0 +1,399 @@
+//! Issue 16: backup tools on top of `quiesce snapshot exec`, each the real tool run as its
+//! users run it, through a one-node cluster (the sets' cluster of `sets.rs`: a broker, a host
+//! with the misbehave plugin writer and the example application writing records into the
+//! shared btrfs). The recipes are the README's, one line each.
+//!
+//! What is checked is what a backup administrator relies on: the second backup of a volume is
+//! incremental (restic finds its parent, borg's files cache its files) because the snapshot is
+//! at the same path every time; the tool's own retention groups the backups; the snapshot is
+//! gone afterwards however the command ended. The negative control backs up from the snapshot's
+//! own path, as the recipe did before `exec`: no parent, nothing unmodified, no grouping.
+
+use super::*;
+use serde_json::Value;
+
+/// Files that no set changes: a second backup finds every one of them unmodified.
+const STATIC_FILES: usize = 40;
+
+/// The stable path `exec` mounts the volume `shared` at.
+const STABLE: &str = "/run/quiesce/snapshots/shared";
+
+fn cluster_with_static_files() -> Cluster {
+    let cluster = Cluster::start(&[Spec::default()]);
+    let dir = cluster.volume.data.join("static");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..STATIC_FILES {
+        std::fs::write(
+            dir.join(format!("file-{i:03}")),
+            format!("unchanging {i}\n").repeat(100),
+        )
+        .unwrap();
+    }
+    cluster
+}
+
+/// `quiesce snapshot exec --volume shared -- COMMAND…` on `node` with `env`: (exit code,
+/// stdout, stderr).
+fn exec(node: &Node, env: &[(&str, &Path)], command: &[&str]) -> (i32, String, String) {
+    let mut cli = exec_command(node, &[], command);
+    for (key, value) in env {
+        cli.env(key, value);
+    }
+    let output = cli.output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `quiesce snapshot exec --volume shared OPTIONS -- COMMAND…` against `node`'s host.
+fn exec_command(node: &Node, options: &[&str], command: &[&str]) -> Command {
+    let mut cli = Command::new(cli_exe());
+    cli.args([
+        "snapshot",
+        "exec",
+        "--bus",
+        &node.bus.address,
+        "--volume",
+        "shared",
+    ])
+    .args(options)
+    .arg("--")
+    .args(command)
+    .env_remove("QUIESCE_BROKER");
+    cli
+}
+
+/// The one set of the cluster whose record was written last, checked deleted on request.
+fn last_set_released(cluster: &Cluster) -> SetRecord {
+    let listed: Vec<SetRecord> = cluster.nodes[0].cli_json(&["snapshot", "list"]);
+    let last = listed.last().cloned().expect("a set ran");
+    assert_eq!(
+        last.deleted_because,
+        Some(quiesce_proto::Deletion::Requested),
+        "exec deleted the snapshot when the command ended: {last:?}"
+    );
+    assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
+    last
+}
+
+struct Restic {
+    repo: tempfile::TempDir,
+}
+
+impl Restic {
+    fn init() -> Restic {
+        let restic = Restic {
+            repo: tempfile::tempdir().unwrap(),
+        };
+        std::fs::write(restic.repo.path().join("pass"), "quiesce-test\n").unwrap();
+        let output = restic.command().args(["init", "-q"]).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        restic
+    }
+
+    fn env(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("RESTIC_REPOSITORY", self.repo.path().join("repo")),
+            ("RESTIC_PASSWORD_FILE", self.repo.path().join("pass")),
+            ("RESTIC_CACHE_DIR", self.repo.path().join("cache")),
+        ]
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new("restic");
+        for (key, value) in self.env() {
+            command.env(key, value);
+        }
+        command
+    }
+
+    /// One backup through `exec`: its `summary` message.
+    fn backup(&self, cluster: &Cluster, command: &[&str]) -> Value {
+        let env = self.env();
+        let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+        let (code, stdout, stderr) = exec(&cluster.nodes[0], &env, command);
+        assert_eq!(code, 0, "{stderr}\n{}", cluster.logs());
+        last_set_released(cluster);
+        stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|m| m["message_type"] == "summary")
+            .unwrap_or_else(|| panic!("restic printed no summary: {stdout}"))
+    }
+
+    /// `restic snapshots --json`.
+    fn snapshots(&self) -> Vec<Value> {
+        let output = self
+            .command()
+            .args(["snapshots", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    fn forget_keep_last_1(&self) {
+        let output = self
+            .command()
+            .args(["forget", "-q", "--keep-last", "1"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// The README's restic recipe, `quiesce snapshot exec --volume shared -- restic backup
+/// /run/quiesce/snapshots/shared`, twice: the second backup has the first as its parent and
+/// reads only what changed; `restic forget --keep-last 1` keeps one of the two.
+#[test]
+fn restic_through_exec_finds_its_parent_reads_only_changed_files_and_forgets_by_group() {
+    let cluster = cluster_with_static_files();
+    let restic = Restic::init();
+    let recipe = ["restic", "backup", "--json", STABLE];
+    let first = restic.backup(&cluster, &recipe);
+    assert!(
+        first["files_new"].as_u64().unwrap() as usize > STATIC_FILES,
+        "{first}"
+    );
+    let second = restic.backup(&cluster, &recipe);
+    let unmodified = second["files_unmodified"].as_u64().unwrap() as usize;
+    assert!(
+        unmodified >= STATIC_FILES,
+        "the static files are read from the parent, not again: {second}"
+    );
+    assert!(
+        second["files_changed"].as_u64().unwrap() >= 1,
+        "the app's records changed between the sets: {second}"
+    );
+    let snapshots = restic.snapshots();
+    assert_eq!(snapshots.len(), 2);
+    assert_eq!(
+        snapshots[1]["parent"], snapshots[0]["id"],
+        "the second backup's parent is the first: {snapshots:?}"
+    );
+    for snapshot in &snapshots {
+        assert_eq!(snapshot["paths"], serde_json::json!([STABLE]));
+    }
+    restic.forget_keep_last_1();
+    assert_eq!(restic.snapshots().len(), 1, "the two backups are one group");
+}
+
+/// The negative control: the same two backups from the snapshot's own path (`set-<id>` each
+/// time). restic finds no parent, re-reads everything, and `forget --keep-last 1` keeps both.
+#[test]
+fn restic_from_the_snapshots_own_path_finds_no_parent_the_control() {
+    let cluster = cluster_with_static_files();
+    let restic = Restic::init();
+    let recipe = [
+        "sh",
+        "-c",
+        "exec restic backup --json \"$QUIESCE_SNAPSHOT_SOURCE\"",
+    ];
+    restic.backup(&cluster, &recipe);
+    let second = restic.backup(&cluster, &recipe);
+    assert_eq!(second["files_unmodified"], 0, "{second}");
+    let snapshots = restic.snapshots();
+    assert_eq!(snapshots.len(), 2);
+    assert!(snapshots[1]["parent"].is_null(), "{snapshots:?}");
+    restic.forget_keep_last_1();
+    assert_eq!(restic.snapshots().len(), 2, "each backup is its own group");
+}
+
+/// `borg create --list` through exec, twice into one repository: the output's status letter of
+/// each file (`A` added, `M` modified, `U` unchanged).
+fn borg_statuses(cluster: &Cluster, source: &str) -> Vec<Vec<(char, String)>> {
+    let repo = tempfile::tempdir().unwrap();
+    let borg = |args: &[&str]| {
+        let mut command = Command::new("borg");
+        command
+            .args(args)
+            .env("BORG_REPO", repo.path().join("repo"))
+            .env("BORG_BASE_DIR", repo.path().join("base"))
+            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes");
+        command
+    };
+    let output = borg(&["init", "--encryption", "none"]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (0..2)
+        .map(|i| {
+            let archive = format!("::backup-{i}");
+            let script = format!("exec borg create --list --filter AMEU {archive} \"{source}\"");
+            let mut env: Vec<(&str, PathBuf)> = vec![
+                ("BORG_REPO", repo.path().join("repo")),
+                ("BORG_BASE_DIR", repo.path().join("base")),
+            ];
+            env.push((
+                "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK",
+                PathBuf::from("yes"),
+            ));
+            let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+            let (code, _, stderr) = exec(&cluster.nodes[0], &env, &["sh", "-c", &script]);
+            assert_eq!(code, 0, "{stderr}");
+            last_set_released(cluster);
+            stderr
+                .lines()
+                .filter_map(|l| {
+                    let (status, path) = l.split_once(' ')?;
+                    let status = status.chars().next().filter(|_| status.len() == 1)?;
+                    Some((status, path.to_string()))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn static_statuses(statuses: &[(char, String)]) -> Vec<char> {
+    statuses
+        .iter()
+        .filter(|(_, path)| path.contains("/static/file-"))
+        .map(|(status, _)| *status)
+        .collect()
+}
+
+/// borg through exec from the stable path: the second archive finds every static file
+/// unchanged in its files cache; from the snapshot's own path (the control), it adds them all
+/// again.
+#[test]
+fn borg_through_exec_finds_unchanged_files_in_its_cache_only_at_the_stable_path() {
+    let cluster = cluster_with_static_files();
+    let stable = borg_statuses(&cluster, STABLE);
+    assert_eq!(static_statuses(&stable[0]), vec!['A'; STATIC_FILES]);
+    assert_eq!(
+        static_statuses(&stable[1]),
+        vec!['U'; STATIC_FILES],
+        "{:?}",
+        stable[1]
+    );
+    let control = borg_statuses(&cluster, "$QUIESCE_SNAPSHOT_SOURCE");
+    assert_eq!(
+        static_statuses(&control[1]),
+        vec!['A'; STATIC_FILES],
+        "from a new path each time, borg's cache knows nothing: {:?}",
+        control[1]
+    );
+}
+
+/// exec's contract with the command: the snapshot read-only at the stable path, the set in the
+/// environment, the command's status as its own, the snapshot deleted after; nothing mounted on
+/// the node.
+#[test]
+fn exec_runs_the_command_on_the_snapshot_and_passes_its_status_through() {
+    let cluster = cluster_with_static_files();
+    let node = &cluster.nodes[0];
+    let script = "set -e
+        test \"$QUIESCE_SNAPSHOT_PATH\" = /run/quiesce/snapshots/shared
+        test \"$QUIESCE_VOLUME\" = shared
+        test \"$QUIESCE_OUTCOME\" = app-consistent
+        cmp \"$QUIESCE_SNAPSHOT_PATH/static/file-007\" \"$QUIESCE_SNAPSHOT_SOURCE/static/file-007\"
+        if touch \"$QUIESCE_SNAPSHOT_PATH/static/new\" 2>/dev/null; then exit 90; fi
+        echo \"$QUIESCE_SET_ID\"
+        exit 7";
+    let (code, stdout, stderr) = exec(node, &[], &["sh", "-c", script]);
+    assert_eq!(code, 7, "the command's own status: {stderr}");
+    let record = last_set_released(&cluster);
+    assert_eq!(stdout.trim(), record.id.0, "QUIESCE_SET_ID names the set");
+    assert_eq!(record.outcome, Outcome::AppConsistent);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(STABLE),
+        "the mount lived in the command's namespace only: {mounts}"
+    );
+    let (code, _, stderr) = exec(node, &[], &["/nonexistent/backup-tool"]);
+    assert_eq!(
+        code, 127,
+        "a command that cannot be found, as env(1) says it: {stderr}"
+    );
+    assert!(stderr.contains("/nonexistent/backup-tool"), "{stderr}");
+    last_set_released(&cluster);
+}
+
+/// `quiesce` itself signalled or killed while the backup runs. SIGTERM: passed on to the
+/// command, the snapshot deleted at once, 143. SIGKILL: the command is told to stop
+/// (SIGTERM, as its parent died) and the broker deletes the snapshot when exec's lease lapses.
+#[test]
+fn exec_signalled_deletes_the_snapshot_and_exec_killed_leaks_none_past_its_lease() {
+    let cluster = cluster_with_static_files();
+    let node = &cluster.nodes[0];
+    let dir = tempfile::tempdir().unwrap();
+    for (signal, lease) in [(Stop::Term, "2m"), (Stop::Kill, "3s")] {
+        let ready = dir.path().join(format!("ready-{lease}"));
+        let script = format!(
+            "trap 'kill $t; echo stopped > {ready:?}.stopped; exit 5' TERM; touch {ready:?}; tail -f /dev/null & t=$!; wait $t"
+        );
+        let mut command = exec_command(node, &["--lease", lease], &["bash", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(
+            "the command to run on the snapshot",
+            || ready.exists().then_some(()),
+            || cluster.logs(),
+        );
+        assert_eq!(cluster.volume.snapshot_list().len(), 1);
+        let pid = nix::unistd::Pid::from_raw(command.id() as i32);
+        let stopped = ready.with_extension("stopped");
+        match signal {
+            Stop::Term => {
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+                let output = command.wait_with_output().unwrap();
+                assert_eq!(
+                    output.status.code(),
+                    Some(5),
+                    "the command's status after it handled the SIGTERM passed on: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                assert!(stopped.exists(), "the command got the SIGTERM");
+                last_set_released(&cluster);
+            }
+            Stop::Kill => {
+                command.kill().unwrap();
+                command.wait().unwrap();
+                wait_for(
+                    "the command told to stop when quiesce died",
+                    || stopped.exists().then_some(()),
+                    || cluster.logs(),
+                );
+                let record = wait_for(
+                    "the broker to delete the snapshot when exec's lease lapsed",
+                    || {
+                        let listed: Vec<SetRecord> = node.cli_json(&["snapshot", "list"]);
+                        listed
+                            .last()
+                            .filter(|r| r.deleted_unix_ms.is_some())
+                            .cloned()
+                    },
+                    || cluster.logs(),
+                );
+                assert_eq!(
+                    record.deleted_because,
+                    Some(quiesce_proto::Deletion::LeaseLapsed)
+                );
+                assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
+            }
+        }
+    }
+}
+
+enum Stop {
+    Term,
+    Kill,
+}

@@ -64,32 +64,27 @@ impl Signals {
     }
 }
 
-pub async fn run(host: &HostClient, exec: Exec) -> anyhow::Result<ExitCode> {
-    let at = match &exec.at {
-        Some(at) => at.clone(),
+/// Where a volume's snapshot is mounted (`at`, or [`SNAPSHOTS_DIR`]`/<volume>`), checked that
+/// `what` (exec, mount) can mount there: run as root, the directory made.
+pub fn stable_path(volume: &str, at: Option<&Path>, what: &str) -> anyhow::Result<PathBuf> {
+    let at = match at {
+        Some(at) => at.to_path_buf(),
         None => {
-            if exec.volume.is_empty() || exec.volume.starts_with('.') || exec.volume.contains('/') {
+            if volume.is_empty() || volume.starts_with('.') || volume.contains('/') {
                 return Err(Failure::error(
                     Exit::Usage,
                     format!(
-                        "{:?} cannot name a directory under {SNAPSHOTS_DIR}: give --at DIR",
-                        exec.volume
+                        "{volume:?} cannot name a directory under {SNAPSHOTS_DIR}: give --at DIR"
                     ),
                 ));
             }
-            Path::new(SNAPSHOTS_DIR).join(&exec.volume)
+            Path::new(SNAPSHOTS_DIR).join(volume)
         }
     };
-    if exec.lease < Duration::from_secs(1) {
-        return Err(Failure::error(
-            Exit::Usage,
-            "--lease must be at least 1s: exec renews it every third of it",
-        ));
-    }
     if !nix::unistd::geteuid().is_root() {
         return Err(Failure::error(
             Exit::NotAuthorized,
-            "exec mounts the snapshot in a mount namespace of its own: run it as root (a member of the quiesce group can use `create`, then read the snapshot's own path)",
+            format!("{what} mounts the snapshot: run it as root (a member of the quiesce group can use `create`, then read the snapshot's own path)"),
         ));
     }
     std::fs::create_dir_all(&at).with_context(|| {
@@ -98,6 +93,17 @@ pub async fn run(host: &HostClient, exec: Exec) -> anyhow::Result<ExitCode> {
             at.display()
         )
     })?;
+    Ok(at)
+}
+
+pub async fn run(host: &HostClient, exec: Exec) -> anyhow::Result<ExitCode> {
+    if exec.lease < Duration::from_secs(1) {
+        return Err(Failure::error(
+            Exit::Usage,
+            "--lease must be at least 1s: exec renews it every third of it",
+        ));
+    }
+    let at = stable_path(&exec.volume, exec.at.as_deref(), "exec")?;
     let mut signals = Signals::install().context("installing the signal handlers")?;
 
     let volumes = [exec.volume.clone()];
@@ -229,7 +235,7 @@ fn spawn(
 }
 
 /// Deletes the set's snapshot; when that fails, says so (its lease still lapses).
-async fn release(host: &HostClient, id: &str) {
+pub async fn release(host: &HostClient, id: &str) {
     if let Err(e) = host.delete_snapshot(id).await {
         eprintln!("quiesce: deleting set {id}'s snapshot failed; the broker deletes it when its lease lapses: {e}");
     }

@@ -49,6 +49,7 @@
 
 mod exec;
 mod exit;
+mod mount;
 mod prune;
 mod snapshot;
 mod table;

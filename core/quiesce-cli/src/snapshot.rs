@@ -56,6 +56,37 @@ pub enum SnapshotCommand {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<std::ffi::OsString>,
     },
+    /// For a backup tool's before-hook: run one set and bind-mount its snapshot read-only at
+    /// /run/quiesce/snapshots/VOLUME on this node until `release` (needs root). Prints the set;
+    /// exits as `create`.
+    Mount {
+        /// The volume to snapshot.
+        #[arg(long, value_name = "NAME")]
+        volume: String,
+        /// As for `create`.
+        #[arg(long)]
+        best_effort: bool,
+        /// Mount the snapshot here instead of /run/quiesce/snapshots/VOLUME.
+        #[arg(long, value_name = "DIR")]
+        at: Option<std::path::PathBuf>,
+        /// Nothing renews this lease: the broker deletes the snapshot this long after the set
+        /// ended unless `release` did first.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "12h")]
+        lease: Duration,
+        /// Print the record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// For a backup tool's after-hook: unmount what `mount` mounted for the volume and delete
+    /// the snapshot (needs root). Nothing mounted: says so and succeeds.
+    Release {
+        /// The volume given to `mount`.
+        #[arg(long, value_name = "NAME")]
+        volume: String,
+        /// The directory given to `mount --at`.
+        #[arg(long, value_name = "DIR")]
+        at: Option<std::path::PathBuf>,
+    },
     /// Renew the lease on the snapshot a set kept (needs root or the quiesce group).
     Renew {
         /// The set's id.
@@ -172,6 +203,19 @@ pub async fn run(bus: Option<&str>, command: SnapshotCommand) -> anyhow::Result<
                 command,
             };
             crate::exec::run(&host, exec).await
+        }
+        SnapshotCommand::Mount {
+            volume,
+            best_effort,
+            at,
+            lease,
+            json,
+        } => {
+            crate::mount::mount_snapshot(&host, &volume, at.as_deref(), best_effort, lease, json)
+                .await
+        }
+        SnapshotCommand::Release { volume, at } => {
+            crate::mount::release_snapshot(&host, &volume, at.as_deref()).await
         }
         SnapshotCommand::Renew { id, hold, json } => {
             print_one(
@@ -318,7 +362,7 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_one(record: &SetRecord, json: bool) -> anyhow::Result<()> {
+pub fn print_one(record: &SetRecord, json: bool) -> anyhow::Result<()> {
     if json {
         print_json(record)
     } else {

@@ -397,3 +397,132 @@ enum Stop {
     Term,
     Kill,
 }
+
+/// The static files `borgmatic create --list` listed, with their status letters.
+fn listed_static(output: &str) -> Vec<char> {
+    output
+        .lines()
+        .filter(|l| l.contains("/static/file-"))
+        .filter_map(|l| {
+            let (status, _) = l.trim_start().split_once(' ')?;
+            status.chars().next().filter(|_| status.len() == 1)
+        })
+        .collect()
+}
+
+/// borgmatic as its users run it: the volume's stable path as a source directory,
+/// `quiesce snapshot mount` / `release` as its `before_backup` / `after_backup` (and `on_error`)
+/// hooks. Two backups: the second reads no static file again; `borgmatic prune` with
+/// `keep_daily: 1` keeps one of the two; a `mount` left by an after-hook that never ran is
+/// released by the next backup's before-hook. (`--at` a test directory, not the default
+/// /run/quiesce/snapshots/shared: tests of this binary run side by side, and a mount in the node's
+/// own namespace would be seen by the others.)
+#[test]
+fn borgmatic_hooks_mount_and_release_the_snapshot_and_its_second_backup_is_incremental() {
+    let cluster = cluster_with_static_files();
+    let node = &cluster.nodes[0];
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("shared");
+    // A YAML single-quoted string of the hook's shell command.
+    let quiesce = |action: &str| {
+        format!(
+            "'{} snapshot {action} --volume shared --at {} --bus \"{}\"'",
+            cli_exe().display(),
+            at.display(),
+            node.bus.address
+        )
+    };
+    let config = dir.path().join("borgmatic.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "location:\n    source_directories:\n        - {at:?}\n    repositories:\n        - {:?}\n\
+             storage:\n    borg_base_directory: {:?}\n    unknown_unencrypted_repo_access_is_ok: true\n\
+             retention:\n    keep_daily: 1\n\
+             hooks:\n    before_backup:\n        - {}\n    after_backup:\n        - {}\n    on_error:\n        - {}\n",
+            dir.path().join("repo"),
+            dir.path().join("base"),
+            quiesce("mount"),
+            quiesce("release"),
+            quiesce("release"),
+        ),
+    )
+    .unwrap();
+    let borgmatic = |args: &[&str]| {
+        let output = Command::new("borgmatic")
+            .arg("--config")
+            .arg(&config)
+            .args(["--syslog-verbosity", "-1"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success(),
+            "borgmatic {args:?}: {text}\n{}",
+            cluster.logs()
+        );
+        text
+    };
+    borgmatic(&["init", "--encryption", "none"]);
+    let first = borgmatic(&["create", "--list"]);
+    let first_set = last_set_released(&cluster);
+    assert_eq!(listed_static(&first), vec!['A'; STATIC_FILES], "{first}");
+    assert!(!state_left(&at), "release removed its state");
+
+    // An after-hook that never ran: the snapshot stays mounted until the next before-hook.
+    let (code, _, stderr) = run_cli(
+        node,
+        &[
+            "snapshot",
+            "mount",
+            "--volume",
+            "shared",
+            "--at",
+            at.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(cluster.volume.snapshot_list().len(), 1);
+    let stale: Vec<SetRecord> = node.cli_json(&["snapshot", "list"]);
+    let stale = stale.last().unwrap().clone();
+    assert!(stale.id != first_set.id);
+
+    let second = borgmatic(&["create", "--list"]);
+    last_set_released(&cluster);
+    assert_eq!(
+        show(node, &stale).deleted_because,
+        Some(quiesce_proto::Deletion::Requested),
+        "the stale mount was released by the next before-hook"
+    );
+    assert_eq!(
+        listed_static(&second),
+        Vec::<char>::new(),
+        "borgmatic lists only added and modified files: the static ones were unchanged: {second}"
+    );
+    assert!(
+        second.lines().any(|l| l.contains("records.log")),
+        "the app's records changed and were read again: {second}"
+    );
+
+    let archives = || {
+        borgmatic(&["list", "--short"])
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains("Listing archives"))
+            .count()
+    };
+    assert_eq!(archives(), 2);
+    borgmatic(&["prune"]);
+    assert_eq!(archives(), 1, "keep_daily: 1 keeps one archive of the two");
+}
+
+/// Whether `mount`'s state file for `at` is still there.
+fn state_left(at: &Path) -> bool {
+    let mut name = at.as_os_str().to_owned();
+    name.push(".quiesce-set");
+    Path::new(&name).exists()
+}

@@ -1,4 +1,5 @@
-//! Issue 16: backup tools on top of `quiesce snapshot exec`, each the real tool run as its
+//! Issue 16: backup tools on top of `quiesce snapshot exec` (restic, borg) and of `mount` /
+//! `release` as before- and after-hooks (borgmatic, Bacula), each the real tool run as its
 //! users run it, through a one-node cluster (the sets' cluster of `sets.rs`: a broker, a host
 //! with the misbehave plugin writer and the example application writing records into the
 //! shared btrfs). The recipes are the README's, one line each.
@@ -525,4 +526,219 @@ fn state_left(at: &Path) -> bool {
     let mut name = at.as_os_str().to_owned();
     name.push(".quiesce-set");
     Path::new(&name).exists()
+}
+
+/// Bacula's three daemons, started by hand on ports of their own with configurations of the
+/// test's own (a director with a SQLite catalog made by the package's own script, a storage
+/// daemon writing file volumes, a file daemon), and `bconsole` to drive them.
+struct Bacula {
+    dir: tempfile::TempDir,
+    console: PathBuf,
+    // Dropped (SIGKILL) with the test, however it ends.
+    _daemons: Vec<quiesce_testbed::Child>,
+}
+
+impl Bacula {
+    /// Bacula backing up the fixed FileSet path `at`, the job's `ClientRunBeforeJob` /
+    /// `ClientRunAfterJob` as the README gives them (`before` and `after`).
+    fn start(at: &Path, before: &str, after: &str) -> Bacula {
+        for (tool, package) in [
+            ("bacula-dir", "bacula-director"),
+            ("bacula-sd", "bacula-sd"),
+            ("bacula-fd", "bacula-fd"),
+            ("bconsole", "bacula-console"),
+        ] {
+            quiesce_testbed::require(tool, package);
+        }
+        let tables = Path::new("/usr/share/bacula-director/make_sqlite3_tables");
+        assert!(
+            tables.exists(),
+            "{} is missing: install bacula-director-sqlite3 (scripts/setup does)",
+            tables.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let work = d.join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::create_dir_all(d.join("volumes")).unwrap();
+        let [dir_port, sd_port, fd_port] =
+            std::array::from_fn(|_| quiesce_testbed::postgres::free_port());
+        let messages = |name: &str| {
+            format!(
+                "Messages {{\n  Name = {name}\n  console = all, !skipped, !saved\n  append = {:?} = all, !skipped\n  catalog = all\n}}\n",
+                work.join("log")
+            )
+        };
+        let files = [
+            (
+                "bacula-dir.conf",
+                format!(
+                    "Director {{\n  Name = quiesce-dir\n  DIRport = {dir_port}\n  DirAddress = 127.0.0.1\n  QueryFile = \"/etc/bacula/scripts/query.sql\"\n  WorkingDirectory = {work:?}\n  PidDirectory = {work:?}\n  Password = \"console\"\n  Messages = Standard\n}}\n\
+                     Catalog {{\n  Name = Catalog\n  dbname = \"bacula\"; dbuser = \"\"; dbpassword = \"\"\n}}\n{}\
+                     Storage {{\n  Name = File\n  Address = 127.0.0.1\n  SDPort = {sd_port}\n  Password = \"storage\"\n  Device = Files\n  Media Type = File\n}}\n\
+                     Pool {{\n  Name = Default\n  Pool Type = Backup\n  Label Format = \"Vol-\"\n}}\n\
+                     Client {{\n  Name = node1-fd\n  Address = 127.0.0.1\n  FDPort = {fd_port}\n  Catalog = Catalog\n  Password = \"client\"\n}}\n\
+                     FileSet {{\n  Name = Shared\n  Include {{\n    Options {{\n      signature = MD5\n    }}\n    File = {at:?}\n  }}\n}}\n\
+                     Job {{\n  Name = Shared\n  Type = Backup\n  Level = Incremental\n  Client = node1-fd\n  FileSet = Shared\n  Storage = File\n  Pool = Default\n  Messages = Standard\n  ClientRunBeforeJob = {before:?}\n  ClientRunAfterJob = {after:?}\n}}\n",
+                    messages("Standard")
+                ),
+            ),
+            (
+                "bacula-sd.conf",
+                format!(
+                    "Storage {{\n  Name = quiesce-sd\n  SDPort = {sd_port}\n  SDAddress = 127.0.0.1\n  WorkingDirectory = {work:?}\n  PidDirectory = {work:?}\n}}\n\
+                     Director {{\n  Name = quiesce-dir\n  Password = \"storage\"\n}}\n\
+                     Device {{\n  Name = Files\n  Media Type = File\n  Archive Device = {:?}\n  LabelMedia = yes\n  Random Access = yes\n  AutomaticMount = yes\n  RemovableMedia = no\n  AlwaysOpen = no\n}}\n\
+                     Messages {{\n  Name = Standard\n  director = quiesce-dir = all\n}}\n",
+                    d.join("volumes")
+                ),
+            ),
+            (
+                "bacula-fd.conf",
+                format!(
+                    "FileDaemon {{\n  Name = node1-fd\n  FDport = {fd_port}\n  FDAddress = 127.0.0.1\n  WorkingDirectory = {work:?}\n  PidDirectory = {work:?}\n}}\n\
+                     Director {{\n  Name = quiesce-dir\n  Password = \"client\"\n}}\n\
+                     Messages {{\n  Name = Standard\n  director = quiesce-dir = all, !skipped, !restored\n}}\n"
+                ),
+            ),
+            (
+                "bconsole.conf",
+                format!(
+                    "Director {{\n  Name = quiesce-dir\n  DIRport = {dir_port}\n  Address = 127.0.0.1\n  Password = \"console\"\n}}\n"
+                ),
+            ),
+        ];
+        for (name, text) in &files {
+            std::fs::write(d.join(name), text).unwrap();
+        }
+        // The package's script, pointed at this catalog instead of /var/lib/bacula.
+        let script = std::fs::read_to_string(tables)
+            .unwrap()
+            .replace("cd /var/lib/bacula", &format!("cd {:?}", work))
+            .replace("XXX_DBNAME_XXX", "bacula");
+        quiesce_testbed::run(Command::new("sh").arg("-c").arg(script));
+        let mut daemons = Vec::new();
+        for (daemon, port) in [
+            ("bacula-sd", sd_port),
+            ("bacula-fd", fd_port),
+            ("bacula-dir", dir_port),
+        ] {
+            let mut command = Command::new(daemon);
+            command
+                .arg("-f")
+                .arg("-c")
+                .arg(d.join(format!("{daemon}.conf")))
+                .stdout(std::process::Stdio::null());
+            let child = quiesce_testbed::Child::spawn(command, d.join(format!("{daemon}.stderr")));
+            quiesce_testbed::wait_until(&format!("{daemon} listening on {port}"), DEADLINE, || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            });
+            daemons.push(child);
+        }
+        Bacula {
+            console: d.join("bconsole.conf"),
+            dir,
+            _daemons: daemons,
+        }
+    }
+
+    /// `bconsole` reading `commands`: what it printed.
+    fn console(&self, commands: &str) -> String {
+        use std::io::Write;
+        let mut child = Command::new("bconsole")
+            .arg("-c")
+            .arg(&self.console)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{commands}\nquit\n").as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "bconsole: {text}");
+        text
+    }
+
+    /// Runs the job and waits for it: its level (`F`, `I`) and the files it backed up.
+    fn backup(&self, job: u32) -> (String, Vec<String>) {
+        self.console(&format!("run job=Shared yes\nwait jobid={job}"));
+        let listed = self.console(&format!("list jobid={job}"));
+        let log = std::fs::read_to_string(self.dir.path().join("work/log")).unwrap_or_default();
+        // | JobId | Name | StartTime | Type | Level | JobFiles | JobBytes | JobStatus |
+        let row: Vec<String> = listed
+            .lines()
+            .map(|l| {
+                l.split('|')
+                    .map(|c| c.trim().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .find(|cells| cells.len() > 8 && cells[1] == job.to_string())
+            .unwrap_or_else(|| panic!("job {job} not listed:\n{listed}\n{log}"));
+        assert_eq!(
+            row[8], "T",
+            "job {job} ended OK (JobStatus T):\n{listed}\n{log}"
+        );
+        let level = row[5].clone();
+        let files = self
+            .console(&format!("list files jobid={job}"))
+            .lines()
+            .filter_map(|l| {
+                let cell = l.trim().trim_matches('|').trim();
+                cell.starts_with('/').then(|| cell.to_string())
+            })
+            .collect();
+        (level, files)
+    }
+}
+
+/// Bacula as its users run it: a FileSet with the volume's fixed path, `quiesce snapshot mount`
+/// as the job's `ClientRunBeforeJob` and `release` as its `ClientRunAfterJob`, run by the real
+/// bacula-fd. The first job (Bacula makes it Full) backs up every static file; the second,
+/// Incremental, none of them (their times are the snapshot's, unchanged since the first) but
+/// the application's records, which changed. After each job the snapshot is gone.
+#[test]
+fn bacula_client_run_hooks_mount_and_release_the_snapshot_and_the_second_job_is_incremental() {
+    let cluster = cluster_with_static_files();
+    let node = &cluster.nodes[0];
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("shared");
+    let quiesce = |action: &str| {
+        format!(
+            "{} snapshot {action} --volume shared --at {} --bus {}",
+            cli_exe().display(),
+            at.display(),
+            node.bus.address
+        )
+    };
+    let bacula = Bacula::start(&at, &quiesce("mount"), &quiesce("release"));
+
+    let (level, first) = bacula.backup(1);
+    last_set_released(&cluster);
+    assert!(!state_left(&at), "release removed its state");
+    assert_eq!(level, "F", "Bacula's first job of a FileSet is Full");
+    let static_in = |files: &[String]| files.iter().filter(|f| f.contains("/static/file-")).count();
+    assert_eq!(static_in(&first), STATIC_FILES, "{first:?}");
+
+    let (level, second) = bacula.backup(2);
+    last_set_released(&cluster);
+    assert_eq!(level, "I");
+    assert_eq!(
+        static_in(&second),
+        0,
+        "unchanged files are not read again: {second:?}"
+    );
+    assert!(
+        second.iter().any(|f| f.ends_with("records.log")),
+        "the app's records changed and were backed up: {second:?}"
+    );
 }

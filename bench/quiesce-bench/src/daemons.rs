@@ -157,6 +157,7 @@ impl Broker {
                 volumes: vec![volume.into()],
                 best_effort: false,
                 lease_ms: 0,
+                timeout_ms: 0,
             })
             .await?
             .into_inner();

@@ -196,10 +196,13 @@ impl Sets {
     /// Runs one set across the cluster and returns its record, whatever its outcome. The set
     /// runs on a task of its own: dropping this future does not stop it. `lease`: the
     /// requester's lease on the snapshot kept, from the set's end (`None`: kept until deleted).
+    /// `timeout`: the requester's patience; a set still running that long after it started is
+    /// aborted (everyone thawed, nothing kept) and fails saying so.
     pub async fn create(
         self: &Arc<Self>,
         request: SetRequest,
         lease: Option<Duration>,
+        timeout: Option<Duration>,
     ) -> Result<SetRecord, CreateError> {
         let [volume] = request.volumes.as_slice() else {
             return Err(CreateError::OneVolume(request.volumes.len()));
@@ -268,6 +271,16 @@ impl Sets {
                 inputs.clone(),
             ));
             let lapse_follower = tokio::spawn(follow_lapses(lapses, id.clone(), inputs.clone()));
+            let patience = timeout.map(|timeout| {
+                let inputs = inputs.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(timeout).await;
+                    let _ = inputs.send(Input::Abort(format!(
+                        "the requester's timeout ({}) ran out before the set ended",
+                        humantime::format_duration(timeout)
+                    )));
+                })
+            });
             let transport = LinkTransport {
                 broker: sets.broker.clone(),
                 epoch,
@@ -299,6 +312,9 @@ impl Sets {
                 .await;
             follower.abort();
             lapse_follower.abort();
+            if let Some(patience) = patience {
+                patience.abort();
+            }
             let mut record = record;
             record.started_unix_ms = Some(started);
             if record.snapshot.is_some() {

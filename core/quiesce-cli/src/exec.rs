@@ -107,7 +107,7 @@ pub async fn run(host: &HostClient, exec: Exec) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::install().context("installing the signal handlers")?;
 
     let volumes = [exec.volume.clone()];
-    let create = host.create_snapshot_leased(&volumes, exec.best_effort, Some(exec.lease));
+    let create = host.create_snapshot_leased(&volumes, exec.best_effort, Some(exec.lease), None);
     tokio::pin!(create);
     let mut interrupted = None;
     let json = loop {

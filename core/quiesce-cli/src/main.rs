@@ -1,7 +1,7 @@
 //! `quiesce`: the cluster's command-line requester.
 //!
 //! ```text
-//! quiesce snapshot create --volume NAME... [--best-effort] [--lease D | --keep] [--json]   run one set
+//! quiesce snapshot create --volume NAME... [--best-effort] [--lease D | --keep] [--timeout D] [--json]   run one set
 //! quiesce snapshot exec --volume NAME [--best-effort] [--at DIR] [--lease D] -- COMMAND...  a set, COMMAND on it
 //! quiesce snapshot renew ID [--lease D | --keep] [--json]      renew the lease on a kept snapshot
 //! quiesce snapshot list [--volume NAME] [--since D] [--json]   the cluster's sets, oldest first

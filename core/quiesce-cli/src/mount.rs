@@ -67,7 +67,7 @@ pub async fn mount_snapshot(
         ));
     }
     let json_record = host
-        .create_snapshot_leased(&[volume.to_string()], best_effort, Some(lease))
+        .create_snapshot_leased(&[volume.to_string()], best_effort, Some(lease), None)
         .await?;
     let record: SetRecord = serde_json::from_str(&json_record).with_context(|| {
         format!("the host answered a record that does not parse: {json_record}")

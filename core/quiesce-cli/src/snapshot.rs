@@ -27,6 +27,10 @@ pub enum SnapshotCommand {
         best_effort: bool,
         #[command(flatten)]
         hold: Hold,
+        /// Give up on a set still running this long after it started ("30s", "5m"): the broker
+        /// aborts it (every writer thawed, no snapshot kept) and it fails saying so.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
         /// Print the record as JSON (the SetRecord form of quiesce-proto's JSON.md).
         #[arg(long)]
         json: bool,
@@ -177,11 +181,12 @@ pub async fn run(bus: Option<&str>, command: SnapshotCommand) -> anyhow::Result<
             volumes,
             best_effort,
             hold,
+            timeout,
             json,
         } => {
             let record = parse(
                 &host
-                    .create_snapshot_leased(&volumes, best_effort, hold.lease())
+                    .create_snapshot_leased(&volumes, best_effort, hold.lease(), timeout)
                     .await?,
             )?;
             let record = whole(&host, record, json).await?;

@@ -147,6 +147,7 @@ pub trait Host {
         volumes: &[&str],
         best_effort: bool,
         lease_ms: u64,
+        timeout_ms: u64,
     ) -> Result<String, Error>;
     fn renew_snapshot(&self, id: &str, lease_ms: u64) -> Result<String, Error>;
     /// The cluster's set records as JSON, oldest first.

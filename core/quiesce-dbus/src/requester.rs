@@ -98,16 +98,23 @@ impl HostClient {
     }
 
     /// `CreateSnapshotLeased`: as [`HostClient::create_snapshot`], the snapshot held by this
-    /// requester's lease of `lease` from the set's end (`None`: kept until deleted).
+    /// requester's lease of `lease` from the set's end (`None`: kept until deleted); a set
+    /// still running `timeout` after it started aborted (`None`: no timeout).
     pub async fn create_snapshot_leased(
         &self,
         volumes: &[String],
         best_effort: bool,
         lease: Option<std::time::Duration>,
+        timeout: Option<std::time::Duration>,
     ) -> Result<String, CallError> {
         let volumes: Vec<&str> = volumes.iter().map(String::as_str).collect();
         self.proxy
-            .create_snapshot_leased(&volumes, best_effort, lease_ms(lease))
+            .create_snapshot_leased(
+                &volumes,
+                best_effort,
+                millis_or_zero(lease),
+                millis_or_zero(timeout),
+            )
             .await
             .map_err(|e| self.call_error("CreateSnapshotLeased", e))
     }
@@ -119,7 +126,7 @@ impl HostClient {
         lease: Option<std::time::Duration>,
     ) -> Result<String, CallError> {
         self.proxy
-            .renew_snapshot(id, lease_ms(lease))
+            .renew_snapshot(id, millis_or_zero(lease))
             .await
             .map_err(|e| self.call_error("RenewSnapshot", e))
     }
@@ -203,8 +210,9 @@ impl HostClient {
 }
 
 /// A lease as the host's methods take it: 0 for none (kept until deleted), at least 1 ms.
-fn lease_ms(lease: Option<std::time::Duration>) -> u64 {
-    lease.map_or(0, |d| (d.as_millis() as u64).max(1))
+/// A duration as the host's D-Bus methods take it: milliseconds, at least 1 (0 means none).
+fn millis_or_zero(duration: Option<std::time::Duration>) -> u64 {
+    duration.map_or(0, |d| (d.as_millis() as u64).max(1))
 }
 
 fn describe_bus(address: Option<&str>) -> String {

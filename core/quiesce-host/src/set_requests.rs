@@ -92,6 +92,7 @@ impl SetRequests {
         volumes: Vec<String>,
         best_effort: bool,
         lease_ms: u64,
+        timeout_ms: u64,
     ) -> Result<String, SetRequestError> {
         const ACTION: &str = "run a snapshot set";
         let broker = self.broker()?;
@@ -112,6 +113,7 @@ impl SetRequests {
                 volumes,
                 best_effort,
                 lease_ms,
+                timeout_ms,
             })
             .await
             .map_err(|status| {

@@ -52,6 +52,7 @@ impl v1::sets_server::Sets for SetsService {
             volumes,
             best_effort,
             lease_ms,
+            timeout_ms,
         } = request.into_inner();
         let record = sets
             .create(
@@ -60,6 +61,7 @@ impl v1::sets_server::Sets for SetsService {
                     best_effort,
                 },
                 lease(lease_ms),
+                (timeout_ms > 0).then(|| std::time::Duration::from_millis(timeout_ms)),
             )
             .await
             .map_err(|e| match e {

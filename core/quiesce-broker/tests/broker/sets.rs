@@ -1508,3 +1508,56 @@ fn retention_and_prune_keep_what_they_say_and_never_delete_a_held_snapshot() {
         );
     }
 }
+
+/// Issue 16: `create --timeout` gives up on a set that outlasts the requester's patience: a
+/// writer hangs in freeze (its freeze deadline 10 s away), the set is aborted at the timeout,
+/// fails saying so, exits 2 and keeps no snapshot. The control, the same set without
+/// `--timeout`, fails only at the writer's own deadline, for it.
+#[test]
+fn create_with_a_timeout_aborts_a_set_that_outlasts_it_and_keeps_no_snapshot() {
+    let cluster = Cluster::start(&[Spec {
+        db: "hang_in = \"freeze\"",
+        ..Spec::default()
+    }]);
+    let node = &cluster.nodes[0];
+    let create = |options: &[&str]| {
+        let output = node
+            .cli(&["snapshot", "create", "--volume", "shared", "--json"])
+            .args(options)
+            .output()
+            .unwrap();
+        let record: SetRecord = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "no record ({e}): {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        // The hung freeze call ends at its deadline; let the plugin's thread go too.
+        node.release_hang();
+        (output.status.code(), record)
+    };
+
+    let (code, record) = create(&["--timeout", "1s"]);
+    assert_eq!(code, Some(2), "a failed set: {record:?}");
+    let (_, _, reason) = failed(&record);
+    assert!(
+        reason.contains("requester's timeout (1s)"),
+        "the set failed for the timeout: {record:?}"
+    );
+    assert_eq!(record.snapshot, None);
+    assert_eq!(cluster.volume.snapshot_list(), Vec::<PathBuf>::new());
+
+    let (code, control) = create(&[]);
+    assert_eq!(code, Some(2), "{control:?}");
+    let (_, writer, reason) = failed(&control);
+    assert!(
+        !reason.contains("timeout ("),
+        "without --timeout, the writer's own deadline failed it: {control:?}"
+    );
+    assert_eq!(
+        writer.map(|(_, w)| w),
+        Some("db".to_string()),
+        "{control:?}"
+    );
+}

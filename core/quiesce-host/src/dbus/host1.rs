@@ -148,14 +148,16 @@ impl HostIface {
     ) -> Result<String, Error> {
         authorize(connection, &header, "start a snapshot set").await?;
         self.set_requests
-            .create(volumes, best_effort, 0)
+            .create(volumes, best_effort, 0, 0)
             .await
             .map_err(set_request_error)
     }
 
     /// As `CreateSnapshot`, the snapshot held by the caller's lease: the broker deletes it
     /// `lease_ms` after the set ended unless `RenewSnapshot` renews it or it is deleted first
-    /// (0: kept until deleted, as `CreateSnapshot`). A requester that dies leaks nothing.
+    /// (0: kept until deleted, as `CreateSnapshot`). A requester that dies leaks nothing. A set
+    /// still running `timeout_ms` after it started is aborted (everyone thawed, nothing kept)
+    /// and fails saying so (0: no timeout).
     async fn create_snapshot_leased(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -163,10 +165,11 @@ impl HostIface {
         volumes: Vec<String>,
         best_effort: bool,
         lease_ms: u64,
+        timeout_ms: u64,
     ) -> Result<String, Error> {
         authorize(connection, &header, "start a snapshot set").await?;
         self.set_requests
-            .create(volumes, best_effort, lease_ms)
+            .create(volumes, best_effort, lease_ms, timeout_ms)
             .await
             .map_err(set_request_error)
     }

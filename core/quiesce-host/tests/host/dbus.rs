@@ -545,7 +545,12 @@ async fn callers_under_another_uid_are_refused_for_freeze_and_register_and_may_r
             host_call(
                 Some(NOBODY),
                 "CreateSnapshotLeased",
-                &["array:string:demo", "boolean:false", "uint64:1000"],
+                &[
+                    "array:string:demo",
+                    "boolean:false",
+                    "uint64:1000",
+                    "uint64:0",
+                ],
             ),
         ),
         (

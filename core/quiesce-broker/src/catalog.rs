@@ -255,6 +255,17 @@ impl Catalog {
         write_final(&self.reader(), &self.path, record)
     }
 
+    /// Forgets the ended sets that keep no snapshot and started before `before_unix_ms`:
+    /// how many. A set still running, or whose snapshot is still kept, is never forgotten.
+    pub fn forget(&self, before_unix_ms: u64) -> Result<usize, CatalogError> {
+        self.reader()
+            .execute(
+                "DELETE FROM sets WHERE state = 'ended' AND kept = 0 AND started_unix_ms < ?1",
+                params![i64::try_from(before_unix_ms).unwrap_or(i64::MAX)],
+            )
+            .map_err(|e| self.sqlite(e))
+    }
+
     /// The sets that were running when the broker last stopped.
     pub fn abandoned(&self) -> Result<Vec<Abandoned>, CatalogError> {
         let conn = self.reader();
@@ -573,6 +584,52 @@ mod tests {
         catalog.update(&abandoned[0].checkpoint).unwrap();
         assert!(catalog.abandoned().unwrap().is_empty());
         assert_eq!(catalog.list().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn forget_drops_only_old_ended_sets_that_keep_no_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("catalog.sqlite")).unwrap();
+        let now = Instant::now();
+        // (id, started, snapshot kept, deleted since)
+        for (id, started, snapshot_kept, deleted) in [
+            ("old-failed", 1, false, false),
+            ("old-kept", 2, true, false),
+            ("old-deleted", 3, true, true),
+            ("new-failed", 1000, false, false),
+        ] {
+            let set = running_set(id);
+            catalog
+                .start(&set.record_if_abandoned(now, "gone".into()), started)
+                .unwrap();
+            let mut ended = set.record_if_abandoned(now, "gone".into());
+            if snapshot_kept {
+                ended.outcome = Outcome::AppConsistent;
+                ended.snapshot = Some(snapshot(id));
+            }
+            if deleted {
+                ended.deleted_unix_ms = Some(started + 1);
+            }
+            catalog.finish(ended).await.unwrap();
+        }
+        let running = running_set("old-running");
+        catalog
+            .start(&running.record_if_abandoned(now, "gone".into()), 4)
+            .unwrap();
+
+        assert_eq!(catalog.forget(500).unwrap(), 2);
+        let left: Vec<String> = catalog
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id.0)
+            .collect();
+        assert_eq!(left, ["old-kept", "new-failed"]);
+        assert!(
+            catalog.get("old-running").unwrap().unwrap().1,
+            "a running set stays"
+        );
+        assert_eq!(catalog.forget(500).unwrap(), 0, "nothing more to forget");
     }
 
     #[test]

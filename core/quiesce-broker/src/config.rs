@@ -4,6 +4,8 @@
 //! catalog = "/var/lib/quiesce/catalog.sqlite"   # every set, kept across restarts
 //! hold_limit_ms = 10000     # longest any writer is held frozen in a set
 //! lease_ms = 5000           # each node's lease on a running set, renewed every third of it
+//! keep_records = "180d"     # optional: forget ended sets that keep no snapshot this long after
+//!                           # they started (default: remember every set)
 //!
 //! [timeouts]                # per call, in milliseconds (as in the host's configuration)
 //! freeze_ms = 5000
@@ -46,6 +48,9 @@ pub struct Config {
     pub volumes: BTreeMap<String, ProviderConfig>,
     #[serde(default)]
     pub retention: BTreeMap<String, Retention>,
+    /// How long the catalog remembers an ended set that keeps no snapshot (`None`: for ever).
+    #[serde(default, deserialize_with = "duration")]
+    pub keep_records: Option<Duration>,
 }
 
 /// How many kept snapshots of a volume the broker keeps, and for how long.
@@ -163,6 +168,7 @@ mod tests {
             catalog = "/tmp/c.sqlite"
             hold_limit_ms = 3000
             lease_ms = 1500
+            keep_records = "180d"
             [timeouts]
             freeze_ms = 700
             [volumes.shared]
@@ -177,6 +183,7 @@ mod tests {
         assert_eq!(d.freeze, Duration::from_millis(700));
         assert_eq!(d.prepare, Deadlines::default().prepare);
         assert!(matches!(c.volumes["shared"], ProviderConfig::Btrfs { .. }));
+        assert_eq!(c.keep_records, Some(Duration::from_secs(180 * 86400)));
     }
 
     #[test]
@@ -187,5 +194,11 @@ mod tests {
         assert!(e.to_string().contains("lease_ms: 3 is out of range"), "{e}");
         let e = Config::parse("catalog = \"c\"\nbogus = 1", Path::new("b.toml")).unwrap_err();
         assert!(e.to_string().contains("unknown field `bogus`"), "{e}");
+        let e = Config::parse(
+            "catalog = \"c\"\nkeep_records = \"soon\"",
+            Path::new("b.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("\"soon\" is not a duration"), "{e}");
     }
 }

@@ -97,6 +97,7 @@ pub struct Sets {
     running: Arc<quiesce_driver::RunningSlot>,
     counter: AtomicU64,
     retention: BTreeMap<String, crate::config::Retention>,
+    keep_records: Option<Duration>,
     /// Held across each read-modify-write of a kept snapshot's record (delete, renew, reap):
     /// a renewal never lands between the reaper's read and its deletion.
     keeping: std::sync::Mutex<()>,
@@ -189,6 +190,7 @@ impl Sets {
             running: quiesce_driver::RunningSlot::new(),
             counter: AtomicU64::new(0),
             retention: config.retention.clone(),
+            keep_records: config.keep_records,
             keeping: std::sync::Mutex::new(()),
         }))
     }
@@ -448,10 +450,12 @@ impl Sets {
 
     /// Deletes what must go now: snapshots whose requester's lease lapsed, then those past the
     /// volume's retention (`max_kept`, `max_age`; a snapshot still held by a lease is never
-    /// deleted by retention). Blocking; the broker calls it every [`REAP_EVERY`].
+    /// deleted by retention); then forgets the records past `keep_records`. Blocking; the
+    /// broker calls it every [`REAP_EVERY`].
     pub fn reap(&self) {
         let _keeping = self.keeping();
         let now = unix_ms();
+        self.forget_records(now);
         let lapsed = match self.catalog.lapsed(now) {
             Ok(ids) => ids,
             Err(e) => {
@@ -494,6 +498,24 @@ impl Sets {
                     }
                 }
             }
+        }
+    }
+
+    /// Forgets the ended sets past `keep_records` that keep no snapshot (those that do are
+    /// forgotten once retention or their lease deletes it, and that much later than it started).
+    fn forget_records(&self, now: u64) {
+        let Some(keep) = self.keep_records else {
+            return;
+        };
+        let before = now.saturating_sub(keep.as_millis() as u64);
+        match self.catalog.forget(before) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                forgotten = n,
+                "forgot ended sets older than keep_records ({})",
+                humantime::format_duration(keep)
+            ),
+            Err(e) => tracing::error!("forgetting ended sets past keep_records: {e}"),
         }
     }
 

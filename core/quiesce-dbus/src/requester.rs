@@ -209,7 +209,6 @@ impl HostClient {
     }
 }
 
-/// A lease as the host's methods take it: 0 for none (kept until deleted), at least 1 ms.
 /// A duration as the host's D-Bus methods take it: milliseconds, at least 1 (0 means none).
 fn millis_or_zero(duration: Option<std::time::Duration>) -> u64 {
     duration.map_or(0, |d| (d.as_millis() as u64).max(1))

@@ -1048,3 +1048,47 @@ async fn a_broker_that_never_answers_holds_up_neither_other_calls_nor_the_reques
     }
     drop(silent);
 }
+
+/// A host of an older release: `org.quiesce.Host1` with `CreateSnapshot` only, as before
+/// leases.
+struct OlderHost;
+
+#[zbus::interface(name = "org.quiesce.Host1")]
+impl OlderHost {
+    async fn create_snapshot(&self, _volumes: Vec<String>, _best_effort: bool) -> String {
+        unreachable!("this release's requester asks for CreateSnapshotLeased")
+    }
+}
+
+/// A requester newer than its host exits EX_SOFTWARE (70) and says to install the same release,
+/// apart from an unreachable host (69): a script must not retry what retrying cannot mend.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_requester_newer_than_its_host_exits_with_the_release_mismatch() {
+    let bus = Bus::start(Policy::Permissive);
+    let _older = zbus::connection::Builder::address(bus.address.as_str())
+        .unwrap()
+        .serve_at(quiesce_dbus::HOST_PATH, OlderHost)
+        .unwrap()
+        .name(HOST_NAME)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let (status, out, err) = quiesce_cli(
+        &[
+            "snapshot",
+            "create",
+            "--volume",
+            "demo",
+            "--bus",
+            &bus.address,
+        ],
+        &[],
+    );
+    assert_eq!(status, Some(70), "EX_SOFTWARE: {out}{err}");
+    assert!(
+        err.contains("does not know CreateSnapshotLeased")
+            && err.contains("install the same quiesce release"),
+        "{err}"
+    );
+}

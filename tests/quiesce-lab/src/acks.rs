@@ -103,6 +103,23 @@ impl AckLog {
     /// `[from_ns, to_ns]`, and, when the log's last acknowledgement is before `to_ns`, the time
     /// from it to `to_ns` (an application that has not written since).
     pub fn longest_gap(&self, from_ns: u64, to_ns: u64) -> Gap {
+        self.gap_overlapping(from_ns, to_ns, false)
+    }
+
+    /// The longest time without an acknowledged write within `[from_ns, to_ns]` only: a gap
+    /// that began before `from_ns` counts from `from_ns`, one that ends after `to_ns` until
+    /// `to_ns`.
+    pub fn longest_gap_within(&self, from_ns: u64, to_ns: u64) -> Gap {
+        self.gap_overlapping(from_ns, to_ns, true)
+    }
+
+    /// The longest gap overlapping `[from_ns, to_ns]`, whole or (`clip`) only its part inside.
+    fn gap_overlapping(&self, from_ns: u64, to_ns: u64, clip: bool) -> Gap {
+        let (low, high) = if clip {
+            (from_ns, to_ns)
+        } else {
+            (0, u64::MAX)
+        };
         let start = self
             .entries
             .partition_point(|&(_, at)| at < from_ns)
@@ -114,7 +131,7 @@ impl AckLog {
                 if p > to_ns {
                     break;
                 }
-                let ms = at.saturating_sub(p) / 1_000_000;
+                let ms = at.min(high).saturating_sub(p.max(low)) / 1_000_000;
                 if ms > longest.ms {
                     longest = Gap { ms, ended_ns: at };
                 }
@@ -123,7 +140,7 @@ impl AckLog {
         }
         if let (true, Some(p)) = (self.live, previous) {
             if p < to_ns {
-                let ms = (to_ns - p) / 1_000_000;
+                let ms = (to_ns - p.max(low)) / 1_000_000;
                 if ms > longest.ms {
                     longest = Gap {
                         ms,
@@ -184,6 +201,9 @@ mod tests {
         assert_eq!(log.acked_before(500 * ms).len(), 2);
         assert_eq!(log.acked_before(501 * ms).last(), Some(&(3, 500 * ms)));
         assert_eq!(log.longest_gap(0, 600 * ms).ms, 480);
+        // Within a window only: the 20..500 gap counts from 300 (and until 400).
+        assert_eq!(log.longest_gap_within(300 * ms, 510 * ms).ms, 200);
+        assert_eq!(log.longest_gap_within(300 * ms, 400 * ms).ms, 100);
         assert_eq!(
             log.longest_gap(505 * ms, 600 * ms).ms,
             90,

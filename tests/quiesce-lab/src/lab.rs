@@ -1,6 +1,10 @@
 //! The cluster: three nodes in network namespaces on a bridge, a broker in node1's namespace,
-//! a host with its own dbus-daemon on every node, one btrfs volume on a loop device shared by
-//! all, and the applications writing to it under load:
+//! a host with its own dbus-daemon on every node, one shared volume, and the applications
+//! writing to it under load. The volume ([`VolumeKind`]) is a CephFS directory of a Ceph
+//! cluster of the lab's own (memstore OSD), mounted with `ceph-fuse` by the broker and by each
+//! node from its own namespace, every application writing through its own node's mount and
+//! every host flushing its mount in the freeze (`flush = "syncfs"`); or one btrfs on a loop
+//! device mounted once and shared by all:
 //!
 //! | node | applications | writers |
 //! |---|---|---|
@@ -15,8 +19,10 @@
 use crate::acks::{unix_ns, AckLog};
 use crate::net::Network;
 use quiesce_proto::SetRecord;
+use quiesce_testbed::ceph::{CephOptions, ObjectStore};
 use quiesce_testbed::{
-    binary, plugin, require, run, wait_until_or, BtrfsVolume, Bus, Child, Policy,
+    binary, plugin, require, run, wait_until_or, BtrfsVolume, Bus, CephCluster, CephMount, Child,
+    Policy,
 };
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -33,8 +39,17 @@ pub const SQLITE_NODE: usize = 1;
 /// node3: the buffering app and the app writer.
 pub const APP_NODE: usize = 2;
 
-/// Every writer of a healthy cluster: (node, writer).
-pub fn expected_writers() -> BTreeSet<(String, String)> {
+/// Every writer of a healthy cluster on a volume of `kind`: (node, writer). On CephFS each
+/// node also has its node flush, `flush.shared`.
+pub fn expected_writers(kind: VolumeKind) -> BTreeSet<(String, String)> {
+    let flushes: &[(usize, &str)] = match kind {
+        VolumeKind::Btrfs => &[],
+        VolumeKind::Cephfs => &[
+            (0, "flush.shared"),
+            (1, "flush.shared"),
+            (2, "flush.shared"),
+        ],
+    };
     [
         (0, "probe"),
         (0, "pg"),
@@ -45,8 +60,146 @@ pub fn expected_writers() -> BTreeSet<(String, String)> {
         (2, "app"),
     ]
     .into_iter()
+    .chain(flushes.iter().copied())
     .map(|(i, w)| (NODES[i].to_string(), w.to_string()))
     .collect()
+}
+
+/// The node whose application writes the ack log `k` of [`Lab::acks`] (postgres, the two
+/// SQLite databases, the buffering app, then the app writer's runs).
+pub fn ack_node(k: usize) -> usize {
+    match k {
+        0 => PG_NODE,
+        1 | 2 => SQLITE_NODE,
+        _ => APP_NODE,
+    }
+}
+
+/// What the volume is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeKind {
+    /// One btrfs file system on a loop device, mounted once and shared by every node (one page
+    /// cache for all); the broker's `btrfs` provider.
+    Btrfs,
+    /// A directory of a CephFS (a Ceph cluster of the lab's own): a `ceph-fuse` mount for the
+    /// broker and one per node, each from its own namespace (a cache of its own), every node
+    /// flushing its mount (`flush = "syncfs"`); the broker's `cephfs` provider.
+    Cephfs,
+}
+
+impl std::str::FromStr for VolumeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "btrfs" => Ok(VolumeKind::Btrfs),
+            "cephfs" => Ok(VolumeKind::Cephfs),
+            _ => Err(format!("{s:?}: the volume is btrfs or cephfs")),
+        }
+    }
+}
+
+impl std::fmt::Display for VolumeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolumeKind::Btrfs => "btrfs",
+            VolumeKind::Cephfs => "cephfs",
+        })
+    }
+}
+
+/// The lab's CephFS volume: the directory [`CephVolume::DIR`] of a Ceph cluster's file system,
+/// mounted by the broker (from node1's namespace) and by every node from its own namespace.
+/// Fields drop in order: the mounts (each unmount flushes through its namespace's link), then
+/// the cluster.
+pub struct CephVolume {
+    pub broker: CephMount,
+    /// Node i's own mount.
+    pub nodes: Vec<CephMount>,
+    pub cluster: CephCluster,
+}
+
+impl CephVolume {
+    /// The volume's directory, from the root of the file system.
+    pub const DIR: &'static str = "shared";
+
+    fn create(net: &Network, size_mb: u64) -> CephVolume {
+        let cluster = CephCluster::start_with(CephOptions {
+            store: ObjectStore::Memstore,
+            size_mb,
+        });
+        for node in &net.nodes {
+            cluster.route_from(&node.netns, &net.lab_ip);
+        }
+        let broker = cluster.mount_in(
+            Some(&net.nodes[PG_NODE].netns),
+            &cluster.client_key("lab-broker", "rws"),
+            &cluster.mountpoint("broker"),
+        );
+        std::fs::create_dir(broker.mountpoint.join(Self::DIR)).unwrap();
+        std::fs::set_permissions(
+            broker.mountpoint.join(Self::DIR),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let nodes = NODES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                cluster.mount_in(
+                    Some(&net.nodes[i].netns),
+                    &cluster.client_key(&format!("lab-{name}"), "rw"),
+                    &cluster.mountpoint(name),
+                )
+            })
+            .collect();
+        CephVolume {
+            broker,
+            nodes,
+            cluster,
+        }
+    }
+}
+
+/// The lab's volume.
+pub enum Volume {
+    Btrfs(BtrfsVolume),
+    Cephfs(CephVolume),
+}
+
+impl Volume {
+    pub fn kind(&self) -> VolumeKind {
+        match self {
+            Volume::Btrfs(_) => VolumeKind::Btrfs,
+            Volume::Cephfs(_) => VolumeKind::Cephfs,
+        }
+    }
+
+    /// The volume's data directory as node `i` sees it (on CephFS: through its own mount); the
+    /// applications of node `i` write there. Every node's tree has the same layout, which a
+    /// snapshot's and a restore's root has too.
+    pub fn data(&self, i: usize) -> PathBuf {
+        match self {
+            Volume::Btrfs(v) => v.data.clone(),
+            Volume::Cephfs(c) => c.nodes[i].mountpoint.join(CephVolume::DIR),
+        }
+    }
+
+    /// The snapshots on the volume now: btrfs subvolumes in the snapshots directory, or the
+    /// entries of the volume directory's `.snap` (read through the broker's mount).
+    pub fn snapshots(&self) -> Vec<PathBuf> {
+        match self {
+            Volume::Btrfs(v) => v.snapshot_list(),
+            Volume::Cephfs(c) => {
+                let snapdir = c.broker.mountpoint.join(CephVolume::DIR).join(".snap");
+                let mut list: Vec<PathBuf> = std::fs::read_dir(&snapdir)
+                    .unwrap_or_else(|e| panic!("listing {}: {e}", snapdir.display()))
+                    .map(|e| e.unwrap().path())
+                    .collect();
+                list.sort();
+                list
+            }
+        }
+    }
 }
 
 /// The lab's deadlines: short where a fault only costs time (lease, heartbeat), the product's
@@ -71,6 +224,8 @@ pub struct Settings {
     /// Pace of the SQL loaders and the buffering app.
     pub write_interval_ms: u64,
     pub volume_mb: u64,
+    /// What the volume is (`quiesce-lab soak --volume`).
+    pub volume: VolumeKind,
     /// The tmpfs for the restic repository and the restores.
     pub backups_mb: u64,
 }
@@ -89,6 +244,7 @@ impl Settings {
             lab_exe,
             write_interval_ms: 5,
             volume_mb: 6144,
+            volume: VolumeKind::Btrfs,
             backups_mb: 12_288,
         }
     }
@@ -110,6 +266,11 @@ impl Settings {
     /// the broker could still take the snapshot.
     pub fn stall(&self) -> Duration {
         Duration::from_millis(self.lease_ms + (self.hold_limit_ms - self.lease_ms) / 2)
+    }
+
+    /// Every writer of the healthy cluster: [`expected_writers`] of this volume.
+    pub fn expected_writers(&self) -> BTreeSet<(String, String)> {
+        expected_writers(self.volume)
     }
 }
 
@@ -324,11 +485,12 @@ pub struct Lab {
     certs: Certs,
     bins: Binaries,
     pub settings: Settings,
+    /// Before the network: a CephFS client's unmount flushes through its node's link.
+    pub volume: Volume,
     pub net: Network,
     /// The restic repository, restores and their PostgreSQL copies: another storage than the
     /// volume's disk, as a backup target would be.
     backups: Tmpfs,
-    pub volume: BtrfsVolume,
     pub dir: tempfile::TempDir,
 }
 
@@ -379,12 +541,17 @@ impl Lab {
         let dir = tempfile::tempdir().unwrap();
         open_dir(dir.path());
         let bins = Binaries::build(&dir.path().join("bin"));
-        let volume = BtrfsVolume::create(settings.volume_mb);
         let net = Network::create(NODES.len());
+        // Every mount is made before any process starts in a namespace (`ip netns exec` copies
+        // the mount table of the lab's mount namespace when it starts a process).
+        let volume = match settings.volume {
+            VolumeKind::Btrfs => Volume::Btrfs(BtrfsVolume::create(settings.volume_mb)),
+            VolumeKind::Cephfs => Volume::Cephfs(CephVolume::create(&net, settings.volume_mb)),
+        };
         let backups = Tmpfs::mount(&dir.path().join("backups"), settings.backups_mb);
 
         // PostgreSQL on node1, its data directory on the volume.
-        let pg_home = volume.data.join("pg");
+        let pg_home = volume.data(PG_NODE).join("pg");
         std::fs::create_dir_all(pg_home.join("data")).unwrap();
         chown_postgres(&pg_home);
         std::fs::set_permissions(pg_home.join("data"), std::fs::Permissions::from_mode(0o700))
@@ -473,7 +640,7 @@ impl Lab {
             .push(Child::spawn(command, self.path("pg-load.log")));
         self.acks.push(AckLog::new("postgres", &pg_acks));
 
-        let sqlite_dir = self.volume.data.join("sqlite");
+        let sqlite_dir = self.volume.data(SQLITE_NODE).join("sqlite");
         std::fs::create_dir_all(&sqlite_dir).unwrap();
         for (db, mode) in SQLITE_DBS {
             let log = self.path(&format!("sqlite-{db}.acks"));
@@ -497,7 +664,7 @@ impl Lab {
         let mut command = self.net.command(APP_NODE, &self.bins.buffering_app);
         command
             .arg("--data")
-            .arg(self.volume.data.join("buffer"))
+            .arg(self.volume.data(APP_NODE).join("buffer"))
             .arg("--socket")
             .arg(self.path("buffering-app.sock"))
             .arg("--ack-log")
@@ -550,16 +717,24 @@ impl Lab {
         let config = self.path("broker.toml");
         if !config.exists() {
             let s = &self.settings;
+            let provider = match &self.volume {
+                Volume::Btrfs(v) => format!(
+                    "provider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n",
+                    v.data, v.snapshots
+                ),
+                Volume::Cephfs(c) => format!(
+                    "provider = \"cephfs\"\ndirectory = {:?}\n",
+                    c.broker.mountpoint.join(CephVolume::DIR)
+                ),
+            };
             std::fs::write(
                 &config,
                 format!(
-                    "catalog = {:?}\nhold_limit_ms = {}\nlease_ms = {}\n\n{}\n[volumes.shared]\nprovider = \"btrfs\"\nsubvolume = {:?}\nsnapshots = {:?}\n",
+                    "catalog = {:?}\nhold_limit_ms = {}\nlease_ms = {}\n\n{}\n[volumes.shared]\n{provider}",
                     self.path("catalog.sqlite"),
                     s.hold_limit_ms,
                     s.lease_ms,
                     s.timeouts(),
-                    self.volume.data,
-                    self.volume.snapshots,
                 ),
             )
             .unwrap();
@@ -647,11 +822,29 @@ impl Lab {
         let probe_events = home.join("probe.events");
         let probe_control = home.join("probe.control");
         let s = &self.settings;
-        let data = &self.volume.data;
+        let data = &self.volume.data(i);
+        // Where the postgres writer finds the volume: the mount and what a snapshot holds (the
+        // btrfs subvolume, or the CephFS directory through node1's own mount).
+        let pg_volume = match &self.volume {
+            Volume::Btrfs(v) => format!("volume_path = {:?}\nsubvolume = {:?}\n", v.mount, v.data),
+            Volume::Cephfs(c) => format!(
+                "volume_path = {:?}\nsubvolume = {data:?}\n",
+                c.nodes[i].mountpoint
+            ),
+        };
+        // On CephFS every node flushes its own mount inside the freeze (the node flush): the
+        // mount point itself, the file system syncfs flushes.
+        let volume_table = match &self.volume {
+            Volume::Btrfs(_) => String::new(),
+            Volume::Cephfs(c) => format!(
+                "[volumes.shared]\nmount = {:?}\nflush = \"syncfs\"\n\n",
+                c.nodes[i].mountpoint
+            ),
+        };
         let writers = match i {
             PG_NODE => format!(
-                "[plugins.postgres]\nid = \"pg\"\nhost = {:?}\nport = {}\nvolume = \"shared\"\nvolume_path = {:?}\nsubvolume = {:?}\n",
-                self.pg.socket_dir, self.pg.port, self.volume.mount, data
+                "[plugins.postgres]\nid = \"pg\"\nhost = {:?}\nport = {}\nvolume = \"shared\"\n{pg_volume}",
+                self.pg.socket_dir, self.pg.port
             ),
             SQLITE_NODE => format!(
                 "[plugins.sqlite]\nid = \"sqlite\"\nvolume = \"shared\"\ndatabases = [{:?}]\nbusy_timeout_ms = 12000\nreport_query = \"SELECT coalesce(max(n), 0) FROM records\"\n",
@@ -667,7 +860,7 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "node = {name:?}\nplugin_dir = {plugins:?}\nhold_limit_ms = {}\n\n{}\n[plugins.misbehave]\nevents = {probe_events:?}\n\n[[plugins.misbehave.writers]]\nid = \"probe\"\nvolume = \"shared\"\nneeds_post_snapshot = true\nhang_fifo = {probe_fifo:?}\ncontrol = {probe_control:?}\n\n{writers}",
+                "node = {name:?}\nplugin_dir = {plugins:?}\nhold_limit_ms = {}\n\n{}\n{volume_table}[plugins.misbehave]\nevents = {probe_events:?}\n\n[[plugins.misbehave.writers]]\nid = \"probe\"\nvolume = \"shared\"\nneeds_post_snapshot = true\nhang_fifo = {probe_fifo:?}\ncontrol = {probe_control:?}\n\n{writers}",
                 s.hold_limit_ms,
                 s.timeouts(),
             ),
@@ -723,7 +916,7 @@ impl Lab {
     pub fn start_app_writer(&mut self) {
         self.app_runs += 1;
         let run = self.app_runs;
-        let data = self.volume.data.join(format!("app/run-{run}"));
+        let data = self.volume.data(APP_NODE).join(format!("app/run-{run}"));
         let node = &self.nodes[APP_NODE];
         let mut command = self.net.command(APP_NODE, &self.bins.app_writer);
         command
@@ -797,7 +990,7 @@ impl Lab {
     /// The healthy cluster: every node attached with every writer (asked of the broker with the
     /// admin certificate), within `timeout`.
     pub fn wait_healthy_within(&self, timeout: Duration) {
-        let expected = expected_writers();
+        let expected = self.settings.expected_writers();
         wait_until_or(
             "every node attached with all its writers",
             timeout,
@@ -972,7 +1165,7 @@ impl Lab {
 
     /// The snapshots on the volume now.
     pub fn snapshots(&self) -> Vec<PathBuf> {
-        self.volume.snapshot_list()
+        self.volume.snapshots()
     }
 
     /// Whether each loader and the buffering app still run (a crash of one is a lab failure).

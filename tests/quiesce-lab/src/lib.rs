@@ -24,5 +24,5 @@ pub mod net;
 pub mod soak;
 pub mod verify;
 
-pub use lab::{Lab, Settings};
+pub use lab::{Lab, Settings, VolumeKind};
 pub use soak::{soak, Fault, Summary};

@@ -1,7 +1,8 @@
 //! `quiesce-lab`: the soak command, and the lab's load applications.
 //!
 //! ```text
-//! quiesce-lab soak [--cycles 200] [--seed S]     the cluster under faults; prints the summary
+//! quiesce-lab soak [--cycles 200] [--seed S] [--volume btrfs|cephfs]
+//!                                                the cluster under faults; prints the summary
 //! quiesce-lab pg-load --socket DIR --port P --log FILE [--interval-ms 5]
 //! quiesce-lab sqlite-load --db FILE --mode wal|delete --log FILE [--interval-ms 5]
 //! ```
@@ -56,6 +57,10 @@ enum Command {
         /// The seed of the random choice of nodes and phases (default: from the clock; printed).
         #[arg(long)]
         seed: Option<u64>,
+        /// The volume: `btrfs` (one file system on a loop device, shared by every node) or
+        /// `cephfs` (a Ceph cluster of the lab's own, a ceph-fuse mount per node).
+        #[arg(long, default_value = "btrfs")]
+        volume: quiesce_lab::VolumeKind,
     },
     /// Commit numbered records into PostgreSQL, logging each acknowledgement (the lab's
     /// application on node1).
@@ -95,12 +100,18 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Soak { cycles, seed } => {
+        Command::Soak {
+            cycles,
+            seed,
+            volume,
+        } => {
             let seed = seed.unwrap_or_else(|| quiesce_lab::acks::unix_ns() % 1_000_000);
             let exe = std::env::current_exe().context("cannot find this executable")?;
             stop_on_signals();
+            let mut settings = Settings::new(exe);
+            settings.volume = volume;
             let summary = soak(
-                Settings::new(exe),
+                settings,
                 cycles,
                 seed,
                 |line| eprintln!("{line}"),

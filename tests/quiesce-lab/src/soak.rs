@@ -25,7 +25,7 @@
 //!    writer reported; the snapshot was released.
 
 use crate::acks::{unix_ns, Gap};
-use crate::lab::{expected_writers, wait_probe_call, Lab, Settings, APP_NODE, NODES, PG_NODE};
+use crate::lab::{wait_probe_call, Lab, Settings, VolumeKind, APP_NODE, NODES, PG_NODE};
 use crate::verify::freeze_points;
 use quiesce_proto::{CallKind, Outcome, Phase, SetRecord};
 use std::collections::{BTreeMap, BTreeSet};
@@ -480,13 +480,17 @@ impl Lab {
         }
         *s.faults.entry(fault).or_default().entry(call).or_default() += 1;
         let release = Duration::from_secs(10);
+        let mut cut_ns = 0;
         match fault {
             Fault::HostKill => self.kill_host(node),
             Fault::BrokerKill => {
                 self.kill_broker();
                 self.start_broker();
             }
-            Fault::LinkCut => self.cut_link(node),
+            Fault::LinkCut => {
+                cut_ns = unix_ns();
+                self.cut_link(node);
+            }
             Fault::AppWriterExit => self.stop_app_writer(),
             Fault::BrokerPause => self.pause_broker(),
             Fault::NodeSilent => self.silence_node(node),
@@ -533,6 +537,12 @@ impl Lab {
             Fault::AppWriterExit => self.start_app_writer(),
             _ => {}
         }
+        // On CephFS a node cut off is cut off its storage too: its applications cannot write
+        // until its link is back (and its ceph-fuse client reconnects). That outage is no hold,
+        // and is left out of their gaps; from the moment the link is back they must write
+        // again within the limit like any other.
+        let outage = (fault == Fault::LinkCut && self.settings.volume == VolumeKind::Cephfs)
+            .then(|| (node, cut_ns, unix_ns()));
         self.wait_healthy();
         let recovered = unix_ns();
 
@@ -574,6 +584,7 @@ impl Lab {
             &format!("cycle {cycle}: {injection}"),
             t0,
             recovered,
+            outage,
             s,
         );
         verdict
@@ -719,6 +730,7 @@ impl Lab {
         during: &str,
         from_ns: u64,
         to_ns: u64,
+        outage: Option<(usize, u64, u64)>,
         s: &mut Summary,
     ) {
         let limit = Duration::from_millis(self.settings.frozen_limit_ms());
@@ -727,8 +739,20 @@ impl Lab {
             s.violation(cycle, format!("{during}: {e}"));
         }
         let check_to = to_ns.min(unix_ns());
-        for log in &self.acks {
-            let Gap { ms, .. } = log.longest_gap(from_ns, check_to);
+        for (k, log) in self.acks.iter().enumerate() {
+            let Gap { ms, .. } = match outage {
+                // The node's storage was unreachable from `cut` to `back`: before and after.
+                Some((node, cut, back)) if crate::lab::ack_node(k) == node => {
+                    let before = log.longest_gap_within(from_ns, cut);
+                    let after = log.longest_gap_within(back, check_to);
+                    if before.ms >= after.ms {
+                        before
+                    } else {
+                        after
+                    }
+                }
+                _ => log.longest_gap(from_ns, check_to),
+            };
             if ms > s.longest_freeze.ms {
                 s.longest_freeze = Freeze {
                     ms,
@@ -804,7 +828,9 @@ impl Lab {
             .iter()
             .map(|w| (w.writer.node.clone(), w.writer.writer.clone()))
             .collect();
-        if writers != expected_writers() || record.writers.iter().any(|w| w.failure.is_some()) {
+        if writers != self.settings.expected_writers()
+            || record.writers.iter().any(|w| w.failure.is_some())
+        {
             s.violation(
                 cycle,
                 format!("backup set {id}: not every writer of the cluster took part cleanly: {writers:?}"),
@@ -824,7 +850,14 @@ impl Lab {
             s.longest_freeze_window_ms = s.longest_freeze_window_ms.max(w);
         }
         let set_end = t0 + record.total_ms * 1_000_000;
-        self.check_writing(cycle, &format!("cycle {cycle}: backup set"), t0, set_end, s);
+        self.check_writing(
+            cycle,
+            &format!("cycle {cycle}: backup set"),
+            t0,
+            set_end,
+            None,
+            s,
+        );
 
         // Everything acknowledged before this moment was in the snapshot: the set started after
         // t0, and its snapshot phase began snapshot.start_ms after that.

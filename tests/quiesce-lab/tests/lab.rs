@@ -1,10 +1,11 @@
 //! The short version of the proof, run by `cargo test` (and so by `./scripts/test` and CI): the
 //! whole lab, one cycle per fault — each of the eight faults injected once in the middle of a set
 //! at a random phase, each followed by a restic backup through `examples/restic-backup.sh` that
-//! must be app-consistent and restore with every acknowledged write. Needs root and the packages
+//! must be app-consistent and restore with every acknowledged write — on CephFS, each node
+//! writing through its own ceph-fuse mount. Needs root and the packages
 //! of `scripts/setup`. The seed (nodes and phases) is printed; `QUIESCE_LAB_SEED` repeats a run.
 
-use quiesce_lab::{soak, Fault, Settings};
+use quiesce_lab::{soak, Fault, Settings, VolumeKind};
 use std::path::PathBuf;
 
 #[test]
@@ -13,7 +14,14 @@ fn every_fault_once_mid_set_then_a_backup_restored_with_every_acknowledged_write
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| quiesce_lab::acks::unix_ns() % 1_000_000);
-    let settings = Settings::new(PathBuf::from(env!("CARGO_BIN_EXE_quiesce-lab")));
+    let mut settings = Settings::new(PathBuf::from(env!("CARGO_BIN_EXE_quiesce-lab")));
+    // On CephFS, as a real cluster's shared volume: each node its own ceph-fuse client and
+    // cache, flushed by its own host. QUIESCE_LAB_VOLUME=btrfs runs it on one btrfs instead.
+    settings.volume = match std::env::var("QUIESCE_LAB_VOLUME") {
+        Ok(volume) if !volume.is_empty() => volume.parse().expect("QUIESCE_LAB_VOLUME"),
+        _ => VolumeKind::Cephfs,
+    };
+    eprintln!("quiesce-lab: the volume is {}", settings.volume);
     let summary = soak(
         settings,
         Fault::ALL.len(),

@@ -399,6 +399,17 @@ enum Stop {
     Kill,
 }
 
+/// A backup tool's hook command: `quiesce snapshot ACTION` (mount, release) of the volume
+/// `shared` at `at`, through `node`'s host. (The bus address has no space or quote in it.)
+fn hook(node: &Node, at: &Path, action: &str) -> String {
+    format!(
+        "{} snapshot {action} --volume shared --at {} --bus {}",
+        cli_exe().display(),
+        at.display(),
+        node.bus.address
+    )
+}
+
 /// The static files `borgmatic create --list` listed, with their status letters.
 fn listed_static(output: &str) -> Vec<char> {
     output
@@ -425,14 +436,7 @@ fn borgmatic_hooks_mount_and_release_the_snapshot_and_its_second_backup_is_incre
     let dir = tempfile::tempdir().unwrap();
     let at = dir.path().join("shared");
     // A YAML single-quoted string of the hook's shell command.
-    let quiesce = |action: &str| {
-        format!(
-            "'{} snapshot {action} --volume shared --at {} --bus \"{}\"'",
-            cli_exe().display(),
-            at.display(),
-            node.bus.address
-        )
-    };
+    let quiesce = |action: &str| format!("'{}'", hook(node, &at, action));
     let config = dir.path().join("borgmatic.yaml");
     std::fs::write(
         &config,
@@ -712,14 +716,7 @@ fn bacula_client_run_hooks_mount_and_release_the_snapshot_and_the_second_job_is_
     let node = &cluster.nodes[0];
     let dir = tempfile::tempdir().unwrap();
     let at = dir.path().join("shared");
-    let quiesce = |action: &str| {
-        format!(
-            "{} snapshot {action} --volume shared --at {} --bus {}",
-            cli_exe().display(),
-            at.display(),
-            node.bus.address
-        )
-    };
+    let quiesce = |action: &str| hook(node, &at, action);
     let bacula = Bacula::start(&at, &quiesce("mount"), &quiesce("release"));
 
     let (level, first) = bacula.backup(1);

@@ -968,6 +968,41 @@ impl Lab {
         self.net.restore(i);
     }
 
+    /// On CephFS: waits until node `i`'s own client writes and syncs a file again (its
+    /// sessions with the MDS and the OSD are back after a cut: TCP resends on its own backoff,
+    /// seconds after a link comes back), and says when. The file lies outside the volume's
+    /// directory, in no snapshot. Immediate on btrfs, which no link cut takes away.
+    pub fn wait_storage(&self, i: usize, timeout: Duration) -> Result<Duration, String> {
+        let Volume::Cephfs(ceph) = &self.volume else {
+            return Ok(Duration::ZERO);
+        };
+        let started = std::time::Instant::now();
+        let probe = ceph.nodes[i]
+            .mountpoint
+            .join(format!(".lab-storage-probe-{}", NODES[i]));
+        let (answered, answer) = std::sync::mpsc::channel();
+        // In a thread of its own: a write to a client that is still cut off blocks.
+        std::thread::spawn(move || {
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&probe)
+                .and_then(|mut f| {
+                    std::io::Write::write_all(&mut f, b"probe\n")?;
+                    f.sync_all()
+                });
+            let _ = answered.send(written);
+        });
+        match answer.recv_timeout(timeout) {
+            Ok(Ok(())) => Ok(started.elapsed()),
+            Ok(Err(e)) => Err(format!("{}'s CephFS mount: {e}", NODES[i])),
+            Err(_) => Err(format!(
+                "{}'s CephFS mount did not write and sync a file within {timeout:?} of its link coming back",
+                NODES[i]
+            )),
+        }
+    }
+
     fn init_restic(&self) {
         std::fs::write(self.path("restic.pass"), "quiesce-lab\n").unwrap();
         let mut command = Command::new("restic");

@@ -214,6 +214,9 @@ pub struct Summary {
     pub partial_snapshots_left: u64,
     /// The longest freeze window a successful set recorded (first freeze sent to last release).
     pub longest_freeze_window_ms: u64,
+    /// On CephFS: the longest a node's storage took to answer again after its link came back
+    /// (left out of its applications' gaps, with the cut itself).
+    pub storage_back: Duration,
     pub violations: Vec<String>,
     pub elapsed: Duration,
     /// Why the soak stopped before its end, if it did.
@@ -330,6 +333,13 @@ impl fmt::Display for Summary {
             "  partial snapshots left: {}",
             self.partial_snapshots_left
         )?;
+        if !self.storage_back.is_zero() {
+            writeln!(
+                f,
+                "  storage back after a cut: {} ms at most (after the link came back)",
+                self.storage_back.as_millis()
+            )?;
+        }
         writeln!(f, "  violations:            {}", self.violations.len())?;
         for v in self.violations.iter().take(20) {
             writeln!(f, "    {v}")?;
@@ -533,14 +543,20 @@ impl Lab {
                     self.start_app_writer();
                 }
             }
-            Fault::LinkCut => self.restore_link(node),
+            Fault::LinkCut => {
+                self.restore_link(node);
+                match self.wait_storage(node, Duration::from_secs(60)) {
+                    Ok(took) => s.storage_back = s.storage_back.max(took),
+                    Err(e) => s.violation(cycle, format!("{injection}: {e}")),
+                }
+            }
             Fault::AppWriterExit => self.start_app_writer(),
             _ => {}
         }
         // On CephFS a node cut off is cut off its storage too: its applications cannot write
-        // until its link is back (and its ceph-fuse client reconnects). That outage is no hold,
-        // and is left out of their gaps; from the moment the link is back they must write
-        // again within the limit like any other.
+        // until its link is back and its ceph-fuse client has reached the cluster again. That
+        // outage is no hold, and is left out of their gaps; from the moment the node's storage
+        // answers they must write again within the limit like any other.
         let outage = (fault == Fault::LinkCut && self.settings.volume == VolumeKind::Cephfs)
             .then(|| (node, cut_ns, unix_ns()));
         self.wait_healthy();

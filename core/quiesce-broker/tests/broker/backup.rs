@@ -646,10 +646,12 @@ impl Bacula {
         }
     }
 
-    /// `bconsole` reading `commands`: what it printed.
+    /// `bconsole` reading `commands`: what it printed. Bacula's `wait` has no deadline of its
+    /// own: a job that never ends fails the test after 5 minutes instead of hanging it.
     fn console(&self, commands: &str) -> String {
         use std::io::Write;
-        let mut child = Command::new("bconsole")
+        let mut child = Command::new("timeout")
+            .args(["--kill-after=5", "300", "bconsole"])
             .arg("-c")
             .arg(&self.console)
             .stdin(std::process::Stdio::piped())
@@ -669,7 +671,11 @@ impl Bacula {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(output.status.success(), "bconsole: {text}");
+        assert!(
+            output.status.success(),
+            "bconsole {commands:?} ({}; 124 is the 5-minute deadline): {text}",
+            output.status
+        );
         text
     }
 

@@ -309,8 +309,9 @@ impl Broker {
             .map_err(|e| Status::unauthenticated(e.to_string()))
     }
 
-    /// The end of a link: the node leaves unless a newer link replaced this one.
-    pub(crate) fn detach(&self, node: &str, link: LinkId, why: &str) {
+    /// The end of a link: the node leaves unless a newer link replaced this one. `clean`: its
+    /// host said goodbye (logged as information, not as a warning).
+    pub(crate) fn detach(&self, node: &str, link: LinkId, why: &str, clean: bool) {
         let epoch = {
             let mut state = self.lock();
             state.kicks.remove(&link);
@@ -320,7 +321,11 @@ impl Broker {
             state.registry.detach(node, link)
         };
         if let Some(epoch) = epoch {
-            tracing::warn!(node, epoch, "node left: {why}");
+            if clean {
+                tracing::info!(node, epoch, "node left: {why}");
+            } else {
+                tracing::warn!(node, epoch, "node left: {why}");
+            }
             self.announce(Membership::Left {
                 node: node.into(),
                 epoch,

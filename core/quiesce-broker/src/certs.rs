@@ -54,7 +54,6 @@ pub enum CertError {
     #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
         cause: std::io::Error,
     },
     #[error("the existing CA in {dir} cannot be used ({cause}); move ca.pem and ca.key away to make a new CA (every certificate must then be made again)")]
@@ -63,7 +62,6 @@ pub enum CertError {
     Generate {
         what: &'static str,
         name: String,
-        #[source]
         cause: rcgen::Error,
     },
 }

@@ -54,7 +54,7 @@ pub struct Config {
 }
 
 /// How many kept snapshots of a volume the broker keeps, and for how long.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retention {
     pub max_kept: Option<usize>,
@@ -150,12 +150,49 @@ impl Config {
     }
 
     /// The deadlines every set runs under.
+    /// The keys (and tables) in which `other` differs from this configuration: what a SIGHUP
+    /// found changed.
+    pub fn changes(&self, other: &Config) -> Vec<String> {
+        let mut changed: Vec<String> = [
+            ("catalog", self.catalog != other.catalog),
+            ("hold_limit_ms", self.hold_limit_ms != other.hold_limit_ms),
+            ("lease_ms", self.lease_ms != other.lease_ms),
+            ("keep_records", self.keep_records != other.keep_records),
+            ("[timeouts]", self.timeouts != other.timeouts),
+        ]
+        .into_iter()
+        .filter(|(_, differs)| *differs)
+        .map(|(key, _)| key.to_string())
+        .collect();
+        changed.extend(table_changes("volumes", &self.volumes, &other.volumes));
+        changed.extend(table_changes(
+            "retention",
+            &self.retention,
+            &other.retention,
+        ));
+        changed
+    }
+
     pub fn deadlines(&self) -> Deadlines {
         self.timeouts.deadlines(
             Duration::from_millis(self.hold_limit_ms),
             Duration::from_millis(self.lease_ms),
         )
     }
+}
+
+/// `[PREFIX.NAME]` for each table added, removed or changed between `a` and `b`.
+fn table_changes<T: PartialEq>(
+    prefix: &str,
+    a: &BTreeMap<String, T>,
+    b: &BTreeMap<String, T>,
+) -> Vec<String> {
+    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    names
+        .into_iter()
+        .filter(|name| a.get(*name) != b.get(*name))
+        .map(|name| format!("[{prefix}.{name}]"))
+        .collect()
 }
 
 #[cfg(test)]

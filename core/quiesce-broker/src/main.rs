@@ -3,10 +3,15 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use quiesce_broker::certs::{self, CertRequest};
-use quiesce_broker::{ServeOptions, DEFAULT_LISTEN};
+use quiesce_broker::config::Config;
+use quiesce_broker::{Broker, ServeOptions, DEFAULT_LISTEN};
+use quiesce_daemon::notify;
+use quiesce_daemon::{LogArgs, Signal, Signals};
 use quiesce_link::Security;
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The quiesce cluster broker: knows the live nodes and their writers.
@@ -15,11 +20,18 @@ use std::time::Duration;
 struct Args {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker: hosts attach to it, requesters ask it.
+    ///
+    /// Signals: SIGHUP re-reads and checks --config (and says which changes need a restart; it
+    /// never stops the broker); SIGTERM or SIGINT shut it down cleanly. Under a systemd unit with
+    /// Type=notify the broker sends READY=1 once its listener is bound, a STATUS= line with the
+    /// nodes attached, and WATCHDOG=1 when WatchdogSec= is set.
     Serve(Serve),
     /// Make the cluster CA and the certificates of the broker, the nodes and the clients.
     Certs(Certs),
@@ -27,6 +39,10 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct Serve {
+    /// Check the configuration and the TLS files as the broker would at start, print what it
+    /// would serve, and exit: 0 when it can start, 1 with the errors. Listens on nothing.
+    #[arg(long)]
+    check_config: bool,
     /// The address to listen on (port 0: any free port; the address is printed on stdout).
     #[arg(long, default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
@@ -86,16 +102,26 @@ struct Certs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // Refused TLS handshakes (a certificate from another CA) are logged there.
-                .unwrap_or_else(|_| "info,tonic::transport::server::io_stream=debug".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Args::parse().command {
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    // Refused TLS handshakes (a certificate from another CA) are logged at debug there.
+    let default = "info,tonic::transport::server::io_stream=debug";
+    if let Err(e) = quiesce_daemon::log::init(&args.log, default) {
+        eprintln!("quiesce-broker: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    // The error, once, as an operator reads it (no "Caused by:" list repeating it).
+    match command(args.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quiesce-broker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(serve) => run(serve).await,
         Command::Certs(c) => {
             let written = certs::make(&CertRequest {
@@ -115,7 +141,21 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Loads `--config` and checks its providers, as at start.
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    let config = Config::load(path)?;
+    for (volume, provider) in &config.volumes {
+        // A provider that freezes the file system the catalog is on would deadlock.
+        provider
+            .check(&[config.catalog.as_path()])
+            .with_context(|| format!("{}: [volumes.{volume}]", path.display()))?;
+    }
+    Ok(config)
+}
+
 async fn run(serve: Serve) -> anyhow::Result<()> {
+    // From here on SIGHUP, SIGTERM and SIGINT are the broker's to answer.
+    let mut signals = Signals::new().context("installing the signal handlers")?;
     let security = Security::from_flags(serve.ca, serve.cert, serve.key, serve.insecure)?;
     match security {
         Security::Tls(_) => {}
@@ -125,17 +165,11 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     }
     let config = match &serve.config {
         Some(path) => {
-            let config = quiesce_broker::config::Config::load(path)?;
+            let config = load_config(path)?;
             if let Some(warning) =
                 quiesce_config::set_limit_warning(config.hold_limit_ms, &config.timeouts)
             {
                 tracing::warn!("{}: {warning}", path.display());
-            }
-            for (volume, provider) in &config.volumes {
-                // A provider that freezes the file system the catalog is on would deadlock.
-                provider
-                    .check(&[config.catalog.as_path()])
-                    .with_context(|| format!("{}: [volumes.{volume}]", path.display()))?;
             }
             Some(config)
         }
@@ -144,6 +178,16 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
             None
         }
     };
+    if serve.check_config {
+        return check(
+            &serve.listen,
+            &security,
+            serve.config.as_deref(),
+            config.as_ref(),
+        );
+    }
+    // What a SIGHUP compares the file with.
+    let running = config.clone();
     let bound = quiesce_broker::bind(ServeOptions {
         config,
         listen: serve.listen,
@@ -158,18 +202,163 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         heartbeat_timeout_ms = serve.heartbeat_timeout_ms,
         "broker listening"
     );
+    // The listener is bound: a host connecting from now on is answered once `run` serves.
+    let broker = bound.broker();
+    notify::ready(&status_line(&addr, &broker));
+    let _watchdog = notify::watchdog();
+    let _status = AbortOnDrop(tokio::spawn(follow_status(addr, broker)));
     // The tests (and scripts) read the bound address here, e.g. with --listen 127.0.0.1:0.
     println!("listening on {addr}");
-    let shutdown = async {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
+    let config_path = serve.config.clone();
+    let shutdown = async move {
+        loop {
+            match signals.next().await {
+                Signal::Hangup => reload(config_path.as_deref(), running.as_ref()),
+                Signal::Terminate(name) => {
+                    tracing::info!(
+                        "{name}: shutting down: aborting a running set, closing every link"
+                    );
+                    notify::stopping("shutting down");
+                    return;
+                }
+            }
         }
-        tracing::info!("shutting down");
     };
     bound.run(shutdown).await?;
+    tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// `serve --check-config`: the TLS files as `bind` checks them, the configuration as loaded;
+/// what the broker would serve, on stdout.
+fn check(
+    listen: &SocketAddr,
+    security: &Security,
+    path: Option<&Path>,
+    config: Option<&Config>,
+) -> anyhow::Result<()> {
+    let tls = match security {
+        Security::Tls(files) => {
+            let me = files.identity()?;
+            if me.role != quiesce_link::Role::Broker {
+                anyhow::bail!(
+                    "--cert {}: it is the certificate of {me}, a {} certificate; the broker needs the broker certificate (broker.pem from `quiesce-broker certs`)",
+                    files.cert.display(),
+                    me.role
+                );
+            }
+            files.server_config()?;
+            format!("mutual TLS as {}", me.name)
+        }
+        Security::Insecure => "INSECURE (plaintext)".to_string(),
+    };
+    if let Some(config) = config {
+        let dir = config
+            .catalog
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "{}: catalog = {:?}: its directory {} does not exist: create it (the broker's state directory), or fix the path",
+                path.map(|p| p.display().to_string()).unwrap_or_default(),
+                config.catalog.display().to_string(),
+                dir.display()
+            );
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    match path {
+        Some(p) => writeln!(out, "{}: the broker can start", p.display())?,
+        None => writeln!(out, "no --config: the broker can start, with no volumes")?,
+    }
+    writeln!(out, "listen {listen} ({tls})")?;
+    if let Some(config) = config {
+        writeln!(out, "catalog {}", config.catalog.display())?;
+        for (name, provider) in &config.volumes {
+            let retention = match config.retention.get(name) {
+                Some(r) => format!(
+                    ", retention: max_kept {}, max_age {}",
+                    r.max_kept.map_or("none".into(), |n| n.to_string()),
+                    r.max_age
+                        .map_or("none".into(), |d| humantime::format_duration(d).to_string())
+                ),
+                None => String::new(),
+            };
+            writeln!(
+                out,
+                "volume {name}: provider {}{retention}",
+                provider.build().name()
+            )?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The `STATUS=` line: where the broker listens and the nodes attached.
+fn status_line(addr: &SocketAddr, broker: &Broker) -> String {
+    let registry = broker.registry();
+    let nodes: Vec<&str> = registry.nodes().keys().map(String::as_str).collect();
+    if nodes.is_empty() {
+        format!("listening on {addr}: no node attached")
+    } else {
+        format!(
+            "listening on {addr}: {} node(s) attached: {}",
+            nodes.len(),
+            nodes.join(", ")
+        )
+    }
+}
+
+/// Keeps `STATUS=` up to date as nodes attach and leave.
+async fn follow_status(addr: SocketAddr, broker: Arc<Broker>) {
+    let mut membership = broker.subscribe_membership();
+    loop {
+        match membership.recv().await {
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                notify::status(&status_line(&addr, &broker));
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// SIGHUP: re-reads and checks `--config`, and says in one line what changed. Nothing is
+/// applied while the broker runs (the catalog, volumes' providers and deadlines are set up
+/// at start), so any change takes a restart.
+fn reload(path: Option<&Path>, running: Option<&Config>) {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: no --config to re-read; the broker runs on");
+        return;
+    };
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("SIGHUP: {e:#}; the broker runs on with the configuration it started with; fix the file before the next restart");
+            return;
+        }
+    };
+    let changed = running.map(|r| r.changes(&config)).unwrap_or_default();
+    if changed.is_empty() {
+        tracing::info!(
+            "SIGHUP: re-read {}: valid, unchanged; the broker runs on",
+            path.display()
+        );
+    } else {
+        tracing::warn!(
+            "SIGHUP: re-read {}: valid; changed: {}; these take effect only when the broker restarts (systemctl restart quiesce-broker): it runs on with the configuration it started with",
+            path.display(),
+            changed.join(", ")
+        );
+    }
+}
+
+/// A task that ends when its owner does.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

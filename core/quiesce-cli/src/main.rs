@@ -47,6 +47,7 @@
 //! `{"epoch": N, "nodes": [{"name", "host_version", "address", "volumes", "writers",
 //! "attached_unix_ms", "last_seen_ms_ago", "joined_epoch"}]}`.
 
+mod assets;
 mod exec;
 mod exit;
 mod mount;
@@ -225,6 +226,15 @@ async fn main() -> ExitCode {
             nix::sys::signal::Signal::SIGPIPE,
             nix::sys::signal::SigHandler::SigDfl,
         );
+    }
+    if let Some(dir) = assets::requested() {
+        return match assets::generate(Cli::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("quiesce: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let matches = match Cli::command().try_get_matches() {
         Ok(matches) => matches,

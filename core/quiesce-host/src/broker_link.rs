@@ -8,6 +8,9 @@
 //! (0.2 s doubling to 10 s, with jitter; back to 0.2 s after a successful registration). The
 //! host runs on its own meanwhile: local sets and D-Bus do not depend on the broker.
 //!
+//! A host that shuts down ([`Link::close`]) ends its request stream: the broker tells that end
+//! (a clean leave) from a link that broke (a crash, a cut), and logs it as such.
+//!
 //! The broker's set commands arriving on the link are carried out by [`crate::remote_sets`]; the
 //! node's leases outlive any one link, so a broker that dies or a link that is cut mid-set leaves
 //! no writer frozen past the lease.
@@ -20,7 +23,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -68,6 +71,9 @@ enum LinkError {
     Silent { url: String, ms: u128 },
     #[error("the broker at {url} did not answer the registration as a quiesce broker of this release would ({got}); run the same quiesce release on the broker and the hosts")]
     Protocol { url: String, got: String },
+    /// The host shuts down: it ended its side of the link ([`Link::close`]).
+    #[error("the host closed its link to the broker at {url}")]
+    Stopping { url: String },
 }
 
 impl LinkError {
@@ -93,8 +99,28 @@ impl LinkError {
     }
 }
 
-/// Starts the link task; it runs until the process ends.
-pub fn spawn(host: Arc<Host>, options: LinkOptions) -> tokio::task::JoinHandle<()> {
+/// The running link task (see [`spawn`]).
+#[derive(Debug)]
+pub struct Link {
+    closing: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    /// Ends the link as a host that shuts down: the host ends its request stream (the broker
+    /// then sees the node leave cleanly, not a broken link) and waits, at most `within`, for the
+    /// broker to end its side. A link that is not attached just stops reconnecting.
+    pub async fn close(self, within: Duration) {
+        let _ = self.closing.send(true);
+        let mut task = self.task;
+        if tokio::time::timeout(within, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the link task; it runs until the process ends or [`Link::close`].
+pub fn spawn(host: Arc<Host>, options: LinkOptions) -> Link {
     match &options.security {
         Security::Insecure => tracing::warn!(
             broker = %options.url,
@@ -115,15 +141,21 @@ pub fn spawn(host: Arc<Host>, options: LinkOptions) -> tokio::task::JoinHandle<(
             Err(e) => tracing::error!("{e}"),
         },
     }
-    tokio::spawn(run(host, options))
+    let (closing, closed) = watch::channel(false);
+    let task = tokio::spawn(run(host, options, closed));
+    Link { closing, task }
 }
 
-async fn run(host: Arc<Host>, options: LinkOptions) {
+async fn run(host: Arc<Host>, options: LinkOptions, mut closing: watch::Receiver<bool>) {
     let mut backoff = Backoff::default();
     let leases = Leases::start(host.clone());
     loop {
         let mut registered = false;
-        let Err(error) = session(&host, &leases, &options, &mut registered).await;
+        let Err(error) = session(&host, &leases, &options, &mut registered, closing.clone()).await;
+        if let LinkError::Stopping { .. } = error {
+            tracing::info!("{error}");
+            return;
+        }
         if registered {
             backoff = Backoff::default();
         }
@@ -139,9 +171,21 @@ async fn run(host: Arc<Host>, options: LinkOptions) {
             ),
         }
         // A retry delay, not a synchronisation: nothing waits on the link.
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            true = closing_asked(&mut closing) => return,
+        }
     }
 }
+
+/// Whether [`Link::close`] was called (`false`, never, when the [`Link`] was dropped instead:
+/// the link then runs on, as a dropped task handle's task would).
+async fn closing_asked(closing: &mut watch::Receiver<bool>) -> bool {
+    closing.wait_for(|c| *c).await.is_ok()
+}
+
+/// How long a closing link waits for the broker to end its side.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Writer id → (metadata JSON, origin): what the broker was last told.
 type WriterList = BTreeMap<String, (String, String)>;
@@ -187,11 +231,9 @@ async fn session(
     leases: &Leases,
     options: &LinkOptions,
     registered: &mut bool,
+    mut closing: watch::Receiver<bool>,
 ) -> Result<std::convert::Infallible, LinkError> {
     let url = options.url.as_str();
-    let channel = quiesce_link::connect(url, &options.security).await?;
-    let mut client = LinkClient::new(channel);
-
     let mut generation = host.watch_writers();
     generation.borrow_and_update();
     let mut told = writer_list(host);
@@ -213,36 +255,49 @@ async fn session(
     };
     tx.try_send(message(host_message::Body::Register(register)))
         .expect("a new channel has room for one message");
-    let response = client
-        .attach(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| match LinkError::from_status(url, s) {
-            LinkError::Broken { url, message } => LinkError::Broken {
-                message: format!("{message} (before registering; if the broker logs `tls accept error`, it refused this node's certificate: use one made by the cluster's `quiesce-broker certs`, same ca.key)"),
-                url,
-            },
-            other => other,
-        })?;
-    let mut inbound = response.into_inner();
-    let first = tokio::time::timeout(quiesce_link::tls::CONNECT_TIMEOUT, inbound.message()).await;
-    let registration = match first {
-        Err(_) => {
-            return Err(LinkError::Silent {
-                url: url.into(),
-                ms: quiesce_link::tls::CONNECT_TIMEOUT.as_millis(),
-            })
-        }
-        Ok(Err(status)) => return Err(LinkError::from_status(url, status)),
-        Ok(Ok(None)) => return Err(LinkError::Closed { url: url.into() }),
-        Ok(Ok(Some(v1::BrokerMessage {
-            body: Some(broker_message::Body::Registered(r)),
-        }))) => r,
-        Ok(Ok(Some(other))) => {
-            return Err(LinkError::Protocol {
-                url: url.into(),
-                got: format!("{other:?}"),
-            })
-        }
+    // Until the broker answered the registration there is no link to close cleanly: a host
+    // shutting down meanwhile just stops.
+    let attaching = async {
+        let channel = quiesce_link::connect(url, &options.security).await?;
+        let mut client = LinkClient::new(channel);
+
+        let response = client
+            .attach(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| match LinkError::from_status(url, s) {
+                LinkError::Broken { url, message } => LinkError::Broken {
+                    message: format!("{message} (before registering; if the broker logs `tls accept error`, it refused this node's certificate: use one made by the cluster's `quiesce-broker certs`, same ca.key)"),
+                    url,
+                },
+                other => other,
+            })?;
+        let mut inbound = response.into_inner();
+        let first =
+            tokio::time::timeout(quiesce_link::tls::CONNECT_TIMEOUT, inbound.message()).await;
+        let registration = match first {
+            Err(_) => {
+                return Err(LinkError::Silent {
+                    url: url.into(),
+                    ms: quiesce_link::tls::CONNECT_TIMEOUT.as_millis(),
+                })
+            }
+            Ok(Err(status)) => return Err(LinkError::from_status(url, status)),
+            Ok(Ok(None)) => return Err(LinkError::Closed { url: url.into() }),
+            Ok(Ok(Some(v1::BrokerMessage {
+                body: Some(broker_message::Body::Registered(r)),
+            }))) => r,
+            Ok(Ok(Some(other))) => {
+                return Err(LinkError::Protocol {
+                    url: url.into(),
+                    got: format!("{other:?}"),
+                })
+            }
+        };
+        Ok::<_, LinkError>((inbound, registration))
+    };
+    let (mut inbound, registration) = tokio::select! {
+        attached = attaching => attached?,
+        true = closing_asked(&mut closing) => return Err(LinkError::Stopping { url: url.into() }),
     };
     *registered = true;
     tracing::info!(
@@ -267,6 +322,17 @@ async fn session(
     };
     loop {
         tokio::select! {
+            true = closing_asked(&mut closing) => {
+                // The end of the request stream is the host's goodbye: the broker logs the node
+                // as gone cleanly, then ends the response stream, which is waited for here so
+                // that the process does not exit (resetting the connection) before.
+                drop(tx);
+                let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                })
+                .await;
+                return Err(LinkError::Stopping { url: url.into() });
+            }
             Some(body) = outgoing.recv() => {
                 // Answers ready together go in one message.
                 let mut replies = vec![];

@@ -185,6 +185,32 @@ impl Config {
         Ok(())
     }
 
+    /// The keys (and tables) in which `other` differs from this configuration, in file order:
+    /// what a SIGHUP found changed.
+    pub fn changes(&self, other: &Config) -> Vec<String> {
+        let mut changed = vec![];
+        let mut key = |name: &str, differs: bool| {
+            if differs {
+                changed.push(name.to_string());
+            }
+        };
+        key("node", self.node != other.node);
+        key("plugin_dir", self.plugin_dir != other.plugin_dir);
+        key("hold_limit_ms", self.hold_limit_ms != other.hold_limit_ms);
+        key(
+            "plugin_init_ms",
+            self.plugin_init_ms != other.plugin_init_ms,
+        );
+        key(
+            "app_calls_in_flight",
+            self.app_calls_in_flight != other.app_calls_in_flight,
+        );
+        key("[timeouts]", self.timeouts != other.timeouts);
+        changed.extend(table_changes("volumes", &self.volumes, &other.volumes));
+        changed.extend(table_changes("plugins", &self.plugins, &other.plugins));
+        changed
+    }
+
     /// The deadlines every set on this node runs under.
     pub fn deadlines(&self) -> Deadlines {
         // Local sets need no lease: the driver is this process.
@@ -199,6 +225,20 @@ impl Config {
     pub fn hold_limit(&self) -> Duration {
         Duration::from_millis(self.hold_limit_ms)
     }
+}
+
+/// `[PREFIX.NAME]` for each table added, removed or changed between `a` and `b`.
+fn table_changes<T: PartialEq>(
+    prefix: &str,
+    a: &BTreeMap<String, T>,
+    b: &BTreeMap<String, T>,
+) -> Vec<String> {
+    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    names
+        .into_iter()
+        .filter(|name| a.get(*name) != b.get(*name))
+        .map(|name| format!("[{prefix}.{name}]"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -259,6 +299,26 @@ mod tests {
             let err = parse(body).unwrap_err();
             assert!(err.contains(says), "{body:?}: {err}");
         }
+    }
+
+    #[test]
+    fn changes_name_each_key_and_table_that_differs() {
+        let parse = |text: &str| Config::parse(text, Path::new("c.toml")).unwrap();
+        let a = parse("node = \"n1\"\n[volumes.a]\nmount = \"/a\"\n[plugins.p]\nx = 1\n");
+        assert_eq!(a.changes(&a.clone()), Vec::<String>::new());
+        let b = parse(
+            "node = \"n1\"\nhold_limit_ms = 3000\n[timeouts]\nfreeze_ms = 900\n[volumes.b]\nmount = \"/b\"\n[plugins.p]\nx = 2\n",
+        );
+        assert_eq!(
+            a.changes(&b),
+            [
+                "hold_limit_ms",
+                "[timeouts]",
+                "[volumes.a]",
+                "[volumes.b]",
+                "[plugins.p]"
+            ]
+        );
     }
 
     #[test]

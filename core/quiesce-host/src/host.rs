@@ -147,6 +147,11 @@ impl Host {
         &self.config
     }
 
+    /// `(name, version, path)` of each plugin loaded.
+    pub fn plugins(&self) -> &[(String, String, std::path::PathBuf)] {
+        &self.plugins
+    }
+
     pub fn load_errors(&self) -> &[LoadError] {
         &self.load_errors
     }

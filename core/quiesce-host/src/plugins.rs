@@ -16,11 +16,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read the plugin directory {dir}: {cause}")]
-    Directory {
-        dir: PathBuf,
-        #[source]
-        cause: std::io::Error,
-    },
+    Directory { dir: PathBuf, cause: std::io::Error },
     #[error("plugin {path}: not a loadable shared library ({cause}); remove it from the plugin directory or replace it with a plugin built with quiesce-sdk")]
     NotALibrary { path: PathBuf, cause: String },
     #[error("plugin {path}: cannot be read ({cause}); make it readable by the host's user (it runs as uid {uid})")]

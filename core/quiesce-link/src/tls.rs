@@ -80,7 +80,6 @@ pub enum TlsError {
     Read {
         what: &'static str,
         path: PathBuf,
-        #[source]
         cause: std::io::Error,
     },
     #[error("the {what} {path} holds no PEM certificate ({reason}); pass the .pem file written by `quiesce-broker certs`")]
@@ -92,11 +91,7 @@ pub enum TlsError {
     #[error("the private key {path} holds no PEM private key; pass the .key file written by `quiesce-broker certs` beside the certificate")]
     NotAKey { path: PathBuf },
     #[error("the certificate {path}: {cause}")]
-    Identity {
-        path: PathBuf,
-        #[source]
-        cause: IdentityError,
-    },
+    Identity { path: PathBuf, cause: IdentityError },
 }
 
 struct Pems {

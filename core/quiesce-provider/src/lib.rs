@@ -65,7 +65,6 @@ pub enum ProviderError {
     Io {
         provider: &'static str,
         what: String,
-        #[source]
         cause: std::io::Error,
     },
     #[error("{provider}: `{command}` failed ({status}): {stderr}")]

@@ -223,13 +223,16 @@ async fn run_link(
     mut kick: oneshot::Receiver<String>,
 ) {
     let timeout = broker.config().heartbeat_timeout;
+    // Only a host that ended its request stream left cleanly (it shut down, `Link::close`);
+    // a crash, a cut or a reset ends the stream with an error instead.
+    let mut clean = false;
     let why = loop {
         let message = tokio::select! {
             reason = &mut kick => {
                 let reason = reason.unwrap_or_else(|_| "the broker closed this link".into());
                 let _ = tx.send(Err(Status::aborted(reason.clone()))).await;
                 // Replaced: the node stays, with its newer link.
-                broker.detach(&node, link, &reason);
+                broker.detach(&node, link, &reason, false);
                 return;
             }
             _ = tx.closed() => break "the host stopped reading its link".to_string(),
@@ -241,7 +244,10 @@ async fn run_link(
                     ))));
                     break why;
                 }
-                Some(Ok(None)) => break "its host closed the link".to_string(),
+                Some(Ok(None)) => {
+                    clean = true;
+                    break "its host closed the link (the host shut down cleanly)".to_string();
+                }
                 Some(Err(status)) => break format!("its link broke: {}", status.message()),
                 Some(Ok(Some(message))) => message,
             },
@@ -260,7 +266,7 @@ async fn run_link(
             }
         }
     };
-    broker.detach(&node, link, &why);
+    broker.detach(&node, link, &why, clean);
 }
 
 /// The next message of a link, or `None` when the node sent nothing for `timeout`. A timeout

@@ -5,6 +5,7 @@
 
 mod cephfs;
 mod cluster;
+mod daemon;
 mod security;
 mod sets;
 mod support;

@@ -114,6 +114,8 @@ pub struct Broker {
     dir: PathBuf,
     /// More `serve` arguments (`--config PATH`), kept for restarts.
     extra: Vec<String>,
+    /// More environment (`NOTIFY_SOCKET`), kept for restarts.
+    env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl Broker {
@@ -123,7 +125,25 @@ impl Broker {
             Some(c) => c.flags("broker"),
             None => vec!["--insecure".into()],
         };
-        Self::start_at(dir, "127.0.0.1:0", tls, heartbeat_ms, vec![])
+        Self::start_at(dir, "127.0.0.1:0", tls, heartbeat_ms, vec![], vec![])
+    }
+
+    /// Starts an insecure broker on any free loopback port with more `serve` arguments and
+    /// more environment.
+    pub fn start_env(
+        dir: &Path,
+        heartbeat_ms: u64,
+        extra: Vec<String>,
+        env: Vec<(String, std::ffi::OsString)>,
+    ) -> Broker {
+        Self::start_at(
+            dir,
+            "127.0.0.1:0",
+            vec!["--insecure".into()],
+            heartbeat_ms,
+            extra,
+            env,
+        )
     }
 
     /// Starts a broker with mutual TLS, listening on `listen`, with more `serve` arguments.
@@ -134,7 +154,14 @@ impl Broker {
         listen: &str,
         extra: Vec<String>,
     ) -> Broker {
-        Self::start_at(dir, listen, certs.flags("broker"), heartbeat_ms, extra)
+        Self::start_at(
+            dir,
+            listen,
+            certs.flags("broker"),
+            heartbeat_ms,
+            extra,
+            vec![],
+        )
     }
 
     fn start_at(
@@ -143,6 +170,7 @@ impl Broker {
         tls: Vec<String>,
         heartbeat_ms: u64,
         extra: Vec<String>,
+        env: Vec<(String, std::ffi::OsString)>,
     ) -> Broker {
         let stderr = dir.join(format!("broker-{}.log", unique()));
         let mut command = Command::new(broker_exe());
@@ -151,6 +179,7 @@ impl Broker {
             .args(&tls)
             .args(["--heartbeat-timeout-ms", &heartbeat_ms.to_string()])
             .args(&extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped());
         let mut process = Child::spawn(command, stderr);
         let mut line = String::new();
@@ -177,6 +206,7 @@ impl Broker {
             heartbeat_ms,
             dir: dir.into(),
             extra,
+            env,
         }
     }
 
@@ -199,6 +229,7 @@ impl Broker {
             self.tls.clone(),
             self.heartbeat_ms,
             self.extra.clone(),
+            self.env.clone(),
         );
         *self = next;
     }

@@ -689,7 +689,12 @@ fn a_broker_killed_after_taking_the_snapshot_deletes_it_when_it_restarts() {
     cluster.broker.start_again();
     let listed: Vec<SetRecord> = cluster.nodes[0].cli_json(&["snapshot", "list"]);
     let (phase, _, reason) = failed(&listed[0]);
-    assert_eq!(phase, Phase::PostSnapshot);
+    // The record's phase is the catalog's last checkpoint, written off the critical path: a
+    // kill right after post-snapshot began may find thaw's the last one written.
+    assert!(
+        matches!(phase, Phase::Thaw | Phase::PostSnapshot),
+        "failed in {phase}"
+    );
     assert!(reason.contains("deleted its snapshot"), "{reason}");
     assert_eq!(
         cluster.volume.snapshot_list(),

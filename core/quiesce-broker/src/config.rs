@@ -164,8 +164,12 @@ impl Config {
         .filter(|(_, differs)| *differs)
         .map(|(key, _)| key.to_string())
         .collect();
-        changed.extend(table_changes("volumes", &self.volumes, &other.volumes));
-        changed.extend(table_changes(
+        changed.extend(quiesce_daemon::signals::table_changes(
+            "volumes",
+            &self.volumes,
+            &other.volumes,
+        ));
+        changed.extend(quiesce_daemon::signals::table_changes(
             "retention",
             &self.retention,
             &other.retention,
@@ -179,20 +183,6 @@ impl Config {
             Duration::from_millis(self.lease_ms),
         )
     }
-}
-
-/// `[PREFIX.NAME]` for each table added, removed or changed between `a` and `b`.
-fn table_changes<T: PartialEq>(
-    prefix: &str,
-    a: &BTreeMap<String, T>,
-    b: &BTreeMap<String, T>,
-) -> Vec<String> {
-    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    names
-        .into_iter()
-        .filter(|name| a.get(*name) != b.get(*name))
-        .map(|name| format!("[{prefix}.{name}]"))
-        .collect()
 }
 
 #[cfg(test)]

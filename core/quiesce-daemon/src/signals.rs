@@ -49,3 +49,17 @@ impl Signals {
         }
     }
 }
+
+/// `[PREFIX.NAME]` for each table added, removed or changed between `a` and `b`.
+pub fn table_changes<T: PartialEq>(
+    prefix: &str,
+    a: &std::collections::BTreeMap<String, T>,
+    b: &std::collections::BTreeMap<String, T>,
+) -> Vec<String> {
+    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    names
+        .into_iter()
+        .filter(|name| a.get(*name) != b.get(*name))
+        .map(|name| format!("[{prefix}.{name}]"))
+        .collect()
+}

@@ -206,8 +206,16 @@ impl Config {
             self.app_calls_in_flight != other.app_calls_in_flight,
         );
         key("[timeouts]", self.timeouts != other.timeouts);
-        changed.extend(table_changes("volumes", &self.volumes, &other.volumes));
-        changed.extend(table_changes("plugins", &self.plugins, &other.plugins));
+        changed.extend(quiesce_daemon::signals::table_changes(
+            "volumes",
+            &self.volumes,
+            &other.volumes,
+        ));
+        changed.extend(quiesce_daemon::signals::table_changes(
+            "plugins",
+            &self.plugins,
+            &other.plugins,
+        ));
         changed
     }
 
@@ -225,20 +233,6 @@ impl Config {
     pub fn hold_limit(&self) -> Duration {
         Duration::from_millis(self.hold_limit_ms)
     }
-}
-
-/// `[PREFIX.NAME]` for each table added, removed or changed between `a` and `b`.
-fn table_changes<T: PartialEq>(
-    prefix: &str,
-    a: &BTreeMap<String, T>,
-    b: &BTreeMap<String, T>,
-) -> Vec<String> {
-    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    names
-        .into_iter()
-        .filter(|name| a.get(*name) != b.get(*name))
-        .map(|name| format!("[{prefix}.{name}]"))
-        .collect()
 }
 
 #[cfg(test)]

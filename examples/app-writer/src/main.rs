@@ -54,6 +54,9 @@ struct Cli {
     /// How many records `records.map` has room for.
     #[arg(long, value_name = "N", default_value_t = 1 << 20)]
     mmap_records: u64,
+    /// Write at most one record per this many microseconds.
+    #[arg(long, value_name = "US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    interval_us: u64,
 }
 
 fn metadata(cli: &Cli, dir: &std::path::Path) -> WriterMetadata {
@@ -97,11 +100,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         serde_json::to_string(&metadata(&cli, &dir)).context("cannot encode the metadata")?;
     let events = cli.events.as_deref().map(Events::open).transpose()?;
     let hold_limit = Duration::from_millis(cli.hold_limit_ms);
-    let records = Arc::new(if cli.mmap {
-        Records::create_mapped(&dir, cli.mmap_records, events, hold_limit)?
-    } else {
-        Records::create(&dir, events, hold_limit)?
-    });
+    let records = Arc::new(
+        if cli.mmap {
+            Records::create_mapped(&dir, cli.mmap_records, events, hold_limit)?
+        } else {
+            Records::create(&dir, events, hold_limit)?
+        }
+        .with_pace(Duration::from_micros(cli.interval_us)),
+    );
 
     // The application's own work: it writes from the start, whatever the bus does.
     let (stopped_tx, mut stopped) = tokio::sync::oneshot::channel();

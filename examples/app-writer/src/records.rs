@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The pace of the writing loop: at most one record per millisecond.
+/// The default pace of the writing loop: at most one record per millisecond.
 pub const PACE: Duration = Duration::from_millis(1);
 
 /// The file the records go to, inside the data directory.
@@ -99,6 +99,8 @@ pub struct Records {
     sink: Mutex<Sink>,
     events: Option<Events>,
     hold_limit: Duration,
+    /// At most one record per `pace`.
+    pace: Duration,
 }
 
 impl Records {
@@ -149,7 +151,14 @@ impl Records {
             sink: Mutex::new(sink),
             events,
             hold_limit,
+            pace: PACE,
         }
+    }
+
+    /// Writes at most one record per `pace` instead of [`PACE`].
+    pub fn with_pace(mut self, pace: Duration) -> Records {
+        self.pace = pace;
+        self
     }
 
     fn store(&self, seq: u64) -> anyhow::Result<()> {
@@ -221,9 +230,9 @@ impl Records {
             }
             st.last_seq = seq;
             self.changed.notify_all();
-            next += PACE;
+            next += self.pace;
             if next <= now {
-                next = now + PACE; // fell behind: keep the pace, do not burst
+                next = now + self.pace; // fell behind: keep the pace, do not burst
             }
         }
     }

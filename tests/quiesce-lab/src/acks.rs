@@ -1,8 +1,12 @@
 //! The applications' own logs of acknowledged writes (their write-latency logs): one line per
 //! write, `<n> … <ack_unix_ns>` — the record's number first, the moment the application was
 //! told it is durable last. They are what the lab measures freezes and losses against.
+//!
+//! The mmap application's log is its data file itself, read through its own node's mount
+//! (which holds the dirty pages): fixed-width records in a file sized in advance, so its
+//! unwritten tail is zeros, and the log ends at the first zero byte.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// Nanoseconds since the Unix epoch (the clock every process of the lab shares).
@@ -26,6 +30,11 @@ pub struct Gap {
 pub struct AckLog {
     /// Which application (for messages): `postgres`, `sqlite wal.db`, ...
     pub app: String,
+    /// The node the application runs on.
+    pub node: usize,
+    /// Where its records are in the volume's tree (a restored copy's), for the applications
+    /// whose records are a file: `buffer/records.log`, `app/run-1/records.log`, ...
+    pub records: Option<PathBuf>,
     pub path: PathBuf,
     offset: u64,
     partial: Vec<u8>,
@@ -36,9 +45,11 @@ pub struct AckLog {
 }
 
 impl AckLog {
-    pub fn new(app: &str, path: &Path) -> AckLog {
+    pub fn new(app: &str, node: usize, path: &Path) -> AckLog {
         AckLog {
             app: app.into(),
+            node,
+            records: None,
             path: path.into(),
             offset: 0,
             partial: Vec::new(),
@@ -47,7 +58,14 @@ impl AckLog {
         }
     }
 
-    /// Reads the lines written since the last call (a line still being written waits).
+    /// The same log, saying where the application's records are in the volume's tree.
+    pub fn with_records(mut self, records: &Path) -> AckLog {
+        self.records = Some(records.into());
+        self
+    }
+
+    /// Reads the lines written since the last call (a line still being written waits), up to
+    /// the first zero byte (a mapped file's unwritten tail).
     pub fn refresh(&mut self) {
         let Ok(mut file) = std::fs::File::open(&self.path) else {
             return;
@@ -55,9 +73,22 @@ impl AckLog {
         if file.seek(SeekFrom::Start(self.offset)).is_err() {
             return;
         }
+        let mut reader = BufReader::with_capacity(1 << 16, file);
         let mut bytes = Vec::new();
-        if file.read_to_end(&mut bytes).is_err() {
-            return;
+        loop {
+            let Ok(chunk) = reader.fill_buf() else {
+                return;
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            if let Some(zero) = chunk.iter().position(|&b| b == 0) {
+                bytes.extend_from_slice(&chunk[..zero]);
+                break;
+            }
+            bytes.extend_from_slice(chunk);
+            let n = chunk.len();
+            reader.consume(n);
         }
         self.offset += bytes.len() as u64;
         self.partial.extend_from_slice(&bytes);
@@ -182,7 +213,7 @@ mod tests {
             format!("1 5 {}\n2 6 {}\n3 7 {}", 10 * ms, 20 * ms, 500 * ms),
         )
         .unwrap();
-        let mut log = AckLog::new("app", &path);
+        let mut log = AckLog::new("app", 0, &path);
         log.refresh();
         assert_eq!(log.len(), 2, "the third line is not complete yet");
         std::fs::write(
@@ -219,5 +250,23 @@ mod tests {
         );
         assert_eq!(log.longest_gap(505 * ms, 600 * ms).ms, 10);
         assert_eq!(log.longest_gap_ever().ms, 480);
+    }
+
+    #[test]
+    fn a_mapped_log_ends_at_its_first_zero_byte_and_grows_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.map");
+        let record = |n: u64| format!("{n:>12} {:>19}\n", n * 1_000_000);
+        let mut map = vec![0u8; 33 * 4];
+        map[..33].copy_from_slice(record(1).as_bytes());
+        map[33..50].copy_from_slice(&record(2).as_bytes()[..17]);
+        std::fs::write(&path, &map).unwrap();
+        let mut log = AckLog::new("mmap", 0, &path);
+        log.refresh();
+        assert_eq!(log.last(), Some((1, 1_000_000)), "record 2 is half stored");
+        map[33..66].copy_from_slice(record(2).as_bytes());
+        std::fs::write(&path, &map).unwrap();
+        log.refresh();
+        assert_eq!((log.len(), log.last()), (2, Some((2, 2_000_000))));
     }
 }

@@ -9,8 +9,12 @@
 //! | node | applications | writers |
 //! |---|---|---|
 //! | node1 | PostgreSQL (server in node1's namespace, data directory on the volume), `pg-load` | `pg` (postgres plugin), `probe` |
-//! | node2 | two `sqlite-load` processes (a WAL and a rollback-journal database) | `sqlite` (sqlite plugin), `probe` |
+//! | node2 | two `sqlite-load` processes (a WAL and a rollback-journal database), the mmap application (`app-writer --mmap`) | `sqlite` (sqlite plugin), `mmap`, `probe` |
 //! | node3 | `buffering-app`, `app-writer` (registers over D-Bus) | `buffer` (filebuf plugin), `app`, `probe` |
+//!
+//! The mmap application stores its records through a shared mapping and never syncs them: what
+//! it acknowledged sits dirty in node2's kernel, which on CephFS no other node's client and no
+//! snapshot sees unless node2 flushes its mount in the freeze.
 //!
 //! `probe` is the misbehave test plugin's writer on every node: its events file shows which
 //! call each node is in, and its control file makes it hang (a pause, or the fault itself),
@@ -34,7 +38,7 @@ use std::time::Duration;
 pub const NODES: [&str; 3] = ["node1", "node2", "node3"];
 /// node1: PostgreSQL, and the broker in its namespace.
 pub const PG_NODE: usize = 0;
-/// node2: the SQLite applications, and the restic backups.
+/// node2: the SQLite applications, the mmap application, and the restic backups.
 pub const SQLITE_NODE: usize = 1;
 /// node3: the buffering app and the app writer.
 pub const APP_NODE: usize = 2;
@@ -55,6 +59,7 @@ pub fn expected_writers(kind: VolumeKind) -> BTreeSet<(String, String)> {
         (0, "pg"),
         (1, "probe"),
         (1, "sqlite"),
+        (1, "mmap"),
         (2, "probe"),
         (2, "buffer"),
         (2, "app"),
@@ -65,15 +70,59 @@ pub fn expected_writers(kind: VolumeKind) -> BTreeSet<(String, String)> {
     .collect()
 }
 
-/// The node whose application writes the ack log `k` of [`Lab::acks`] (postgres, the two
-/// SQLite databases, the buffering app, then the app writer's runs).
-pub fn ack_node(k: usize) -> usize {
-    match k {
-        0 => PG_NODE,
-        1 | 2 => SQLITE_NODE,
-        _ => APP_NODE,
+/// The lab's two applications that register their writers over D-Bus (both `app-writer`).
+/// Each run numbers its records from 1 in a directory of its own; a run ends when the
+/// application exits or its host is killed (its registration died with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum App {
+    /// node3's app writer: records appended by `write()`.
+    Writer,
+    /// node2's mmap application: records stored into a shared mapping, never synced.
+    Mapped,
+}
+
+impl App {
+    pub const ALL: [App; 2] = [App::Writer, App::Mapped];
+
+    pub fn node(self) -> usize {
+        match self {
+            App::Writer => APP_NODE,
+            App::Mapped => SQLITE_NODE,
+        }
+    }
+
+    /// Its writer's id (`--id`).
+    pub fn writer(self) -> &'static str {
+        match self {
+            App::Writer => "app",
+            App::Mapped => "mmap",
+        }
+    }
+
+    /// Its name in the lab's ack logs and messages: runs are `<name> run <n>`.
+    pub fn name(self) -> &'static str {
+        match self {
+            App::Writer => "app-writer",
+            App::Mapped => "mmap-app",
+        }
+    }
+
+    /// The file its records go to, inside its run's directory.
+    fn records_file(self) -> &'static str {
+        match self {
+            App::Writer => "records.log",
+            App::Mapped => "records.map",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
+
+/// Room in the mmap application's `records.map`: at one record per write interval (5 ms) it
+/// lasts some 10 000 s, longer than a 200-cycle soak.
+const MMAP_RECORDS: u64 = 2_000_000;
 
 /// What the volume is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -470,16 +519,18 @@ fn finish(child: std::process::Child, timeout: Duration, what: &str) -> Finished
 /// The whole cluster under load. Fields drop in order: applications, hosts, broker, PostgreSQL,
 /// the network, the volume, the lab's directory.
 pub struct Lab {
-    app_writer: Option<Child>,
+    /// The running [`App`]s, by [`App::index`].
+    apps: [Option<Child>; 2],
     buffering_app: Option<Child>,
     loaders: Vec<Child>,
     nodes: Vec<Node>,
     broker: Option<Child>,
     pg: PgServer,
     /// The applications' ack logs: postgres, the two SQLite databases, the buffering app, then
-    /// one per run of the app writer (a run that ended is no longer `live`).
+    /// one per run of an [`App`] (a run that ended is no longer `live`).
     pub acks: Vec<AckLog>,
-    app_runs: u32,
+    /// Runs of each [`App`] so far, by [`App::index`].
+    app_runs: [u32; 2],
     broker_runs: u32,
     broker_addr: String,
     certs: Certs,
@@ -589,14 +640,14 @@ impl Lab {
             .args(["--nodes", &NODES.join(","), "--clients", "admin"]));
 
         let mut lab = Lab {
-            app_writer: None,
+            apps: [None, None],
             buffering_app: None,
             loaders: Vec::new(),
             nodes: Vec::new(),
             broker: None,
             pg,
             acks: Vec::new(),
-            app_runs: 0,
+            app_runs: [0, 0],
             broker_runs: 0,
             broker_addr: format!("{}:0", net.nodes[PG_NODE].ip),
             certs,
@@ -613,7 +664,9 @@ impl Lab {
             lab.make_node(i);
             lab.start_host(i);
         }
-        lab.start_app_writer();
+        for app in App::ALL {
+            lab.start_app(app);
+        }
         lab.init_restic();
         lab.wait_healthy();
         lab
@@ -638,7 +691,7 @@ impl Lab {
             .args(["--interval-ms", &interval]);
         self.loaders
             .push(Child::spawn(command, self.path("pg-load.log")));
-        self.acks.push(AckLog::new("postgres", &pg_acks));
+        self.acks.push(AckLog::new("postgres", PG_NODE, &pg_acks));
 
         let sqlite_dir = self.volume.data(SQLITE_NODE).join("sqlite");
         std::fs::create_dir_all(&sqlite_dir).unwrap();
@@ -657,7 +710,8 @@ impl Lab {
                 command,
                 self.path(&format!("sqlite-{db}.log")),
             ));
-            self.acks.push(AckLog::new(&format!("sqlite {db}"), &log));
+            self.acks
+                .push(AckLog::new(&format!("sqlite {db}"), SQLITE_NODE, &log));
         }
 
         let acks = self.path("buffering-app.acks");
@@ -681,7 +735,10 @@ impl Lab {
             app.log()
         );
         self.buffering_app = Some(app);
-        self.acks.push(AckLog::new("buffering-app", &acks));
+        self.acks.push(
+            AckLog::new("buffering-app", APP_NODE, &acks)
+                .with_records(Path::new("buffer/records.log")),
+        );
         // Every application acknowledges writes before any host looks for them.
         for i in 0..self.acks.len() {
             let what = format!("{} acknowledging writes", self.acks[i].app);
@@ -911,53 +968,75 @@ impl Lab {
         }
     }
 
-    /// Starts a new run of the app writer on node3 (each run writes its own directory: the
+    /// Starts a new run of `app` on its node (each run writes its own directory: the
     /// application numbers its records from 1 at every start).
-    pub fn start_app_writer(&mut self) {
-        self.app_runs += 1;
-        let run = self.app_runs;
-        let data = self.volume.data(APP_NODE).join(format!("app/run-{run}"));
-        let node = &self.nodes[APP_NODE];
-        let mut command = self.net.command(APP_NODE, &self.bins.app_writer);
+    pub fn start_app(&mut self, app: App) {
+        self.app_runs[app.index()] += 1;
+        let run = self.app_runs[app.index()];
+        let i = app.node();
+        let relative = PathBuf::from(format!("{}/run-{run}", app.writer()));
+        let data = self.volume.data(i).join(&relative);
+        let node = &self.nodes[i];
+        let mut command = self.net.command(i, &self.bins.app_writer);
         command
             .args([
                 "--bus",
                 &node.bus.address,
                 "--id",
-                "app",
+                app.writer(),
                 "--volume",
                 "shared",
             ])
             .arg("--data")
             .arg(&data)
             .arg("--events")
-            .arg(node.home.join(format!("app-{run}.events")))
+            .arg(node.home.join(format!("{}-{run}.events", app.writer())))
             .args(["--hold-limit-ms", &self.settings.hold_limit_ms.to_string()])
             .stdout(Stdio::piped());
-        let mut app = Child::spawn(command, node.home.join(format!("app-{run}.log")));
-        let line = first_line(&mut app);
+        if app == App::Mapped {
+            command.arg("--mmap").args([
+                "--mmap-records",
+                &MMAP_RECORDS.to_string(),
+                "--interval-us",
+                &(self.settings.write_interval_ms * 1000).to_string(),
+            ]);
+        }
+        let name = format!("{} run {run}", app.name());
+        let mut child = Child::spawn(
+            command,
+            node.home.join(format!("{}-{run}.log", app.writer())),
+        );
+        let line = first_line(&mut child);
         assert!(
             line.starts_with("registered "),
-            "app-writer run {run} did not register: {line:?}\n{}",
-            app.log()
+            "{name} did not register: {line:?}\n{}",
+            child.log()
         );
-        self.acks.push(AckLog::new(
-            &format!("app-writer run {run}"),
-            &data.join("records.log"),
-        ));
-        self.app_writer = Some(app);
+        // The mmap application's records are read through its own node's mount, which holds
+        // the pages it stored and has not synced.
+        self.acks.push(
+            AckLog::new(&name, i, &data.join(app.records_file()))
+                .with_records(&relative.join(app.records_file())),
+        );
+        self.apps[app.index()] = Some(child);
     }
 
-    /// The app writer exits (SIGTERM: it stops writing, its bus name goes away); waits for it.
-    pub fn stop_app_writer(&mut self) {
-        if let Some(mut app) = self.app_writer.take() {
-            app.signal("TERM");
-            let _ = app.child.wait();
+    /// `app` exits (SIGTERM: it stops writing, its bus name goes away); waits for it.
+    pub fn stop_app(&mut self, app: App) {
+        if let Some(mut child) = self.apps[app.index()].take() {
+            child.signal("TERM");
+            let _ = child.child.wait();
         }
-        if let Some(log) = self.acks.last_mut() {
+        let run = self.current_run(app);
+        if let Some(log) = self.acks.iter_mut().rev().find(|l| l.app == run) {
             log.refresh();
             log.live = false;
         }
+    }
+
+    /// The name of `app`'s current run, as its ack log is named.
+    pub fn current_run(&self, app: App) -> String {
+        format!("{} run {}", app.name(), self.app_runs[app.index()])
     }
 
     pub fn cut_link(&self, i: usize) {
@@ -1080,8 +1159,10 @@ impl Lab {
                 text.push_str(&format!("--- {} host:\n{}\n", NODES[i], tail(h.log())));
             }
         }
-        if let Some(a) = &self.app_writer {
-            text.push_str(&format!("--- app-writer:\n{}\n", tail(a.log())));
+        for app in App::ALL {
+            if let Some(a) = &self.apps[app.index()] {
+                text.push_str(&format!("--- {}:\n{}\n", app.name(), tail(a.log())));
+            }
         }
         text
     }

@@ -2,14 +2,16 @@
 //! restored and verified, faults injected in the middle of sets.
 //!
 //! - [`lab`]: the cluster — three network namespaces on a bridge, a host with its own
-//!   dbus-daemon on each, the broker in node1's namespace, one btrfs volume on a loop device;
-//!   PostgreSQL on node1, SQLite applications on node2, the buffering app and an app writer on
-//!   node3, all writing continuously and logging every acknowledged write with its time;
+//!   dbus-daemon on each, the broker in node1's namespace, one shared volume (a CephFS
+//!   directory each node mounts with its own `ceph-fuse`, or one btrfs on a loop device);
+//!   PostgreSQL on node1, SQLite applications and an mmap application on node2, the buffering
+//!   app and an app writer on node3, all writing continuously and logging every acknowledged
+//!   write with its time;
 //! - [`net`]: the bridge and the namespaces, links that can be cut;
 //! - [`load`]: the lab's own PostgreSQL and SQLite applications;
 //! - [`acks`]: the applications' ack logs, which measure freezes and losses;
 //! - [`verify`]: restores from restic, PostgreSQL started on the copy and `pg_amcheck`, SQLite
-//!   `integrity_check`, the record files;
+//!   `integrity_check`, the record files (appended, or mapped);
 //! - [`soak`]: the cycles (a fault set, then a verified backup through `examples/restic-backup.sh`)
 //!   and the summary.
 //!

@@ -25,7 +25,7 @@
 //!    writer reported; the snapshot was released.
 
 use crate::acks::{unix_ns, Gap};
-use crate::lab::{wait_probe_call, Lab, Settings, VolumeKind, APP_NODE, NODES, PG_NODE};
+use crate::lab::{wait_probe_call, App, Lab, Settings, VolumeKind, APP_NODE, NODES, PG_NODE};
 use crate::verify::freeze_points;
 use quiesce_proto::{CallKind, Outcome, Phase, SetRecord};
 use std::collections::{BTreeMap, BTreeSet};
@@ -501,7 +501,7 @@ impl Lab {
                 cut_ns = unix_ns();
                 self.cut_link(node);
             }
-            Fault::AppWriterExit => self.stop_app_writer(),
+            Fault::AppWriterExit => self.stop_app(App::Writer),
             Fault::BrokerPause => self.pause_broker(),
             Fault::NodeSilent => self.silence_node(node),
             Fault::WriterHang | Fault::PluginPanic => {}
@@ -537,10 +537,10 @@ impl Lab {
         match fault {
             Fault::HostKill => {
                 self.start_host(node);
-                if node == APP_NODE {
+                for app in App::ALL.into_iter().filter(|a| a.node() == node) {
                     // Its registration died with the host: the application starts again.
-                    self.stop_app_writer();
-                    self.start_app_writer();
+                    self.stop_app(app);
+                    self.start_app(app);
                 }
             }
             Fault::LinkCut => {
@@ -550,7 +550,7 @@ impl Lab {
                     Err(e) => s.violation(cycle, format!("{injection}: {e}")),
                 }
             }
-            Fault::AppWriterExit => self.start_app_writer(),
+            Fault::AppWriterExit => self.start_app(App::Writer),
             _ => {}
         }
         // On CephFS a node cut off is cut off its storage too: its applications cannot write
@@ -721,7 +721,7 @@ impl Lab {
             );
         }
         let bound = t0 + snapshot_phase.start_ms * 1_000_000;
-        let points = freeze_points(&record.writers, &self.app_writer_run());
+        let points = freeze_points(&record.writers, &self.app_runs());
         let v = self.verify_restore(&copy, bound, &points);
         let _ = std::fs::remove_dir_all(&copy);
         s.copies_verified += 1;
@@ -755,10 +755,10 @@ impl Lab {
             s.violation(cycle, format!("{during}: {e}"));
         }
         let check_to = to_ns.min(unix_ns());
-        for (k, log) in self.acks.iter().enumerate() {
+        for log in &self.acks {
             let Gap { ms, .. } = match outage {
                 // The node's storage was unreachable from `cut` to `back`: before and after.
-                Some((node, cut, back)) if crate::lab::ack_node(k) == node => {
+                Some((node, cut, back)) if log.node == node => {
                     let before = log.longest_gap_within(from_ns, cut);
                     let after = log.longest_gap_within(back, check_to);
                     if before.ms >= after.ms {
@@ -890,14 +890,10 @@ impl Lab {
             s.violation(cycle, e);
             return "restore FAILED".into();
         }
-        let app_writer = self.app_writer_run();
-        let points = freeze_points(&record.writers, &app_writer);
-        for app in [
-            "buffering-app",
-            "sqlite wal.db",
-            "sqlite journal.db",
-            app_writer.as_str(),
-        ] {
+        let runs = self.app_runs();
+        let points = freeze_points(&record.writers, &runs);
+        let apps = ["buffering-app", "sqlite wal.db", "sqlite journal.db"];
+        for app in apps.into_iter().chain(runs.iter().map(|(_, r)| r.as_str())) {
             if !points.contains_key(app) {
                 s.violation(
                     cycle,
@@ -911,12 +907,8 @@ impl Lab {
         s.records_lost += v.lost;
         s.records_past_freeze += v.past_freeze;
         for (app, n) in &v.verified {
-            // One entry for every run of the app writer.
-            let app = if app.starts_with("app-writer") {
-                "app-writer"
-            } else {
-                app.as_str()
-            };
+            // One entry for all the runs of an application.
+            let app = app.split(" run ").next().unwrap_or(app);
             *s.records_verified.entry(app.to_string()).or_default() += n;
         }
         for p in &v.problems {

@@ -20,7 +20,9 @@
 //! both measured before the snapshot). Every write acknowledged before it was durable, or held
 //! by a frozen writer's flush, when the snapshot was taken.
 
-use crate::lab::{chown_postgres, pg_bin, Lab, PgServer, APP_NODE, NODES, SQLITE_DBS, SQLITE_NODE};
+use crate::lab::{
+    chown_postgres, pg_bin, App, Lab, PgServer, APP_NODE, NODES, SQLITE_DBS, SQLITE_NODE,
+};
 use quiesce_proto::WriterResult;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -70,9 +72,9 @@ impl Verification {
 }
 
 /// The freeze point each holding writer of a set (its `writers`) reported, by application (the names of the
-/// lab's ack logs): what the snapshot may hold at most. `app_writer` names the app writer's
-/// current run, the one its writer speaks for.
-pub fn freeze_points(writers: &[WriterResult], app_writer: &str) -> BTreeMap<String, u64> {
+/// lab's ack logs): what the snapshot may hold at most. `runs` names each [`App`]'s current
+/// run, the one its writer speaks for.
+pub fn freeze_points(writers: &[WriterResult], runs: &[(App, String)]) -> BTreeMap<String, u64> {
     let mut points = BTreeMap::new();
     for w in writers {
         let number = |key: &str| {
@@ -86,9 +88,14 @@ pub fn freeze_points(writers: &[WriterResult], app_writer: &str) -> BTreeMap<Str
                     points.insert("buffering-app".to_string(), n);
                 }
             }
-            (node, "app") if node == NODES[APP_NODE] => {
+            (node, id)
+                if runs
+                    .iter()
+                    .any(|(a, _)| (NODES[a.node()], a.writer()) == (node, id)) =>
+            {
+                let (_, run) = runs.iter().find(|(a, _)| a.writer() == id).unwrap();
                 if let Some(n) = number("last_record") {
-                    points.insert(app_writer.to_string(), n);
+                    points.insert(run.clone(), n);
                 }
             }
             (node, "sqlite") if node == NODES[SQLITE_NODE] => {
@@ -110,9 +117,9 @@ pub fn freeze_points(writers: &[WriterResult], app_writer: &str) -> BTreeMap<Str
 }
 
 impl Lab {
-    /// The name of the app writer's current run, as its ack log is named.
-    pub fn app_writer_run(&self) -> String {
-        self.acks.last().map(|a| a.app.clone()).unwrap_or_default()
+    /// Every [`App`]'s current run, as its ack log is named (for [`freeze_points`]).
+    pub fn app_runs(&self) -> Vec<(App, String)> {
+        App::ALL.iter().map(|&a| (a, self.current_run(a))).collect()
     }
 
     /// Restores the restic snapshot tagged with `set_id` into `target` (the volume's tree).
@@ -170,13 +177,9 @@ impl Lab {
                 }
             }
         }
-        let file_apps: Vec<(usize, std::path::PathBuf)> =
-            std::iter::once((3, root.join("buffer/records.log")))
-                .chain((4..self.acks.len()).map(|i| {
-                    let run = i - 3;
-                    (i, root.join(format!("app/run-{run}/records.log")))
-                }))
-                .collect();
+        let file_apps: Vec<(usize, std::path::PathBuf)> = (0..self.acks.len())
+            .filter_map(|i| Some((i, root.join(self.acks[i].records.as_ref()?))))
+            .collect();
         for (i, path) in file_apps {
             let acked = self.acks[i].acked_before(bound_ns);
             let (count, last) = (acked.len() as u64, acked.last().map_or(0, |a| a.0));
@@ -184,7 +187,12 @@ impl Lab {
             if count == 0 {
                 continue; // started after the snapshot
             }
-            match numbered_lines(&path) {
+            let restored = if path.extension().is_some_and(|e| e == "map") {
+                mapped_records(&path)
+            } else {
+                numbered_lines(&path)
+            };
+            match restored {
                 Ok(k) => {
                     v.app(&app, count, k.min(last).min(count));
                     v.freeze_point(&app, k, points.get(&app).copied());
@@ -331,6 +339,44 @@ fn numbered_lines(path: &Path) -> Result<u64, String> {
     Ok(k)
 }
 
+/// A restored `records.map` of fixed-width records (`app-writer --mmap`): K when it holds
+/// exactly records 1..=K, each whole at its place, and zeros after them.
+fn mapped_records(path: &Path) -> Result<u64, String> {
+    let map = std::fs::read(path)
+        .map_err(|e| format!("{} is not in the restore: {e}", path.display()))?;
+    let mut k = 0u64;
+    for slot in map.chunks(MMAP_RECORD_BYTES) {
+        if slot.iter().all(|&b| b == 0) {
+            break;
+        }
+        let n = std::str::from_utf8(slot)
+            .ok()
+            .filter(|r| r.len() == MMAP_RECORD_BYTES && r.ends_with('\n'))
+            .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok());
+        if n != Some(k + 1) {
+            return Err(format!(
+                "{}: the record after record {k} is not record {} (torn or misplaced): {:?}",
+                path.display(),
+                k + 1,
+                String::from_utf8_lossy(slot)
+            ));
+        }
+        k += 1;
+    }
+    let rest = (k as usize * MMAP_RECORD_BYTES).min(map.len());
+    if let Some(at) = map[rest..].iter().position(|&b| b != 0) {
+        return Err(format!(
+            "{}: data at byte {} after the last whole record {k}",
+            path.display(),
+            rest + at
+        ));
+    }
+    Ok(k)
+}
+
+/// The width of one record in `records.map` (`app-writer --mmap`).
+const MMAP_RECORD_BYTES: usize = 33;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +393,32 @@ mod tests {
             .contains("record 3 follows record 1"));
         std::fs::write(&p, "1 10\n2 1").unwrap();
         assert!(numbered_lines(&p).unwrap_err().contains("cut short"));
+    }
+
+    #[test]
+    fn mapped_records_are_whole_in_place_and_followed_by_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("records.map");
+        let record = |n: u64| format!("{n:>12} {:>19}\n", n * 7);
+        let mut map = vec![0u8; 33 * 5];
+        for n in 1..=3u64 {
+            let at = (n as usize - 1) * 33;
+            map[at..at + 33].copy_from_slice(record(n).as_bytes());
+        }
+        std::fs::write(&p, &map).unwrap();
+        assert_eq!(mapped_records(&p), Ok(3));
+        // A lost record 2 (zeros where it was), with 3 after it.
+        let mut hole = map.clone();
+        hole[33..66].fill(0);
+        std::fs::write(&p, &hole).unwrap();
+        assert!(mapped_records(&p)
+            .unwrap_err()
+            .contains("after the last whole record 1"));
+        // A torn record 3.
+        let mut torn = map.clone();
+        torn[66 + 20..99].fill(0);
+        std::fs::write(&p, &torn).unwrap();
+        assert!(mapped_records(&p).unwrap_err().contains("torn"));
     }
 
     #[test]
@@ -378,6 +450,7 @@ mod tests {
         let writers = vec![
             writer("node3", "buffer", &[("last_record", "41")]),
             writer("node3", "app", &[("last_record", "7")]),
+            writer("node2", "mmap", &[("last_record", "9")]),
             writer(
                 "node2",
                 "sqlite",
@@ -388,10 +461,17 @@ mod tests {
             ),
             writer("node1", "pg", &[("wal_flush_lsn", "0/1")]),
         ];
-        let points = freeze_points(&writers, "app-writer run 2");
+        let points = freeze_points(
+            &writers,
+            &[
+                (App::Writer, "app-writer run 2".to_string()),
+                (App::Mapped, "mmap-app run 1".to_string()),
+            ],
+        );
         let expect: BTreeMap<String, u64> = [
             ("buffering-app", 41),
             ("app-writer run 2", 7),
+            ("mmap-app run 1", 9),
             ("sqlite wal.db", 100),
             ("sqlite journal.db", 99),
         ]

@@ -51,6 +51,7 @@ fn every_fault_once_mid_set_then_a_backup_restored_with_every_acknowledged_write
         "sqlite journal.db",
         "buffering-app",
         "app-writer",
+        "mmap-app",
     ] {
         assert!(
             summary.records_verified.get(app).is_some_and(|n| *n > 0),

@@ -275,6 +275,9 @@ pub struct Settings {
     pub volume_mb: u64,
     /// What the volume is (`quiesce-lab soak --volume`).
     pub volume: VolumeKind,
+    /// Each host's node flush on CephFS (`flush = …`): `syncfs`, or `none` to see what the
+    /// lab finds without it (`quiesce-lab soak --node-flush none`: the negative control).
+    pub node_flush: String,
     /// The tmpfs for the restic repository and the restores.
     pub backups_mb: u64,
 }
@@ -294,6 +297,7 @@ impl Settings {
             write_interval_ms: 5,
             volume_mb: 6144,
             volume: VolumeKind::Btrfs,
+            node_flush: "syncfs".into(),
             backups_mb: 12_288,
         }
     }
@@ -894,8 +898,8 @@ impl Lab {
         let volume_table = match &self.volume {
             Volume::Btrfs(_) => String::new(),
             Volume::Cephfs(c) => format!(
-                "[volumes.shared]\nmount = {:?}\nflush = \"syncfs\"\n\n",
-                c.nodes[i].mountpoint
+                "[volumes.shared]\nmount = {:?}\nflush = {:?}\n\n",
+                c.nodes[i].mountpoint, self.settings.node_flush
             ),
         };
         let writers = match i {

@@ -61,6 +61,10 @@ enum Command {
         /// `cephfs` (a Ceph cluster of the lab's own, a ceph-fuse mount per node).
         #[arg(long, default_value = "btrfs")]
         volume: quiesce_lab::VolumeKind,
+        /// Each host's node flush on CephFS: `syncfs`, or `none` to show what goes missing
+        /// without it (the negative control: the mmap application's records).
+        #[arg(long, default_value = "syncfs", value_parser = ["syncfs", "none"])]
+        node_flush: String,
     },
     /// Commit numbered records into PostgreSQL, logging each acknowledgement (the lab's
     /// application on node1).
@@ -104,12 +108,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cycles,
             seed,
             volume,
+            node_flush,
         } => {
             let seed = seed.unwrap_or_else(|| quiesce_lab::acks::unix_ns() % 1_000_000);
             let exe = std::env::current_exe().context("cannot find this executable")?;
             stop_on_signals();
             let mut settings = Settings::new(exe);
             settings.volume = volume;
+            settings.node_flush = node_flush;
             let summary = soak(
                 settings,
                 cycles,

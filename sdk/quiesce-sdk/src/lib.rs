@@ -82,6 +82,9 @@ pub use config::Config;
 pub use error::Error;
 /// The `log` facade: plugin code logs with `quiesce_sdk::log::info!(...)` and friends.
 pub use log;
+/// Running a program on a deadline, killed with its process group at its limit
+/// (`quiesce-process`): what the host's providers use, for plugins that run programs.
+pub use quiesce_process as process;
 pub use quiesce_proto::{CallKind, Component, ComponentKind, Level, WriterMetadata};
 
 use std::path::Path;

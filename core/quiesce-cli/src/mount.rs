@@ -27,21 +27,8 @@ fn state_file(at: &Path) -> PathBuf {
 
 /// Whether something is mounted at `at` in this mount namespace.
 fn is_mount_point(at: &Path) -> anyhow::Result<bool> {
-    let at = at
-        .canonicalize()
-        .with_context(|| format!("resolving {}", at.display()))?;
-    let mounts =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    // The fifth field is the mount point, with spaces, tabs and newlines octal-escaped.
-    let escaped = at
-        .to_string_lossy()
-        .replace('\\', "\\134")
-        .replace(' ', "\\040")
-        .replace('\t', "\\011")
-        .replace('\n', "\\012");
-    Ok(mounts
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(escaped.as_str())))
+    quiesce_provider::is_mount_point(at)
+        .with_context(|| format!("checking whether {} is a mount point", at.display()))
 }
 
 pub async fn mount_snapshot(

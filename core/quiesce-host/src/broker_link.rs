@@ -5,7 +5,7 @@
 //! the writer list's changes as they happen (applications registering and leaving over D-Bus)
 //! and a heartbeat at the interval the broker asks for. When the link breaks, the broker goes
 //! silent, or the broker refuses the node, it logs why and connects again after a backoff
-//! (0.2 s doubling to 10 s, with jitter; back to 0.2 s after a successful registration). The
+//! (0.1 s doubling, jittered, at most 10 s; from the start again once registered). The
 //! host runs on its own meanwhile: local sets and D-Bus do not depend on the broker.
 //!
 //! A host that shuts down ([`Link::close`]) ends its request stream: the broker tells that end
@@ -22,7 +22,7 @@ use quiesce_link::{ConnectError, Security, LINK_VERSION};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -147,7 +147,7 @@ pub fn spawn(host: Arc<Host>, options: LinkOptions) -> Link {
 }
 
 async fn run(host: Arc<Host>, options: LinkOptions, mut closing: watch::Receiver<bool>) {
-    let mut backoff = Backoff::default();
+    let mut backoff = reconnect_backoff();
     let leases = Leases::start(host.clone());
     loop {
         let mut registered = false;
@@ -157,9 +157,9 @@ async fn run(host: Arc<Host>, options: LinkOptions, mut closing: watch::Receiver
             return;
         }
         if registered {
-            backoff = Backoff::default();
+            backoff = reconnect_backoff();
         }
-        let delay = backoff.next_delay();
+        let delay = backoff.next().unwrap_or(RECONNECT_MAX);
         match &error {
             LinkError::Refused { .. } => tracing::error!(
                 "{error}; fix the host's certificate or configuration; trying again in {} ms",
@@ -415,35 +415,20 @@ async fn session(
     }
 }
 
-/// Reconnection delays: 0.2 s doubling up to 10 s, each with ±25 % jitter so that a restarted
-/// broker is not hit by every node at once.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
+/// The longest wait before a reconnection.
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            next: Duration::from_millis(200),
-        }
-    }
-}
-
-impl Backoff {
-    const MAX: Duration = Duration::from_secs(10);
-
-    fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        // A factor in [0.75, 1.25).
-        let factor = 0.75 + (nanos % 1000) as f64 / 2000.0;
-        base.mul_f64(factor)
-    }
+/// Reconnection delays: 0.1 s doubling up to 5 s, each plus a random jitter of up to 100 % (so
+/// at most [`RECONNECT_MAX`]), so that a restarted broker is not hit by every node at once.
+fn reconnect_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(RECONNECT_MAX / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]
@@ -452,12 +437,15 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_a_cap_with_jitter() {
-        let mut b = Backoff::default();
-        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(150) && delays[0] < Duration::from_millis(250));
-        assert!(delays[1] >= Duration::from_millis(300) && delays[1] < Duration::from_millis(500));
-        assert!(delays.iter().all(|d| *d < Backoff::MAX.mul_f64(1.25)));
-        assert!(delays[9] >= Backoff::MAX.mul_f64(0.75));
+        let ms = Duration::from_millis;
+        let delays: Vec<Duration> = reconnect_backoff().take(12).collect();
+        assert!(delays[0] >= ms(100) && delays[0] < ms(200), "{delays:?}");
+        assert!(delays[1] >= ms(200) && delays[1] < ms(400), "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= RECONNECT_MAX), "{delays:?}");
+        assert!(delays[11] >= RECONNECT_MAX / 2, "{delays:?}");
+        // Jittered: twelve draws are not all the same multiple of their base.
+        let again: Vec<Duration> = reconnect_backoff().take(12).collect();
+        assert_ne!(delays, again);
     }
 
     #[test]

@@ -745,3 +745,67 @@ fn bacula_client_run_hooks_mount_and_release_the_snapshot_and_the_second_job_is_
         "the app's records changed and were backed up: {second:?}"
     );
 }
+
+/// A Proxmox VE vzdump hook (`examples/vzdump-hook.sh`, as written) run with the phases vzdump
+/// gives it, in vzdump's order: `job-start` mounts an app-consistent snapshot at the stable
+/// path, the per-guest phases leave it be, `job-end` releases it; a job vzdump aborts after
+/// `job-start` releases it at `job-abort`. (vzdump itself is not in Debian: the script is run
+/// as vzdump runs it, the phase first.)
+#[test]
+fn a_vzdump_hook_mounts_the_snapshot_for_the_job_and_releases_it_when_the_job_ends_or_aborts() {
+    let cluster = cluster_with_static_files();
+    let node = &cluster.nodes[0];
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("shared");
+    let script = quiesce_testbed::workspace_root().join("examples/vzdump-hook.sh");
+    let phase = |args: &[&str]| {
+        let output = Command::new(&script)
+            .args(args)
+            .env("QUIESCE_CLI", cli_exe())
+            .env("QUIESCE_AT", &at)
+            .env("QUIESCE_BUS", &node.bus.address)
+            .env_remove("QUIESCE_BROKER")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "vzdump-hook.sh {args:?}: {}{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            cluster.logs()
+        );
+    };
+    let guest = |name: &'static str| [name, "snapshot", "100"];
+    for ending in ["job-end", "job-abort"] {
+        phase(&["job-init"]);
+        assert!(
+            cluster.volume.snapshot_list().is_empty(),
+            "job-init takes nothing"
+        );
+        phase(&["job-start"]);
+        let listed: Vec<SetRecord> = node.cli_json(&["snapshot", "list"]);
+        let set = listed.last().expect("job-start ran a set").clone();
+        assert_eq!(set.outcome, quiesce_proto::Outcome::AppConsistent);
+        assert_eq!(
+            std::fs::read_dir(at.join("static")).unwrap().count(),
+            STATIC_FILES,
+            "the snapshot is at the stable path"
+        );
+        for args in [guest("backup-start"), guest("backup-end"), guest("log-end")] {
+            phase(&args);
+        }
+        assert!(
+            at.join("static").is_dir(),
+            "still mounted through the guests' phases"
+        );
+        phase(&[ending]);
+        assert!(!at.join("static").exists(), "{ending} unmounted it");
+        assert!(!state_left(&at), "{ending} removed its state");
+        assert_eq!(
+            show(node, &set).deleted_because,
+            Some(quiesce_proto::Deletion::Requested),
+            "{ending} deleted the snapshot"
+        );
+        assert!(cluster.volume.snapshot_list().is_empty());
+    }
+}

@@ -336,7 +336,7 @@ impl fmt::Display for Summary {
         if !self.storage_back.is_zero() {
             writeln!(
                 f,
-                "  storage back after a cut: {} ms at most (after the link came back)",
+                "  storage back after a cut: {} ms at most (after its link came back, or its packets flowed again)",
                 self.storage_back.as_millis()
             )?;
         }
@@ -503,7 +503,10 @@ impl Lab {
             }
             Fault::AppWriterExit => self.stop_app(App::Writer),
             Fault::BrokerPause => self.pause_broker(),
-            Fault::NodeSilent => self.silence_node(node),
+            Fault::NodeSilent => {
+                cut_ns = unix_ns();
+                self.silence_node(node);
+            }
             Fault::WriterHang | Fault::PluginPanic => {}
         }
         if fault.is_stall() {
@@ -543,22 +546,25 @@ impl Lab {
                     self.start_app(app);
                 }
             }
-            Fault::LinkCut => {
-                self.restore_link(node);
-                match self.wait_storage(node, Duration::from_secs(60)) {
-                    Ok(took) => s.storage_back = s.storage_back.max(took),
-                    Err(e) => s.violation(cycle, format!("{injection}: {e}")),
-                }
-            }
+            Fault::LinkCut => self.restore_link(node),
             Fault::AppWriterExit => self.start_app(App::Writer),
             _ => {}
         }
-        // On CephFS a node cut off is cut off its storage too: its applications cannot write
-        // until its link is back and its ceph-fuse client has reached the cluster again. That
-        // outage is no hold, and is left out of their gaps; from the moment the node's storage
-        // answers they must write again within the limit like any other.
-        let outage = (fault == Fault::LinkCut && self.settings.volume == VolumeKind::Cephfs)
-            .then(|| (node, cut_ns, unix_ns()));
+        // On CephFS a node cut off — its link down, or every packet of it dropped — is cut off
+        // its storage too: its applications cannot write until its ceph-fuse client has
+        // reached the cluster again (TCP resends on its own backoff). That outage is no hold,
+        // and is left out of their gaps; from the moment the node's storage answers they must
+        // write again within the limit like any other.
+        let cut_off = matches!(fault, Fault::LinkCut | Fault::NodeSilent);
+        let outage = if cut_off && self.settings.volume == VolumeKind::Cephfs {
+            match self.wait_storage(node, Duration::from_secs(60)) {
+                Ok(took) => s.storage_back = s.storage_back.max(took),
+                Err(e) => s.violation(cycle, format!("{injection}: {e}")),
+            }
+            Some((node, cut_ns, unix_ns()))
+        } else {
+            None
+        };
         self.wait_healthy();
         let recovered = unix_ns();
 

@@ -11,8 +11,22 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Which call: a [`WriterCall`] without its arguments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum CallKind {
     Prepare,
     Freeze,
@@ -34,8 +48,9 @@ impl CallKind {
     ];
 
     /// The name in messages, records (`call_us` keys) and logs: `prepare`, `post-snapshot`, ...
+    /// (its phase's name).
     pub fn as_str(self) -> &'static str {
-        self.phase().as_str()
+        self.into()
     }
 
     /// The phase of a set this call belongs to.
@@ -54,12 +69,6 @@ impl CallKind {
     /// a call that hangs, so that a writer coming back from a hung freeze is still released.
     pub fn releases(self) -> bool {
         matches!(self, CallKind::Thaw | CallKind::Abort | CallKind::Complete)
-    }
-}
-
-impl fmt::Display for CallKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -96,8 +105,20 @@ impl WriterCall {
 }
 
 /// How a writer call failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum FailureKind {
     /// The writer answered with an error.
     Error,
@@ -123,20 +144,9 @@ impl FailureKind {
         FailureKind::RefusedConfig,
     ];
 
+    /// Its name in JSON, messages and logs: `timed-out`, ...
     pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Error => "error",
-            FailureKind::Panicked => "panicked",
-            FailureKind::TimedOut => "timed-out",
-            FailureKind::Lost => "lost",
-            FailureKind::RefusedConfig => "refused-config",
-        }
-    }
-}
-
-impl fmt::Display for FailureKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
@@ -247,6 +257,8 @@ mod tests {
                 serde_json::to_value(kind).unwrap(),
                 serde_json::Value::from(kind.as_str())
             );
+            assert_eq!(kind.as_str(), kind.phase().as_str());
+            assert_eq!(kind.to_string(), kind.as_str());
         }
     }
 

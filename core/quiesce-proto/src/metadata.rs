@@ -1,7 +1,6 @@
 //! Writer metadata: what a writer tells the host and the broker about itself (the "Identify" step).
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
 
 /// The freeze level of a writer. Freeze runs front-end → back-end → system → volume; thaw runs in
 /// reverse.
@@ -11,8 +10,23 @@ use std::fmt;
 /// hooks that quiesce the whole machine) come after; last, each node flushes its own cache of the
 /// volume (`volume`: the host's node flush, once everything above it on every node holds still),
 /// and it comes back first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Level {
     FrontEnd,
     BackEnd,
@@ -29,25 +43,28 @@ impl Level {
         Level::Volume,
     ];
 
+    /// Its name in JSON, messages and logs: `front-end`, ...
     pub fn as_str(self) -> &'static str {
-        match self {
-            Level::FrontEnd => "front-end",
-            Level::BackEnd => "back-end",
-            Level::System => "system",
-            Level::Volume => "volume",
-        }
-    }
-}
-
-impl fmt::Display for Level {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
 /// What a component holds; it tells a backup tool what it is looking at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum ComponentKind {
     /// A database's data files (a PostgreSQL data directory, an SQLite file).
     Database,
@@ -59,6 +76,13 @@ pub enum ComponentKind {
     Files,
     /// Configuration needed to restore the application.
     Config,
+}
+
+impl ComponentKind {
+    /// Its name in JSON, messages and logs: `database`, ...
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 /// One part of an application's state, living on one volume.
@@ -328,6 +352,19 @@ impl WriterMetadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_and_component_kinds_are_named_as_json_names_them() {
+        use strum::VariantArray;
+        for level in Level::VARIANTS {
+            assert_eq!(serde_json::to_value(level).unwrap(), level.as_str());
+            assert_eq!(level.to_string(), level.as_str());
+        }
+        assert_eq!(Level::FREEZE_ORDER.as_slice(), Level::VARIANTS);
+        for kind in ComponentKind::VARIANTS {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+    }
 
     fn sample() -> WriterMetadata {
         WriterMetadata {

@@ -158,6 +158,7 @@ impl Broker {
                 best_effort: false,
                 lease_ms: 0,
                 timeout_ms: 0,
+                requester_uid: None,
             })
             .await?
             .into_inner();

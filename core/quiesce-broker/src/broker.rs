@@ -97,6 +97,7 @@ pub struct Broker {
     /// Nodes reporting that their lease on a set lapsed: (node, set id, why).
     lapses: broadcast::Sender<(String, String, String)>,
     next_command: AtomicU64,
+    metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Broker {
@@ -121,11 +122,17 @@ impl Broker {
             membership: broadcast::channel(1024).0,
             lapses: broadcast::channel(1024).0,
             next_command: AtomicU64::new(1),
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 
     pub fn config(&self) -> &BrokerConfig {
         &self.config
+    }
+
+    /// What the broker counts (kept whether or not `--metrics-listen` serves it).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// Every membership change from now on, with what changed (running sets follow it).
@@ -141,6 +148,7 @@ impl Broker {
     /// `node` reports that its lease on `set` lapsed and it released the set's writers.
     pub fn lease_lapsed(&self, node: &str, set: String, reason: String) {
         tracing::error!(node, set = %set, "{reason}");
+        self.metrics.lease_lapsed(node);
         // No receiver (no set running, or another set): the set is over already.
         let _ = self.lapses.send((node.to_string(), set, reason));
     }

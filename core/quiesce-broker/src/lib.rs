@@ -12,12 +12,16 @@
 //! - [`catalog`]: every set in an embedded SQLite file, surviving restarts;
 //! - [`config`]: the broker's configuration (volumes, deadlines, catalog);
 //! - [`certs`]: the cluster CA and the broker, node and client certificates;
-//! - [`bind`]: binding and running the broker over mutual TLS (or plaintext, for demos).
+//! - [`metrics`]: what `--metrics-listen` serves (sets by outcome, freeze windows, phases, live
+//!   nodes, lease lapses);
+//! - [`bind`]: binding and running the broker over mutual TLS (or plaintext, for demos), with
+//!   `grpc.health.v1` beside the link's services.
 
 pub mod broker;
 pub mod catalog;
 pub mod certs;
 pub mod config;
+pub mod metrics;
 pub mod registry;
 pub mod services;
 pub mod sets;
@@ -155,8 +159,19 @@ impl Bound {
             .clone()
             .map(|sets| AbortOnDrop(tokio::spawn(sets.reap_forever())));
         let sets = self.sets.clone();
+        // `grpc.health.v1` (behind the same mutual TLS as everything else): the overall status
+        // "" and each service SERVING while the broker serves, NOT_SERVING once it shuts down.
+        let health = tonic_health::server::HealthReporter::new();
+        set_health(&health, tonic_health::ServingStatus::Serving).await;
+        let (stopping, stopped) = tokio::sync::watch::channel(false);
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            services::HealthService::new(health.clone(), stopped),
+        );
         let shutdown = async move {
             shutdown.await;
+            set_health(&health, tonic_health::ServingStatus::NotServing).await;
+            // Health watchers are told, and their streams end: graceful shutdown waits for them.
+            let _ = stopping.send(true);
             if let Some(sets) = sets {
                 sets.shutdown(Duration::from_secs(30)).await;
             }
@@ -171,6 +186,7 @@ impl Bound {
         }
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         server
+            .add_service(health_service)
             .add_service(
                 // A registration carries every writer's metadata: see `limits`.
                 LinkServer::new(services::LinkService(self.broker.clone()))
@@ -186,6 +202,20 @@ impl Bound {
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|e| ServeError::Serve(quiesce_link::error_chain(&e)))
+    }
+}
+
+/// The health of the overall server ("") and of each of its services.
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    use tonic::server::NamedService;
+    type Link = LinkServer<services::LinkService>;
+    type Catalog = CatalogServer<services::CatalogService>;
+    type Sets = SetsServer<services::SetsService>;
+    for name in ["", Link::NAME, Catalog::NAME, Sets::NAME] {
+        health.set_service_status(name, status).await;
     }
 }
 

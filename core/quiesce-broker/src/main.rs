@@ -77,6 +77,8 @@ struct Serve {
     /// Drop a node that sends nothing for this long (hosts send a heartbeat every third of it).
     #[arg(long, value_name = "MS", default_value_t = 15_000)]
     heartbeat_timeout_ms: u64,
+    #[command(flatten)]
+    metrics: quiesce_daemon::MetricsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -204,6 +206,16 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     );
     // The listener is bound: a host connecting from now on is answered once `run` serves.
     let broker = bound.broker();
+    // Bound before READY: an address that cannot be bound stops the broker here.
+    let _metrics = match serve.metrics.metrics_listen {
+        Some(addr) => {
+            let mut registry =
+                quiesce_daemon::metrics::prometheus_client::registry::Registry::default();
+            broker.metrics().register(&mut registry, &broker);
+            Some(quiesce_daemon::metrics::serve(addr, registry).await?)
+        }
+        None => None,
+    };
     notify::ready(&status_line(&addr, &broker));
     let _watchdog = notify::watchdog();
     let _status = AbortOnDrop(tokio::spawn(follow_status(addr, broker)));

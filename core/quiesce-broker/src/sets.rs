@@ -21,8 +21,8 @@ use crate::config::Config;
 use quiesce_driver::{Input, Inputs, Transport};
 use quiesce_link::v1::{self, broker_message};
 use quiesce_proto::{
-    Deadlines, SetId, SetRecord, SetRequest, SnapshotInfo, SnapshotSet, WriterCall, WriterMetadata,
-    WriterRef,
+    Deadlines, Requester, SetId, SetRecord, SetRequest, SnapshotInfo, SnapshotSet, WriterCall,
+    WriterMetadata, WriterRef,
 };
 use quiesce_provider::Provider;
 use std::collections::{BTreeMap, BTreeSet};
@@ -137,6 +137,9 @@ impl Sets {
             .map(|(name, p)| (name.clone(), Arc::from(p.build())))
             .collect();
         let catalog = Arc::new(Catalog::open(&config.catalog)?);
+        for volume in providers.keys() {
+            broker.metrics().volume(volume);
+        }
         for abandoned in catalog.abandoned()? {
             let mut record = abandoned.checkpoint;
             let id = record.id.0.clone();
@@ -199,12 +202,14 @@ impl Sets {
     /// runs on a task of its own: dropping this future does not stop it. `lease`: the
     /// requester's lease on the snapshot kept, from the set's end (`None`: kept until deleted).
     /// `timeout`: the requester's patience; a set still running that long after it started is
-    /// aborted (everyone thawed, nothing kept) and fails saying so.
+    /// aborted (everyone thawed, nothing kept) and fails saying so. `requester`: who asked, as
+    /// the record says.
     pub async fn create(
         self: &Arc<Self>,
         request: SetRequest,
         lease: Option<Duration>,
         timeout: Option<Duration>,
+        requester: Option<Requester>,
     ) -> Result<SetRecord, CreateError> {
         let [volume] = request.volumes.as_slice() else {
             return Err(CreateError::OneVolume(request.volumes.len()));
@@ -260,6 +265,7 @@ impl Sets {
         );
         let mut start_record = set.record_if_abandoned(now, ABANDONED.into());
         start_record.started_unix_ms = Some(started);
+        start_record.requester = requester.clone();
         if let Err(e) = self.catalog.start(&start_record, started) {
             return Err(e.into());
         }
@@ -319,11 +325,14 @@ impl Sets {
             }
             let mut record = record;
             record.started_unix_ms = Some(started);
+            record.requester = requester;
             if record.snapshot.is_some() {
                 record.lease_until_unix_ms =
                     lease.map(|lease| unix_ms().saturating_add(lease.as_millis() as u64));
             }
             let record = sets.record_or_undo(record, &volume).await;
+            // Every writer is thawed or aborted by now: the metrics never touch the window.
+            sets.broker.metrics().set_ended(&volume, &record);
             drop(running);
             tracing::info!(set = %record.id, outcome = %record.outcome, freeze_window_ms = ?record.freeze_window_ms, provider_ms = ?record.provider_ms, "cluster set ended");
             record

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dbus;
 pub mod host;
 pub mod local_set;
+pub mod metrics;
 pub mod plugins;
 pub mod remote_sets;
 pub mod set_requests;

@@ -57,6 +57,8 @@ struct Args {
     #[arg(long, requires = "broker")]
     insecure: bool,
     #[command(flatten)]
+    metrics: quiesce_daemon::MetricsArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -172,6 +174,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::process::exit(if record.outcome.is_failed() { 1 } else { 0 });
     }
 
+    // Bound before the bus name is taken: an address that cannot be bound stops the host here.
+    let _metrics = match args.metrics.metrics_listen {
+        Some(addr) => {
+            let mut registry =
+                quiesce_daemon::metrics::prometheus_client::registry::Registry::default();
+            quiesce_host::metrics::register(&mut registry, &host);
+            Some(quiesce_daemon::metrics::serve(addr, registry).await?)
+        }
+        None => None,
+    };
     // The cluster snapshot methods of Host1 reach the broker with the host's own link options.
     let set_requests = quiesce_host::set_requests::SetRequests::new(link.clone());
     let served = quiesce_host::dbus::serve(host.clone(), args.bus.as_deref(), set_requests)

@@ -207,6 +207,7 @@ impl Leases {
         };
         let budget = self.host.config().deadlines().abort;
         for (set, lease) in lapsed {
+            crate::metrics::lease_lapsed();
             tracing::error!(
                 set,
                 writers = ?lease.open,
@@ -392,5 +393,7 @@ mod tests {
             "the abandoned set's lapsing lease aborted the writer the new set holds"
         );
         assert_eq!(leases.count(), 0);
+        // Both lapses counted (the only test of this process that lets leases lapse).
+        assert_eq!(crate::metrics::lease_lapses(), 2);
     }
 }

@@ -86,13 +86,15 @@ impl SetRequests {
     /// Runs one set of `volumes` across the cluster; returns its record (SetRecord JSON) once
     /// it ended, whatever its outcome.
     /// `lease_ms`: the requester's lease on the snapshot kept, from the set's end; 0: kept
-    /// until deleted.
+    /// until deleted. `requester_uid`: the D-Bus caller's uid, which the broker records as the
+    /// set's requester beside this node's name.
     pub async fn create(
         &self,
         volumes: Vec<String>,
         best_effort: bool,
         lease_ms: u64,
         timeout_ms: u64,
+        requester_uid: Option<u32>,
     ) -> Result<String, SetRequestError> {
         const ACTION: &str = "run a snapshot set";
         let broker = self.broker()?;
@@ -114,6 +116,7 @@ impl SetRequests {
                 best_effort,
                 lease_ms,
                 timeout_ms,
+                requester_uid,
             })
             .await
             .map_err(|status| {

@@ -249,6 +249,7 @@ impl WriterHandle {
             hold_limit,
             released: None,
             retry_at: None,
+            metrics: crate::metrics::writer(&metadata.id),
         };
         std::thread::Builder::new()
             .name(format!("writer-{}", metadata.id))
@@ -429,6 +430,8 @@ struct Worker {
     released: Option<Released>,
     /// After a watchdog thaw that failed: when to try again.
     retry_at: Option<Instant>,
+    /// Atomics only: recorded between a freeze and its thaw too.
+    metrics: Arc<crate::metrics::WriterMetrics>,
 }
 
 /// How long the watchdog waits before it tries a failed thaw again.
@@ -670,8 +673,9 @@ impl Worker {
                 deadline: started + budget,
             });
         });
-        let result = self
-            .call_backend(call, set_id, budget)
+        let result = self.call_backend(call, set_id, budget);
+        self.metrics.call(kind, started.elapsed());
+        let result = result
             .map_err(|backend| failure(&self.writer, kind, backend))
             .and_then(|reports| {
                 let size: usize = reports.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -736,6 +740,8 @@ impl Worker {
             })
         });
         let result = self.call_backend(&WriterCall::Thaw, &set_id, self.hold_limit);
+        self.metrics.call(CallKind::Thaw, started.elapsed());
+        self.metrics.watchdog_thaw();
         if let Err(e) = &result {
             tracing::error!(writer = %self.writer, error = %e, "watchdog thaw failed");
         }

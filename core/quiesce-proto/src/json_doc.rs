@@ -201,6 +201,8 @@ fn every_example_in_json_md_is_the_exact_form() {
             "SnapshotInfo" => drop(exact::<SnapshotInfo>(m, &body)),
             "PhaseTiming" => drop(exact::<PhaseTiming>(m, &body)),
             "SetRecord" => records.push(exact::<SetRecord>(m, &body)),
+            "Requester" => drop(exact::<Requester>(m, &body)),
+            "Requester client" => drop(exact::<Requester>(m, &body)),
             other => panic!("JSON.md has an example of {other:?}, which this test does not know"),
         }
         seen.insert(marker);
@@ -224,6 +226,8 @@ fn every_example_in_json_md_is_the_exact_form() {
         "SnapshotInfo",
         "PhaseTiming",
         "SetRecord",
+        "Requester",
+        "Requester client",
     ] {
         assert!(
             seen.contains(required),

@@ -24,6 +24,6 @@ pub use metadata::{
     WriterMetadata, NODE_NAME_RULE,
 };
 pub use set::{
-    Deletion, Outcome, OutcomeKind, Phase, PhaseTiming, Reports, SetId, SetRecord, SetRequest,
-    SnapshotInfo, WriterFailure, WriterRef, WriterResult, WriterState,
+    Deletion, Outcome, OutcomeKind, Phase, PhaseTiming, Reports, Requester, SetId, SetRecord,
+    SetRequest, SnapshotInfo, WriterFailure, WriterRef, WriterResult, WriterState,
 };

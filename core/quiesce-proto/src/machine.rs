@@ -443,6 +443,7 @@ impl SnapshotSet {
             deleted_because: None,
             started_unix_ms: None,
             lease_until_unix_ms: None,
+            requester: None,
             writers_omitted: 0,
         }
     }

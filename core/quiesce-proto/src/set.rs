@@ -273,6 +273,21 @@ impl Deletion {
     }
 }
 
+/// Who asked the broker for a set. A request through a host (`Host1.CreateSnapshot`, `quiesce
+/// snapshot create`) names the node whose host forwarded it (from that host's certificate) and
+/// the uid of the D-Bus caller there (as that host saw it); a requester with a client
+/// certificate talking to the broker directly is named by its certificate. Every field may be
+/// absent: a broker without TLS knows no names, an older host sends no uid.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requester {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+}
+
 /// Everything recorded about a finished set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetRecord {
@@ -308,6 +323,9 @@ pub struct SetRecord {
     /// until deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_until_unix_ms: Option<u64>,
+    /// Who asked for the set (absent in the records of older brokers and of local sets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester: Option<Requester>,
     /// How many writers this copy of the record leaves out (a reply too large otherwise:
     /// see [`SetRecord::compact`]); 0, and absent, in a whole record.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -419,6 +437,7 @@ mod tests {
             deleted_because: None,
             started_unix_ms: None,
             lease_until_unix_ms: None,
+            requester: None,
             writers_omitted: 0,
         }
     }

@@ -25,6 +25,33 @@ impl SetsService {
     }
 }
 
+/// Who asks, from the peer's certificate: a node forwards for a local D-Bus caller, whose uid
+/// it sends; a client names itself. A uid sent with a client certificate is not recorded: only
+/// a host vouches for a caller on its node. (Without TLS, the uid is all there is.)
+fn requester(
+    peer: Option<quiesce_link::identity::PeerIdentity>,
+    uid: Option<u32>,
+) -> Option<quiesce_proto::Requester> {
+    use quiesce_link::identity::Role;
+    let requester = match peer {
+        Some(p) if p.role == Role::Node => quiesce_proto::Requester {
+            node: Some(p.name),
+            uid,
+            client: None,
+        },
+        Some(p) => quiesce_proto::Requester {
+            client: Some(p.name),
+            ..Default::default()
+        },
+        None => quiesce_proto::Requester {
+            uid,
+            ..Default::default()
+        },
+    };
+    // Nothing known (an insecure broker, a requester that sent no uid): no field at all.
+    (requester != quiesce_proto::Requester::default()).then_some(requester)
+}
+
 /// A record as a reply carries it: compacted past [`limits::RECORD_REPLY_BYTES`].
 fn record_json(record: &quiesce_proto::SetRecord) -> String {
     serde_json::to_string(&record.compact(limits::RECORD_REPLY_BYTES))
@@ -48,12 +75,15 @@ impl v1::sets_server::Sets for SetsService {
         request: Request<v1::CreateSetRequest>,
     ) -> Result<Response<v1::SetReply>, Status> {
         let sets = self.sets(&request)?;
+        let peer = self.broker.authenticate(&request)?;
         let v1::CreateSetRequest {
             volumes,
             best_effort,
             lease_ms,
             timeout_ms,
+            requester_uid,
         } = request.into_inner();
+        let requester = requester(peer, requester_uid);
         let record = sets
             .create(
                 quiesce_proto::SetRequest {
@@ -62,6 +92,7 @@ impl v1::sets_server::Sets for SetsService {
                 },
                 lease(lease_ms),
                 (timeout_ms > 0).then(|| std::time::Duration::from_millis(timeout_ms)),
+                requester,
             )
             .await
             .map_err(|e| match e {

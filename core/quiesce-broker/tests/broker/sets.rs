@@ -18,6 +18,10 @@ use std::time::Duration;
 #[path = "backup.rs"]
 mod backup;
 
+/// The metrics endpoints and the broker's gRPC health, on this file's cluster.
+#[path = "metrics.rs"]
+mod metrics;
+
 /// Each node's lease on a running set: the broker renews it every third.
 const LEASE_MS: u64 = 1500;
 /// Far above the lease, so a writer released in time was released by its lease, not by the
@@ -35,6 +39,8 @@ struct Spec {
     db: &'static str,
     /// Run the host in a network namespace of its own, to cut its link.
     netns: bool,
+    /// `--metrics-listen 127.0.0.1:0` for the host, and for the broker when any node has it.
+    metrics: bool,
 }
 
 struct Node {
@@ -112,13 +118,11 @@ impl Cluster {
         } else {
             "127.0.0.1:0"
         };
-        let broker = Broker::start_with(
-            dir.path(),
-            &certs,
-            heartbeat_ms,
-            listen,
-            vec!["--config".into(), config.display().to_string()],
-        );
+        let mut extra = vec!["--config".into(), config.display().to_string()];
+        if specs.iter().any(|s| s.metrics) {
+            extra.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+        }
+        let broker = Broker::start_with(dir.path(), &certs, heartbeat_ms, listen, extra);
         let nodes: Vec<Node> = specs
             .iter()
             .zip(&names)
@@ -233,6 +237,11 @@ fn start_node(
         .arg(&config)
         .args(["--bus", &bus.address, "--broker", &url])
         .args(certs.flags(name))
+        .args(if spec.metrics {
+            &["--metrics-listen", "127.0.0.1:0"][..]
+        } else {
+            &[]
+        })
         .env("RUST_LOG", "info")
         .stdout(Stdio::null());
     let host = Child::spawn(command, home.join("host.log"));
@@ -1129,6 +1138,7 @@ fn synthetic_record(id: &str, writers: usize, failed: bool) -> SetRecord {
         deleted_because: None,
         started_unix_ms: None,
         lease_until_unix_ms: None,
+        requester: None,
         writers_omitted: 0,
     }
 }

@@ -146,9 +146,10 @@ impl HostIface {
         volumes: Vec<String>,
         best_effort: bool,
     ) -> Result<String, Error> {
-        authorize(connection, &header, "start a snapshot set").await?;
+        // The broker records who asked: this node (from its certificate) and the caller's uid.
+        let uid = authorize(connection, &header, "start a snapshot set").await?;
         self.set_requests
-            .create(volumes, best_effort, 0, 0)
+            .create(volumes, best_effort, 0, 0, Some(uid))
             .await
             .map_err(set_request_error)
     }
@@ -167,9 +168,9 @@ impl HostIface {
         lease_ms: u64,
         timeout_ms: u64,
     ) -> Result<String, Error> {
-        authorize(connection, &header, "start a snapshot set").await?;
+        let uid = authorize(connection, &header, "start a snapshot set").await?;
         self.set_requests
-            .create(volumes, best_effort, lease_ms, timeout_ms)
+            .create(volumes, best_effort, lease_ms, timeout_ms, Some(uid))
             .await
             .map_err(set_request_error)
     }

@@ -76,7 +76,7 @@ async fn authorize(
     connection: &Connection,
     header: &Header<'_>,
     action: &str,
-) -> Result<(), Error> {
+) -> Result<u32, Error> {
     let sender = header
         .sender()
         .ok_or_else(|| Error::NotAuthorized("the call has no sender".into()))?;
@@ -85,7 +85,7 @@ async fn authorize(
         .get_connection_unix_user(sender.clone().into())
         .await?;
     if uid == 0 || in_operator_group(uid) {
-        return Ok(());
+        return Ok(uid);
     }
     Err(Error::NotAuthorized(format!(
         "uid {uid} may not {action}: only root and members of the {OPERATOR_GROUP:?} group may freeze, thaw, register writers, start sets or delete snapshots; reading metadata and records is open to everyone"

@@ -458,7 +458,7 @@ async fn the_watchdog_thaws_a_frozen_writer_at_the_hold_limit_without_any_caller
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("events.log");
     let writers =
-        "[[plugins.misbehave.writers]]\nid = \"held\"\nlevel = \"system\"\nvolume = \"demo\"\n";
+        "[[plugins.misbehave.writers]]\nid = \"watched\"\nlevel = \"system\"\nvolume = \"demo\"\n";
     let config = format!("hold_limit_ms = 300\n{}", misbehave_config(&log, writers));
     let host = host(tmp.path(), &[&plugin("quiesce-test-plugin")], &config);
     let held: Arc<WriterHandle> = host.writers().pop().unwrap();
@@ -489,7 +489,20 @@ async fn the_watchdog_thaws_a_frozen_writer_at_the_hold_limit_without_any_caller
     held.settled().await;
     assert_eq!(held.status().frozen_since, None);
     let ev = events(&log);
-    assert!(position(&ev, "held freeze-done") < position(&ev, "held thaw-done"));
+    assert!(position(&ev, "watched freeze-done") < position(&ev, "watched thaw-done"));
+    // The metrics say so (the id is this test's alone: the metrics are the process's).
+    let host = Arc::new(host);
+    let mut registry = prometheus_client::registry::Registry::default();
+    quiesce_host::metrics::register(&mut registry, &host);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        "quiesce_watchdog_thaws_total{writer=\"watched\"} 1",
+        "quiesce_writer_call_duration_seconds_count{writer=\"watched\",call=\"freeze\"} 1",
+        "quiesce_writer_call_duration_seconds_count{writer=\"watched\",call=\"thaw\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

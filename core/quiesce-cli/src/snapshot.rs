@@ -424,7 +424,7 @@ fn print_record(record: &SetRecord) {
             [
                 w.writer.node.clone(),
                 w.writer.writer.clone(),
-                kebab(&w.state),
+                w.state.to_string(),
                 writer_result(w),
             ]
         })
@@ -443,7 +443,7 @@ fn writer_result(w: &WriterResult) -> String {
     let failure = w
         .failure
         .as_ref()
-        .map(|f| format!("{} in {}: {}", kebab(&f.kind), f.phase, f.reason));
+        .map(|f| format!("{} in {}: {}", f.kind, f.phase, f.reason));
     match (w.excluded, failure) {
         (true, Some(f)) => format!("left out (best effort): {f}"),
         (true, None) => "left out (best effort)".to_string(),
@@ -500,14 +500,6 @@ fn held(record: &SetRecord, now: u64) -> String {
 /// A span of milliseconds, to the second, as people read it ("3h 2m 5s").
 fn age(ms: u64) -> String {
     humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
-}
-
-/// The kebab-case name JSON.md gives an enum value (`post-snapshotting`, `timeout`).
-fn kebab<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 /// Milliseconds since the Unix epoch as RFC 3339 in UTC, to the second.

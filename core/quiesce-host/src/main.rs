@@ -149,12 +149,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let failure = w
                     .failure
                     .as_ref()
-                    .map(|f| format!(" — {} in {}: {}", kebab(&f.kind), f.phase, f.reason));
+                    .map(|f| format!(" — {} in {}: {}", f.kind, f.phase, f.reason));
                 writeln!(
                     out,
                     "  {}: {}{}",
                     w.writer,
-                    kebab(&w.state),
+                    w.state.as_str(),
                     failure.unwrap_or_default()
                 )?;
             }
@@ -297,7 +297,7 @@ fn print_check(out: &mut impl Write, path: &Path, host: &Host) -> anyhow::Result
             "writer {} ({}, level {}): volumes {}",
             w.id(),
             w.origin,
-            kebab(&w.metadata.level),
+            w.metadata.level.as_str(),
             if volumes.is_empty() {
                 "none".to_string()
             } else {
@@ -394,9 +394,3 @@ fn own_stdout() -> std::io::Result<std::fs::File> {
     Ok(unsafe { std::fs::File::from_raw_fd(saved.into_raw_fd()) })
 }
 
-fn kebab<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}

@@ -54,8 +54,22 @@ pub struct SetRequest {
 pub type Reports = BTreeMap<String, String>;
 
 /// The steps of the protocol, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Phase {
     Identify,
     Prepare,
@@ -69,30 +83,28 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Its name in JSON, messages and logs: `post-snapshot`, ...
     pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Identify => "identify",
-            Phase::Prepare => "prepare",
-            Phase::Freeze => "freeze",
-            Phase::Snapshot => "snapshot",
-            Phase::Thaw => "thaw",
-            Phase::PostSnapshot => "post-snapshot",
-            Phase::Finalize => "finalize",
-            Phase::Abort => "abort",
-            Phase::Complete => "complete",
-        }
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 
 /// Where one writer stands in the set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::VariantArray,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum WriterState {
     Idle,
     Preparing,
@@ -107,6 +119,13 @@ pub enum WriterState {
     Aborted,
     /// The writer failed a call, timed out or was lost; see its `failure`.
     Failed,
+}
+
+impl WriterState {
+    /// Its name in JSON, messages and logs: `post-snapshotting`, ...
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,8 +183,20 @@ pub enum Outcome {
 }
 
 /// Which outcome, without its details: what a writer's `complete` is told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum OutcomeKind {
     AppConsistent,
     CrashConsistent,
@@ -179,23 +210,14 @@ impl OutcomeKind {
         OutcomeKind::Failed,
     ];
 
+    /// Its name in JSON, messages and logs: `app-consistent`, ...
     pub fn as_str(self) -> &'static str {
-        match self {
-            OutcomeKind::AppConsistent => "app-consistent",
-            OutcomeKind::CrashConsistent => "crash-consistent",
-            OutcomeKind::Failed => "failed",
-        }
+        self.into()
     }
 
     /// The kind named `label` (as [`OutcomeKind::as_str`] writes it).
     pub fn from_label(label: &str) -> Option<OutcomeKind> {
         OutcomeKind::ALL.into_iter().find(|k| k.as_str() == label)
-    }
-}
-
-impl fmt::Display for OutcomeKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -401,6 +423,35 @@ fn json_len<T: Serialize>(value: &T) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_states_and_outcomes_are_named_as_json_names_them() {
+        use strum::VariantArray;
+        let phases = [
+            Phase::Identify,
+            Phase::Prepare,
+            Phase::Freeze,
+            Phase::Snapshot,
+            Phase::Thaw,
+            Phase::PostSnapshot,
+            Phase::Finalize,
+            Phase::Abort,
+            Phase::Complete,
+        ];
+        for phase in phases {
+            assert_eq!(serde_json::to_value(phase).unwrap(), phase.as_str());
+            assert_eq!(phase.to_string(), phase.as_str());
+        }
+        assert_eq!(Phase::PostSnapshot.as_str(), "post-snapshot");
+        for state in WriterState::VARIANTS {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
+        assert_eq!(WriterState::PostSnapshotting.as_str(), "post-snapshotting");
+        for kind in OutcomeKind::ALL {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+            assert_eq!(OutcomeKind::from_label(kind.as_str()), Some(kind));
+        }
+    }
     use crate::metadata::Level;
 
     fn record(writers: usize, failed_at: usize) -> SetRecord {

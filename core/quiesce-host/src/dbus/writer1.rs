@@ -141,10 +141,7 @@ impl WriterIface {
             .components
             .iter()
             .map(|c| {
-                let kind = serde_json::to_value(c.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
+                let kind = c.kind.to_string();
                 (c.name.clone(), kind, c.volume.clone(), c.paths.clone())
             })
             .collect()

@@ -393,4 +393,3 @@ fn own_stdout() -> std::io::Result<std::fs::File> {
     // SAFETY: `saved` is an open descriptor this function owns and hands over.
     Ok(unsafe { std::fs::File::from_raw_fd(saved.into_raw_fd()) })
 }
-

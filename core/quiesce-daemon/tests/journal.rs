@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CHILD: &str = "QUIESCE_DAEMON_JOURNAL_CHILD";
 
@@ -54,17 +54,6 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -122,7 +111,7 @@ fn under_systemd_the_log_reaches_a_real_journald_with_priorities_and_fields() {
             .expect("starting systemd-journald under unshare"),
     );
     let stdout_socket = run.join("systemd/journal/stdout");
-    poll("journald's sockets", Duration::from_secs(10), || {
+    quiesce_testbed::wait_until("journald's sockets", Duration::from_secs(10), || {
         UnixStream::connect(&stdout_socket).ok()
     });
 
@@ -154,7 +143,7 @@ fn under_systemd_the_log_reaches_a_real_journald_with_priorities_and_fields() {
 
     let field =
         |e: &serde_json::Value, k: &str| e.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    let entries = poll(
+    let entries = quiesce_testbed::wait_until(
         "the probe entries in the journal",
         Duration::from_secs(10),
         || {

@@ -343,15 +343,6 @@ mod tests {
         c
     }
 
-    /// Until `done` holds, polled, under a deadline: a condition, not a sleep.
-    fn wait_until(what: &str, timeout: Duration, done: impl Fn() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !done() {
-            assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     #[test]
     fn captures_exit_status_stdout_and_the_end_of_stderr() {
         let run = run(
@@ -404,13 +395,14 @@ mod tests {
     /// SIGKILL is delivered at once but a process takes a moment to die: gone, or a zombie
     /// waiting for init to reap it.
     fn assert_gone(pid: &str) {
-        wait_until(
+        quiesce_testbed::wait_until(
             "the process to die with its group",
             Duration::from_secs(5),
             || {
                 std::fs::read_to_string(format!("/proc/{pid}/stat"))
                     .map(|s| s.contains(") Z "))
                     .unwrap_or(true)
+                    .then_some(())
             },
         );
     }

@@ -507,18 +507,8 @@ impl Running {
 
     /// Its exit status, waiting at most `timeout`.
     fn wait_for_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} did not exit within {timeout:?}",
-                self.what
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("{} exiting", self.what);
+        poll(&what, timeout, || Ok(self.child.try_wait()?))
     }
 }
 
@@ -531,20 +521,15 @@ impl Drop for Running {
     }
 }
 
-/// Polls `condition` until it gives a value or `timeout` passes.
+/// Polls `condition` (the test bed's [`quiesce_testbed::poll_until`]) until it gives a value,
+/// fails, or `timeout` passes.
 fn poll<T>(
     what: &str,
     timeout: Duration,
     mut condition: impl FnMut() -> Result<Option<T>>,
 ) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = condition()? {
-            return Ok(value);
-        }
-        ensure!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    quiesce_testbed::poll_until(timeout, || condition().transpose())
+        .unwrap_or_else(|| Err(anyhow::anyhow!("{what}: not within {timeout:?}")))
 }
 
 /// Copies the dynamic libraries every installed ELF file needs into the root, at their paths.

@@ -21,10 +21,12 @@ pub mod ceph;
 pub mod guest;
 pub mod mariadb;
 mod netns;
+mod notify;
 pub mod postgres;
 
 pub use ceph::{CephClient, CephCluster, CephMount};
 pub use netns::{drop_packets, pass_packets, Netns};
+pub use notify::NotifySocket;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

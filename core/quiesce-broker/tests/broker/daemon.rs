@@ -3,65 +3,12 @@
 //! SIGHUP, SIGTERM and `serve --check-config`.
 
 use crate::support::{broker_exe, nodes, wait_log, Broker, Certs, Host, HostTls};
-use std::os::unix::net::UnixDatagram;
+use quiesce_testbed::NotifySocket;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A `NOTIFY_SOCKET` of the test's own.
-struct NotifySocket {
-    socket: UnixDatagram,
-    path: PathBuf,
-}
-
-impl NotifySocket {
-    fn bind(dir: &Path) -> NotifySocket {
-        let path = dir.join("notify.sock");
-        let socket = UnixDatagram::bind(&path).unwrap();
-        NotifySocket { socket, path }
-    }
-
-    /// Waits (blocking reads with a timeout) for a datagram with a line for which `wanted`
-    /// holds; returns the whole datagram.
-    fn wait_for(
-        &self,
-        what: &str,
-        wanted: impl Fn(&str) -> bool,
-        log: impl Fn() -> String,
-    ) -> String {
-        let until = Instant::now() + DEADLINE;
-        let mut buf = vec![0u8; 4096];
-        let mut seen = vec![];
-        while let Some(left) = until.checked_duration_since(Instant::now()) {
-            self.socket
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            let n = match self.socket.recv(&mut buf) {
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break
-                }
-                Err(e) => panic!("reading the notify socket: {e}"),
-            };
-            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if message.lines().any(&wanted) {
-                return message;
-            }
-            seen.push(message);
-        }
-        panic!(
-            "no {what} on the notify socket within {DEADLINE:?} (seen: {seen:?}):\n{}",
-            log()
-        )
-    }
-}
 
 /// `Type=notify` for the broker: READY=1 once its listener is bound (with its address in
 /// STATUS=), STATUS= following the nodes attached, WATCHDOG=1 at half WATCHDOG_USEC. And a host
@@ -82,7 +29,7 @@ fn ready_status_watchdog_and_a_host_that_stops_leaves_cleanly() {
     );
     let log = || broker.process.log();
     // READY=1 comes with its status in one datagram, naming the bound address.
-    let ready = notify.wait_for("READY=1", |l| l == "READY=1", log);
+    let ready = notify.wait_for("READY=1", DEADLINE, |l| l == "READY=1", log);
     assert_eq!(
         ready,
         format!(
@@ -90,7 +37,7 @@ fn ready_status_watchdog_and_a_host_that_stops_leaves_cleanly() {
             broker.addr
         )
     );
-    notify.wait_for("WATCHDOG=1", |l| l == "WATCHDOG=1", log);
+    notify.wait_for("WATCHDOG=1", DEADLINE, |l| l == "WATCHDOG=1", log);
 
     let mut host = Host::start(
         tmp.path(),
@@ -103,6 +50,7 @@ fn ready_status_watchdog_and_a_host_that_stops_leaves_cleanly() {
     );
     notify.wait_for(
         "STATUS= with n1",
+        DEADLINE,
         |l| l.ends_with(": 1 node(s) attached: n1"),
         || format!("{}\n--- host:\n{}", log(), host.process.log()),
     );
@@ -124,6 +72,7 @@ fn ready_status_watchdog_and_a_host_that_stops_leaves_cleanly() {
     );
     notify.wait_for(
         "STATUS= with no node",
+        DEADLINE,
         |l| l.ends_with(": no node attached"),
         log,
     );

@@ -4,73 +4,14 @@
 use crate::dbus::start_host;
 use crate::support::{self, plugin, plugin_dir, Bus, Child, Policy};
 use quiesce_dbus::{HostProxy, HOST_NAME};
+use quiesce_testbed::NotifySocket;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long anything here may take on a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A `NOTIFY_SOCKET` of the test's own.
-struct NotifySocket {
-    socket: UnixDatagram,
-    path: PathBuf,
-}
-
-impl NotifySocket {
-    fn bind(dir: &Path) -> NotifySocket {
-        let path = dir.join("notify.sock");
-        let socket = UnixDatagram::bind(&path).unwrap();
-        NotifySocket { socket, path }
-    }
-
-    /// The next datagram, waiting at most until `until` (a blocking read with a timeout).
-    fn next(&self, until: Instant) -> Option<String> {
-        let left = until.checked_duration_since(Instant::now())?;
-        self.socket
-            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .unwrap();
-        let mut buf = vec![0u8; 4096];
-        match self.socket.recv(&mut buf) {
-            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                None
-            }
-            Err(e) => panic!("reading the notify socket: {e}"),
-        }
-    }
-
-    /// Waits for a datagram with the line `line`; returns it.
-    fn wait_for(&self, line: &str, log: impl Fn() -> String) -> String {
-        let until = Instant::now() + DEADLINE;
-        while let Some(message) = self.next(until) {
-            if message.lines().any(|l| l == line) {
-                return message;
-            }
-        }
-        panic!(
-            "no {line} on the notify socket within {DEADLINE:?}:\n{}",
-            log()
-        )
-    }
-
-    /// What is queued on the socket now (the sender has exited: nothing more comes).
-    fn queued(&self) -> Vec<String> {
-        self.socket.set_nonblocking(true).unwrap();
-        let mut buf = vec![0u8; 4096];
-        let mut all = vec![];
-        while let Ok(n) = self.socket.recv(&mut buf) {
-            all.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-        all
-    }
-}
 
 /// Writes a host configuration with the hello plugin on volume `demo` into `dir`.
 fn write_config(dir: &Path, extra: &str) -> PathBuf {
@@ -129,7 +70,9 @@ async fn ready_comes_once_the_bus_name_is_owned_then_the_watchdog() {
         .env_remove("WATCHDOG_PID")
         .stdout(Stdio::null());
     let host = Child::spawn(command, tmp.path().join("host.stderr"));
-    let ready = tokio::task::block_in_place(|| notify.wait_for("READY=1", || host.log()));
+    let ready = tokio::task::block_in_place(|| {
+        notify.wait_for("READY=1", DEADLINE, |l| l == "READY=1", || host.log())
+    });
     assert!(
         dbus.name_has_owner(name.clone()).await.unwrap(),
         "READY=1 came before the host owned {HOST_NAME}:\n{}",
@@ -145,7 +88,9 @@ async fn ready_comes_once_the_bus_name_is_owned_then_the_watchdog() {
     assert_eq!(proxy.node().await.unwrap(), "node1");
     // The watchdog: two in a row (each within the deadline; a blocking read, no sleep).
     for _ in 0..2 {
-        let message = tokio::task::block_in_place(|| notify.wait_for("WATCHDOG=1", || host.log()));
+        let message = tokio::task::block_in_place(|| {
+            notify.wait_for("WATCHDOG=1", DEADLINE, |l| l == "WATCHDOG=1", || host.log())
+        });
         assert!(!message.contains("READY=1"), "READY=1 came twice");
     }
     drop(host);
@@ -164,7 +109,9 @@ async fn ready_comes_once_the_bus_name_is_owned_then_the_watchdog() {
         .env_remove("WATCHDOG_USEC")
         .stdout(Stdio::null());
     let mut host = Child::spawn(command, tmp.path().join("host.stderr"));
-    tokio::task::block_in_place(|| notify.wait_for("READY=1", || host.log()));
+    tokio::task::block_in_place(|| {
+        notify.wait_for("READY=1", DEADLINE, |l| l == "READY=1", || host.log())
+    });
     host.signal("TERM");
     let status = host.child.wait().unwrap();
     assert!(status.success(), "{status}:\n{}", host.log());

@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
 
 /// Where the broker is and how to prove who we are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +226,21 @@ fn writers_changed(told: &WriterList, now: &WriterList) -> Option<v1::WritersCha
     (!removed.is_empty() || !added.is_empty()).then_some(v1::WritersChanged { removed, added })
 }
 
+/// Ends an attached link as a host that shuts down. The end of the request stream is the
+/// host's goodbye: the broker logs the node as gone cleanly, then ends the response stream,
+/// which is waited for (at most [`CLOSE_WAIT`]) so that the process does not exit, resetting
+/// the connection, before.
+async fn say_goodbye(
+    requests: mpsc::Sender<v1::HostMessage>,
+    mut inbound: Streaming<v1::BrokerMessage>,
+) {
+    drop(requests);
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+}
+
 /// One link, from connecting until it fails.
 async fn session(
     host: &Host,
@@ -255,8 +271,6 @@ async fn session(
     };
     tx.try_send(message(host_message::Body::Register(register)))
         .expect("a new channel has room for one message");
-    // Until the broker answered the registration there is no link to close cleanly: a host
-    // shutting down meanwhile just stops.
     let attaching = async {
         let channel = quiesce_link::connect(url, &options.security).await?;
         let mut client = LinkClient::new(channel);
@@ -295,9 +309,18 @@ async fn session(
         };
         Ok::<_, LinkError>((inbound, registration))
     };
+    tokio::pin!(attaching);
     let (mut inbound, registration) = tokio::select! {
-        attached = attaching => attached?,
-        true = closing_asked(&mut closing) => return Err(LinkError::Stopping { url: url.into() }),
+        attached = &mut attaching => attached?,
+        true = closing_asked(&mut closing) => {
+            // The broker may have registered this node already, its answer still on the way: a
+            // host that dropped the half-made link now would be seen leaving by a reset. So the
+            // attach gets a moment to finish, and an attached link is closed as a goodbye.
+            if let Ok(Ok((inbound, _))) = tokio::time::timeout(CLOSE_WAIT, attaching).await {
+                say_goodbye(tx, inbound).await;
+            }
+            return Err(LinkError::Stopping { url: url.into() });
+        }
     };
     *registered = true;
     tracing::info!(
@@ -323,14 +346,7 @@ async fn session(
     loop {
         tokio::select! {
             true = closing_asked(&mut closing) => {
-                // The end of the request stream is the host's goodbye: the broker logs the node
-                // as gone cleanly, then ends the response stream, which is waited for here so
-                // that the process does not exit (resetting the connection) before.
-                drop(tx);
-                let _ = tokio::time::timeout(CLOSE_WAIT, async {
-                    while let Ok(Some(_)) = inbound.message().await {}
-                })
-                .await;
+                say_goodbye(tx, inbound).await;
                 return Err(LinkError::Stopping { url: url.into() });
             }
             Some(body) = outgoing.recv() => {

@@ -88,6 +88,43 @@ pub enum RenewError {
     Catalog(#[from] CatalogError),
 }
 
+/// Why a running set was not cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error(
+        "set {0} is not running (an ended set's record says how it ended: `quiesce snapshot show`)"
+    )]
+    NotRunning(String),
+    #[error("{by} may not cancel set {id}: only its requester ({owner}) or root on a node may")]
+    NotItsRequester {
+        id: String,
+        by: String,
+        owner: String,
+    },
+}
+
+/// A set admitted and running on its own task ([`Sets::start`]).
+#[derive(Debug)]
+pub struct Started {
+    pub id: SetId,
+    /// Each phase the set enters, in order; closed once the set ended.
+    pub phases: tokio::sync::mpsc::UnboundedReceiver<quiesce_proto::Phase>,
+    /// The set's record once it ended, whatever its outcome.
+    pub record: tokio::task::JoinHandle<SetRecord>,
+}
+
+/// Whether `by` may cancel a set `owner` asked for: its own requester (the same node and uid,
+/// or the same client), or root on a node. A set whose requester is unknown (a broker without
+/// TLS, a host that sent no uid) may be cancelled by anyone who may start one.
+fn may_cancel(owner: Option<&Requester>, by: Option<&Requester>) -> bool {
+    match (owner, by) {
+        (_, Some(by)) if by.uid == Some(0) && by.client.is_none() => true,
+        (Some(owner), Some(by)) => owner == by,
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
+}
+
 /// The sets of a broker.
 pub struct Sets {
     broker: Arc<Broker>,
@@ -95,6 +132,8 @@ pub struct Sets {
     providers: BTreeMap<String, Arc<dyn Provider>>,
     catalog: Arc<Catalog>,
     running: Arc<quiesce_driver::RunningSlot>,
+    /// Who asked for the running set, for [`Sets::cancel`].
+    running_requester: std::sync::Mutex<Option<(SetId, Option<Requester>)>>,
     counter: AtomicU64,
     retention: BTreeMap<String, crate::config::Retention>,
     keep_records: Option<Duration>,
@@ -191,6 +230,7 @@ impl Sets {
             providers,
             catalog,
             running: quiesce_driver::RunningSlot::new(),
+            running_requester: std::sync::Mutex::new(None),
             counter: AtomicU64::new(0),
             retention: config.retention.clone(),
             keep_records: config.keep_records,
@@ -198,12 +238,8 @@ impl Sets {
         }))
     }
 
-    /// Runs one set across the cluster and returns its record, whatever its outcome. The set
-    /// runs on a task of its own: dropping this future does not stop it. `lease`: the
-    /// requester's lease on the snapshot kept, from the set's end (`None`: kept until deleted).
-    /// `timeout`: the requester's patience; a set still running that long after it started is
-    /// aborted (everyone thawed, nothing kept) and fails saying so. `requester`: who asked, as
-    /// the record says.
+    /// Runs one set across the cluster and returns its record, whatever its outcome: as
+    /// [`Sets::start`], waiting for the end. Dropping this future does not stop the set.
     pub async fn create(
         self: &Arc<Self>,
         request: SetRequest,
@@ -211,6 +247,22 @@ impl Sets {
         timeout: Option<Duration>,
         requester: Option<Requester>,
     ) -> Result<SetRecord, CreateError> {
+        let started = self.start(request, lease, timeout, requester)?;
+        Ok(started.record.await.expect("a set's task does not panic"))
+    }
+
+    /// Admits one set across the cluster and starts it on a task of its own, which runs it to
+    /// its end whatever the caller does. `lease`: the requester's lease on the snapshot kept,
+    /// from the set's end (`None`: kept until deleted). `timeout`: the requester's patience; a
+    /// set still running that long after it started is aborted (everyone thawed, nothing kept)
+    /// and fails saying so. `requester`: who asked, as the record says.
+    pub fn start(
+        self: &Arc<Self>,
+        request: SetRequest,
+        lease: Option<Duration>,
+        timeout: Option<Duration>,
+        requester: Option<Requester>,
+    ) -> Result<Started, CreateError> {
         let [volume] = request.volumes.as_slice() else {
             return Err(CreateError::OneVolume(request.volumes.len()));
         };
@@ -269,9 +321,16 @@ impl Sets {
         if let Err(e) = self.catalog.start(&start_record, started) {
             return Err(e.into());
         }
-        tracing::info!(set = %id, epoch, writers = participants.len(), volume = %volume, "cluster set started");
+        *self
+            .running_requester
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((id.clone(), requester.clone()));
+        tracing::info!(set = %id, epoch, writers = participants.len(), volume = %volume, requester = %requester.as_ref().map_or("-".to_string(), Requester::to_string), "cluster set started");
+        let (phases, phases_out) = tokio::sync::mpsc::unbounded_channel();
         let sets = self.clone();
+        let set_id = id.clone();
         let task = tokio::spawn(async move {
+            let id = set_id;
             let follower = tokio::spawn(follow_membership(
                 membership,
                 epoch,
@@ -300,6 +359,10 @@ impl Sets {
             let record =
                 quiesce_driver::run(set, transport, provider, (inputs, inbox), |set, _now| {
                     let now_at = (set.phase(), set.snapshot().cloned());
+                    if !set.is_ended() && last.as_ref().map(|l| l.0) != Some(now_at.0) {
+                        // A requester that stopped following is no reason to stop the set.
+                        let _ = phases.send(now_at.0);
+                    }
                     if !set.is_ended() && last.as_ref() != Some(&now_at) {
                         // A provider operation started in this phase ends by its deadline: a
                         // restarted broker waits that long before it looks for what the set
@@ -337,7 +400,42 @@ impl Sets {
             tracing::info!(set = %record.id, outcome = %record.outcome, freeze_window_ms = ?record.freeze_window_ms, provider_ms = ?record.provider_ms, "cluster set ended");
             record
         });
-        Ok(task.await.expect("a set's task does not panic"))
+        Ok(Started {
+            id,
+            phases: phases_out,
+            record: task,
+        })
+    }
+
+    /// Aborts the running set `id` for `by`: every writer thawed, no snapshot kept, the set
+    /// failed saying who cancelled it. Returns once the set was told; it ends on its own task.
+    pub fn cancel(&self, id: &str, by: Option<Requester>) -> Result<(), CancelError> {
+        let not_running = || CancelError::NotRunning(id.to_string());
+        let (running, inputs) = self.running.current().ok_or_else(not_running)?;
+        if running.0 != id {
+            return Err(not_running());
+        }
+        let owner = self
+            .running_requester
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|(of, _)| *of == running)
+            .and_then(|(_, owner)| owner);
+        let name = |r: Option<&Requester>| {
+            r.map_or("an unnamed requester".to_string(), Requester::to_string)
+        };
+        if !may_cancel(owner.as_ref(), by.as_ref()) {
+            return Err(CancelError::NotItsRequester {
+                id: id.to_string(),
+                by: name(by.as_ref()),
+                owner: name(owner.as_ref()),
+            });
+        }
+        tracing::warn!(set = %id, by = %name(by.as_ref()), "the set was cancelled: aborting it");
+        inputs
+            .send(Input::Abort(format!("cancelled by {}", name(by.as_ref()))))
+            .map_err(|_| not_running())
     }
 
     /// Writes a set's final record. The catalog is part of the outcome: a set whose record

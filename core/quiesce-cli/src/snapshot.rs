@@ -15,7 +15,9 @@ use std::time::Duration;
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
     /// Run one snapshot set of the volumes across the cluster, wait until it ends and print its
-    /// record (needs root or the quiesce group).
+    /// record (needs root or the quiesce group). On a terminal, each phase the set enters is
+    /// shown on stderr. SIGINT or SIGTERM cancels the set (every writer thawed, no snapshot
+    /// kept); its record, failed and saying so, is printed as any other.
     Create {
         /// A volume to snapshot, as the hosts' [volumes.NAME] name it (repeatable: one set over
         /// all of them).
@@ -184,11 +186,7 @@ pub async fn run(bus: Option<&str>, command: SnapshotCommand) -> anyhow::Result<
             timeout,
             json,
         } => {
-            let record = parse(
-                &host
-                    .create_snapshot_leased(&volumes, best_effort, hold.lease(), timeout)
-                    .await?,
-            )?;
+            let record = create(&host, &volumes, best_effort, hold.lease(), timeout).await?;
             let record = whole(&host, record, json).await?;
             print_one(&record, json)?;
             Ok(Exit::of_outcome(&record).into())
@@ -320,6 +318,59 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs one set through `StartSnapshot` and follows it to its end by the host's signals: its
+/// phases on stderr when that is a terminal (a script's stderr stays as quiet as before), and
+/// the first SIGINT or SIGTERM cancels it — a backup job stopped mid-set leaves nothing frozen
+/// and nothing kept, and still learns the set's id and outcome.
+async fn create(
+    host: &HostClient,
+    volumes: &[String],
+    best_effort: bool,
+    lease: Option<Duration>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<SetRecord> {
+    use quiesce_dbus::SetEvent;
+    use std::io::IsTerminal;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM's handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT's handler")?;
+    // Subscribed before the set starts: none of its signals can come before the subscription.
+    let mut events = host.set_signals().await?;
+    let id = host
+        .start_snapshot(volumes, best_effort, lease, timeout)
+        .await?;
+    let progress = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut cancelled = false;
+    loop {
+        let stop = tokio::select! {
+            event = events.next_of(&id) => match event {
+                Some(SetEvent::Phase(phase)) => {
+                    if progress {
+                        eprintln!("{id}: {phase} ({:.1} s)", started.elapsed().as_secs_f64());
+                    }
+                    continue;
+                }
+                Some(SetEvent::Ended(_)) => break,
+                None => anyhow::bail!(
+                    "the bus connection closed while set {id} ran: `quiesce snapshot show {id}` shows how it ended"
+                ),
+            },
+            _ = terminate.recv(), if !cancelled => "SIGTERM",
+            _ = interrupt.recv(), if !cancelled => "SIGINT",
+        };
+        cancelled = true;
+        eprintln!("{stop}: cancelling set {id} (every writer is thawed, no snapshot is kept)");
+        match host.cancel_snapshot(&id).await {
+            Ok(()) => {}
+            // It ended meanwhile: its SetEnded is on the way.
+            Err(quiesce_dbus::CallError::Host(quiesce_dbus::Error::UnknownSet(_))) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    parse(&host.show_snapshot(&id).await?)
 }
 
 /// The whole record when `--json` asks for it: a record too large for one reply comes with

@@ -20,7 +20,7 @@
 
 pub mod requester;
 
-pub use requester::{CallError, HostClient};
+pub use requester::{CallError, HostClient, SetEvent, SetSignals};
 pub use zbus;
 
 use zbus::zvariant::OwnedObjectPath;
@@ -149,6 +149,16 @@ pub trait Host {
         lease_ms: u64,
         timeout_ms: u64,
     ) -> Result<String, Error>;
+    /// Starts one cluster set and returns its id at once; `PhaseChanged` and `SetEnded` follow.
+    fn start_snapshot(
+        &self,
+        volumes: &[&str],
+        best_effort: bool,
+        lease_ms: u64,
+        timeout_ms: u64,
+    ) -> Result<String, Error>;
+    /// Aborts a running cluster set (everyone thawed, nothing kept).
+    fn cancel_snapshot(&self, id: &str) -> Result<(), Error>;
     fn renew_snapshot(&self, id: &str, lease_ms: u64) -> Result<String, Error>;
     /// The cluster's set records as JSON, oldest first.
     fn list_snapshots(&self) -> Result<Vec<String>, Error>;
@@ -173,6 +183,8 @@ pub trait Host {
     fn node(&self) -> zbus::Result<String>;
     #[zbus(signal)]
     fn set_ended(&self, id: &str, outcome: &str) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn phase_changed(&self, id: &str, phase: &str) -> zbus::Result<()>;
 }
 
 #[zbus::proxy(

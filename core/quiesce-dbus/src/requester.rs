@@ -119,6 +119,57 @@ impl HostClient {
             .map_err(|e| self.call_error("CreateSnapshotLeased", e))
     }
 
+    /// `StartSnapshot`: starts one set of `volumes` across the cluster and returns its id at
+    /// once. Subscribe with [`HostClient::set_signals`] first: its progress comes as signals.
+    pub async fn start_snapshot(
+        &self,
+        volumes: &[String],
+        best_effort: bool,
+        lease: Option<std::time::Duration>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<String, CallError> {
+        let volumes: Vec<&str> = volumes.iter().map(String::as_str).collect();
+        self.proxy
+            .start_snapshot(
+                &volumes,
+                best_effort,
+                millis_or_zero(lease),
+                millis_or_zero(timeout),
+            )
+            .await
+            .map_err(|e| self.call_error("StartSnapshot", e))
+    }
+
+    /// `CancelSnapshot`: aborts the running set `id` (everyone thawed, nothing kept).
+    pub async fn cancel_snapshot(&self, id: &str) -> Result<(), CallError> {
+        self.proxy
+            .cancel_snapshot(id)
+            .await
+            .map_err(|e| self.call_error("CancelSnapshot", e))
+    }
+
+    /// The host's `PhaseChanged` and `SetEnded` signals from now on, in the order it sent them.
+    pub async fn set_signals(&self) -> Result<SetSignals, CallError> {
+        let failed = |e: zbus::Error| CallError::Bus {
+            bus: self.bus.clone(),
+            method: "AddMatch",
+            cause: e.to_string(),
+        };
+        // One rule for both signals: one queue keeps their order (a phase never after the end).
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .path(crate::HOST_PATH)
+            .map_err(failed)?
+            .interface(crate::HOST_INTERFACE)
+            .map_err(failed)?
+            .build();
+        let messages =
+            zbus::MessageStream::for_match_rule(rule, self.proxy.inner().connection(), None)
+                .await
+                .map_err(failed)?;
+        Ok(SetSignals { messages })
+    }
+
     /// `RenewSnapshot`: holds set `id`'s snapshot `lease` from now (`None`: until deleted).
     pub async fn renew_snapshot(
         &self,
@@ -206,6 +257,45 @@ impl HostClient {
             }
             _ => CallError::Bus { bus, method, cause },
         }
+    }
+}
+
+/// What a started set did, as the host's signals tell it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetEvent {
+    /// `PhaseChanged`: it entered this phase (as JSON.md spells phases).
+    Phase(String),
+    /// `SetEnded`: it ended with this outcome label (`unknown` when the host lost track).
+    Ended(String),
+}
+
+/// The host's set signals ([`HostClient::set_signals`]).
+pub struct SetSignals {
+    messages: zbus::MessageStream,
+}
+
+impl SetSignals {
+    /// The next event of set `id` (other sets' signals are passed over); `None` once the bus
+    /// connection closed.
+    pub async fn next_of(&mut self, id: &str) -> Option<SetEvent> {
+        use futures_util::StreamExt;
+        while let Some(message) = self.messages.next().await {
+            let Ok(message) = message else { continue };
+            let header = message.header();
+            let member = header.member().map(|m| m.as_str().to_string());
+            let Ok((of, what)) = message.body().deserialize::<(String, String)>() else {
+                continue;
+            };
+            if of != id {
+                continue;
+            }
+            match member.as_deref() {
+                Some("PhaseChanged") => return Some(SetEvent::Phase(what)),
+                Some("SetEnded") => return Some(SetEvent::Ended(what)),
+                _ => {}
+            }
+        }
+        None
     }
 }
 

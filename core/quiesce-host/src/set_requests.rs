@@ -12,18 +12,26 @@
 use crate::broker_link::LinkOptions;
 use quiesce_link::v1::sets_client::SetsClient;
 use quiesce_link::v1::{
-    CreateSetRequest, DeleteSetRequest, ListSetsRequest, RenewSetRequest, ShowSetRequest,
-    ShowWritersRequest,
+    CancelSetRequest, CreateSetRequest, DeleteSetRequest, ListSetsRequest, RenewSetRequest,
+    ShowSetRequest, ShowWritersRequest,
 };
 use quiesce_link::ConnectError;
 use quiesce_proto::SetRecord;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use tonic::transport::Channel;
 
 /// Forwards requesters' set requests to the broker, when the host has one.
 #[derive(Debug, Clone)]
 pub struct SetRequests {
     broker: Option<LinkOptions>,
+    /// The last records of sets started through this host ([`SetRequests::start`]) as the
+    /// broker's stream ended them: see [`SetRequests::show`].
+    ended: Arc<Mutex<VecDeque<(String, String)>>>,
 }
+
+/// How many ended records of started sets the host keeps for [`SetRequests::show`].
+const ENDED_KEPT: usize = 16;
 
 /// Why a forwarded request got no set record; each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +62,8 @@ pub enum SetRequestError {
         id: String,
         message: String,
     },
+    #[error("the broker at {url} refused the cancellation: {message}")]
+    NotItsRequester { url: String, message: String },
     #[error("the broker at {url} failed to {action}: {message}; {hint}")]
     Failed {
         url: String,
@@ -80,7 +90,10 @@ pub struct SetsPage {
 impl SetRequests {
     /// `broker`: the host's `--broker` options, or `None` when it runs alone.
     pub fn new(broker: Option<LinkOptions>) -> SetRequests {
-        SetRequests { broker }
+        SetRequests {
+            broker,
+            ended: Arc::default(),
+        }
     }
 
     /// Runs one set of `volumes` across the cluster; returns its record (SetRecord JSON) once
@@ -98,16 +111,7 @@ impl SetRequests {
     ) -> Result<String, SetRequestError> {
         const ACTION: &str = "run a snapshot set";
         let broker = self.broker()?;
-        if volumes.is_empty() {
-            return Err(SetRequestError::InvalidRequest(
-                "no volume given: name at least one volume of the cluster (`quiesce writers` lists them)".into(),
-            ));
-        }
-        if volumes.iter().any(|v| v.trim().is_empty()) {
-            return Err(SetRequestError::InvalidRequest(format!(
-                "an empty volume name in {volumes:?}: name volumes as the hosts' [volumes.NAME] tables do"
-            )));
-        }
+        check_volumes(&volumes)?;
         tracing::info!(broker = %broker.url, ?volumes, best_effort, "forwarding a snapshot set request to the broker");
         let mut client = connect(broker, ACTION).await?;
         let reply = client
@@ -130,6 +134,86 @@ impl SetRequests {
                 )
             })?;
         record(broker, ACTION, reply.into_inner().record_json)
+    }
+
+    /// Starts one set of `volumes` across the cluster, as [`SetRequests::create`] runs one, and
+    /// returns its id as soon as the broker admitted it, with the set's progress to follow.
+    pub async fn start(
+        &self,
+        volumes: Vec<String>,
+        best_effort: bool,
+        lease_ms: u64,
+        timeout_ms: u64,
+        requester_uid: Option<u32>,
+    ) -> Result<(String, SetProgress), SetRequestError> {
+        const ACTION: &str = "start a snapshot set";
+        let broker = self.broker()?;
+        check_volumes(&volumes)?;
+        tracing::info!(broker = %broker.url, ?volumes, best_effort, "forwarding a snapshot set request to the broker, following its progress");
+        let mut client = connect(broker, ACTION).await?;
+        let not_started = |status| {
+            from_status(
+                broker,
+                ACTION,
+                "",
+                status,
+                "if the set had started, its record shows its outcome once the broker answers again (ListSnapshots)",
+            )
+        };
+        let mut stream = client
+            .start(CreateSetRequest {
+                volumes,
+                best_effort,
+                lease_ms,
+                timeout_ms,
+                requester_uid,
+            })
+            .await
+            .map_err(not_started)?
+            .into_inner();
+        let first = stream.message().await.map_err(not_started)?;
+        let Some(first) = first.filter(|m| !m.id.is_empty()) else {
+            return Err(SetRequestError::Failed {
+                url: broker.url.clone(),
+                action: ACTION,
+                message: "its answer named no set".into(),
+                hint: "run the same quiesce release on the broker and the hosts",
+            });
+        };
+        Ok((
+            first.id.clone(),
+            SetProgress {
+                broker: broker.clone(),
+                id: first.id,
+                stream,
+                ended: self.ended.clone(),
+            },
+        ))
+    }
+
+    /// Cancels the running set `id` for the D-Bus caller `requester_uid`: the broker aborts
+    /// it (everyone thawed, nothing kept) if the caller is its requester or root.
+    pub async fn cancel(&self, id: String, requester_uid: u32) -> Result<(), SetRequestError> {
+        const ACTION: &str = "cancel a snapshot set";
+        let broker = self.broker()?;
+        check_id(&id)?;
+        tracing::info!(broker = %broker.url, set = %id, uid = requester_uid, "forwarding a set's cancellation to the broker");
+        let mut client = connect(broker, ACTION).await?;
+        client
+            .cancel(CancelSetRequest {
+                id: id.clone(),
+                requester_uid: Some(requester_uid),
+            })
+            .await
+            .map_err(|status| match status.code() {
+                // The broker's own refusal: the caller is not the set's requester.
+                tonic::Code::PermissionDenied => SetRequestError::NotItsRequester {
+                    url: broker.url.clone(),
+                    message: status.message().to_string(),
+                },
+                _ => from_status(broker, ACTION, &id, status, "try again"),
+            })?;
+        Ok(())
     }
 
     /// One page of the set records the broker keeps, oldest first, after the set `after`
@@ -211,11 +295,21 @@ impl SetRequests {
         let broker = self.broker()?;
         check_id(&id)?;
         let mut client = connect(broker, ACTION).await?;
-        let reply = client
-            .show(ShowSetRequest { id: id.clone() })
-            .await
-            .map_err(|status| from_status(broker, ACTION, &id, status, "try again"))?;
-        record(broker, ACTION, reply.into_inner().record_json)
+        let reply = client.show(ShowSetRequest { id: id.clone() }).await;
+        match reply.map_err(|status| from_status(broker, ACTION, &id, status, "try again")) {
+            Ok(reply) => record(broker, ACTION, reply.into_inner().record_json),
+            // The catalog still says running while the broker told this host the set ended:
+            // its final record could not be written (a full disk). The set's end as the broker
+            // told it is the truthful answer for the requester that started it.
+            Err(e @ SetRequestError::Refused { .. }) => {
+                let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+                match ended.iter().find(|(of, _)| *of == id) {
+                    Some((_, json)) => Ok(json.clone()),
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes the snapshot set `id` kept; returns its record after the deletion.
@@ -260,6 +354,72 @@ impl SetRequests {
     fn broker(&self) -> Result<&LinkOptions, SetRequestError> {
         self.broker.as_ref().ok_or(SetRequestError::NoBroker)
     }
+}
+
+/// A started set's progress, as the broker tells it.
+#[derive(Debug)]
+pub struct SetProgress {
+    broker: LinkOptions,
+    id: String,
+    stream: tonic::Streaming<quiesce_link::v1::SetProgress>,
+    ended: Arc<Mutex<VecDeque<(String, String)>>>,
+}
+
+/// What a started set did next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// It entered this phase (as JSON.md spells phases).
+    Phase(String),
+    /// It ended: its record (SetRecord JSON).
+    Ended(String),
+}
+
+impl SetProgress {
+    /// The next thing the set did; after [`Progress::Ended`], nothing more comes. An error when
+    /// the broker stopped telling before the set ended (it died, the connection broke).
+    pub async fn next(&mut self) -> Result<Progress, SetRequestError> {
+        const ACTION: &str = "follow a snapshot set";
+        let lost = |cause: String| {
+            SetRequestError::Unreachable {
+            url: self.broker.url.clone(),
+            action: ACTION,
+            cause: format!(
+                "{cause}; the set {} may still be running or have ended: ShowSnapshot shows its record once the broker answers again",
+                self.id
+            ),
+        }
+        };
+        match self.stream.message().await {
+            Ok(Some(m)) if !m.record_json.is_empty() => {
+                let json = record(&self.broker, ACTION, m.record_json)?;
+                let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+                if ended.len() == ENDED_KEPT {
+                    ended.pop_front();
+                }
+                ended.push_back((self.id.clone(), json.clone()));
+                Ok(Progress::Ended(json))
+            }
+            Ok(Some(m)) => Ok(Progress::Phase(m.phase)),
+            Ok(None) => Err(lost(
+                "the broker ended the stream before the set ended".into(),
+            )),
+            Err(status) => Err(lost(status.to_string())),
+        }
+    }
+}
+
+fn check_volumes(volumes: &[String]) -> Result<(), SetRequestError> {
+    if volumes.is_empty() {
+        return Err(SetRequestError::InvalidRequest(
+            "no volume given: name at least one volume of the cluster (`quiesce writers` lists them)".into(),
+        ));
+    }
+    if volumes.iter().any(|v| v.trim().is_empty()) {
+        return Err(SetRequestError::InvalidRequest(format!(
+            "an empty volume name in {volumes:?}: name volumes as the hosts' [volumes.NAME] tables do"
+        )));
+    }
+    Ok(())
 }
 
 fn check_id(id: &str) -> Result<(), SetRequestError> {

@@ -310,6 +310,27 @@ pub struct Requester {
     pub client: Option<String>,
 }
 
+/// As a log line or a reason names a requester: `node n1, uid 0`, `client backup`.
+impl std::fmt::Display for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = vec![];
+        if let Some(node) = &self.node {
+            parts.push(format!("node {node}"));
+        }
+        if let Some(uid) = self.uid {
+            parts.push(format!("uid {uid}"));
+        }
+        if let Some(client) = &self.client {
+            parts.push(format!("client {client}"));
+        }
+        if parts.is_empty() {
+            f.write_str("an unnamed requester")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
 /// Everything recorded about a finished set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetRecord {

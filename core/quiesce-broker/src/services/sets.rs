@@ -3,6 +3,7 @@
 use crate::broker::Broker;
 use quiesce_link::{limits, v1};
 use std::sync::Arc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 /// The `Sets` service: requesters (`quiesce snapshot ...` through a host, backup software with a
@@ -68,12 +69,12 @@ fn catalog_status(e: crate::catalog::CatalogError) -> Status {
     Status::internal(e.to_string())
 }
 
-#[tonic::async_trait]
-impl v1::sets_server::Sets for SetsService {
-    async fn create(
+impl SetsService {
+    /// Admits the set a `Create` or `Start` asks for.
+    fn start_set(
         &self,
         request: Request<v1::CreateSetRequest>,
-    ) -> Result<Response<v1::SetReply>, Status> {
+    ) -> Result<crate::sets::Started, Status> {
         let sets = self.sets(&request)?;
         let peer = self.broker.authenticate(&request)?;
         let v1::CreateSetRequest {
@@ -83,33 +84,96 @@ impl v1::sets_server::Sets for SetsService {
             timeout_ms,
             requester_uid,
         } = request.into_inner();
-        let requester = requester(peer, requester_uid);
-        let record = sets
-            .create(
-                quiesce_proto::SetRequest {
-                    volumes,
-                    best_effort,
-                },
-                lease(lease_ms),
-                (timeout_ms > 0).then(|| std::time::Duration::from_millis(timeout_ms)),
-                requester,
-            )
-            .await
-            .map_err(|e| match e {
-                crate::sets::CreateError::Catalog(e) => catalog_status(e),
-                // Each refusal its own code, so that a requester can tell "retry later" from
-                // "fix the request".
-                e @ crate::sets::CreateError::Busy { .. } => Status::aborted(e.to_string()),
-                e @ crate::sets::CreateError::UnknownVolume { .. } => {
-                    Status::not_found(e.to_string())
+        sets.start(
+            quiesce_proto::SetRequest {
+                volumes,
+                best_effort,
+            },
+            lease(lease_ms),
+            (timeout_ms > 0).then(|| std::time::Duration::from_millis(timeout_ms)),
+            requester(peer, requester_uid),
+        )
+        .map_err(|e| match e {
+            crate::sets::CreateError::Catalog(e) => catalog_status(e),
+            // Each refusal its own code, so that a requester can tell "retry later" from "fix
+            // the request".
+            e @ crate::sets::CreateError::Busy { .. } => Status::aborted(e.to_string()),
+            e @ crate::sets::CreateError::UnknownVolume { .. } => Status::not_found(e.to_string()),
+            e @ crate::sets::CreateError::OneVolume(_) => Status::invalid_argument(e.to_string()),
+        })
+    }
+}
+
+/// A set's record once its task ended.
+async fn ended(started: tokio::task::JoinHandle<quiesce_proto::SetRecord>) -> String {
+    record_json(&started.await.expect("a set's task does not panic"))
+}
+
+#[tonic::async_trait]
+impl v1::sets_server::Sets for SetsService {
+    async fn create(
+        &self,
+        request: Request<v1::CreateSetRequest>,
+    ) -> Result<Response<v1::SetReply>, Status> {
+        let started = self.start_set(request)?;
+        Ok(Response::new(v1::SetReply {
+            record_json: ended(started.record).await,
+        }))
+    }
+
+    type StartStream = ReceiverStream<Result<v1::SetProgress, Status>>;
+
+    async fn start(
+        &self,
+        request: Request<v1::CreateSetRequest>,
+    ) -> Result<Response<Self::StartStream>, Status> {
+        let crate::sets::Started {
+            id,
+            mut phases,
+            record,
+        } = self.start_set(request)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let progress = move |phase: String, record_json: String| v1::SetProgress {
+            id: id.0.clone(),
+            phase,
+            record_json,
+        };
+        tx.try_send(Ok(progress(String::new(), String::new())))
+            .expect("a new channel has room for one message");
+        tokio::spawn(async move {
+            // Phases a requester reads late wait in the set's channel; one that hung up stops
+            // being told, and the set runs on.
+            while let Some(phase) = phases.recv().await {
+                if tx
+                    .send(Ok(progress(phase.to_string(), String::new())))
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
-                e @ crate::sets::CreateError::OneVolume(_) => {
-                    Status::invalid_argument(e.to_string())
+            }
+            let _ = tx
+                .send(Ok(progress(String::new(), ended(record).await)))
+                .await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<v1::CancelSetRequest>,
+    ) -> Result<Response<v1::CancelSetReply>, Status> {
+        let sets = self.sets(&request)?;
+        let peer = self.broker.authenticate(&request)?;
+        let v1::CancelSetRequest { id, requester_uid } = request.into_inner();
+        sets.cancel(&id, requester(peer, requester_uid))
+            .map_err(|e| match e {
+                crate::sets::CancelError::NotRunning(_) => Status::not_found(e.to_string()),
+                crate::sets::CancelError::NotItsRequester { .. } => {
+                    Status::permission_denied(e.to_string())
                 }
             })?;
-        Ok(Response::new(v1::SetReply {
-            record_json: record_json(&record),
-        }))
+        Ok(Response::new(v1::CancelSetReply {}))
     }
 
     async fn list(

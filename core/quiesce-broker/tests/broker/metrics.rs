@@ -6,7 +6,6 @@
 use super::*;
 use quiesce_link::v1::sets_client::SetsClient;
 use quiesce_link::v1::CreateSetRequest;
-use quiesce_link::{Security, TlsFiles};
 use quiesce_proto::Requester;
 use std::collections::BTreeMap;
 
@@ -194,14 +193,6 @@ fn scrape(addr: &str) -> Exposition {
     })
 }
 
-fn tls(certs: &Certs, name: &str) -> Security {
-    Security::Tls(TlsFiles {
-        ca: certs.ca(),
-        cert: certs.cert(name),
-        key: certs.key(name),
-    })
-}
-
 #[test]
 fn after_a_set_every_metrics_endpoint_says_what_happened_and_the_broker_is_healthy() {
     let spec = Spec {
@@ -251,7 +242,7 @@ fn after_a_set_every_metrics_endpoint_says_what_happened_and_the_broker_is_healt
     // Sets service, with a timeout far shorter than any set: it names the client, and a uid
     // claimed by a client certificate is not taken.
     let (failed_record, health) = runtime().block_on(async {
-        let admin = tls(&cluster.certs, "admin");
+        let admin = cluster.certs.tls("admin");
         let channel = quiesce_link::connect(&cluster.broker.url, &admin)
             .await
             .unwrap();
@@ -485,7 +476,7 @@ fn the_health_service_says_not_serving_once_the_broker_shuts_down() {
         .build()
         .unwrap();
     let (seen, _watch) = rt.block_on(async {
-        let channel = quiesce_link::connect(&broker.url, &tls(&certs, "admin"))
+        let channel = quiesce_link::connect(&broker.url, &certs.tls("admin"))
             .await
             .unwrap();
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);

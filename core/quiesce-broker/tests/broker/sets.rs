@@ -22,6 +22,10 @@ mod backup;
 #[path = "metrics.rs"]
 mod metrics;
 
+/// Long calls: a set started and followed, and cancelled, on this file's cluster.
+#[path = "long_calls.rs"]
+mod long_calls;
+
 /// Each node's lease on a running set: the broker renews it every third.
 const LEASE_MS: u64 = 1500;
 /// Far above the lease, so a writer released in time was released by its lease, not by the

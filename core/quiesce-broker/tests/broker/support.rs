@@ -51,7 +51,8 @@ pub struct Certs {
 }
 
 impl Certs {
-    /// Runs the certificate command for these nodes, the client `admin`, broker at 127.0.0.1.
+    /// Runs the certificate command for these nodes, the clients `admin` and `backup`, broker
+    /// at 127.0.0.1.
     pub fn make(dir: &Path, nodes: &[&str]) -> Certs {
         Self::make_for(dir, nodes, &["127.0.0.1"])
     }
@@ -67,7 +68,7 @@ impl Certs {
                 "--broker-host",
                 &broker_hosts.join(","),
             ])
-            .args(["--nodes", &nodes.join(","), "--clients", "admin"])
+            .args(["--nodes", &nodes.join(","), "--clients", "admin,backup"])
             .output()
             .unwrap();
         assert!(
@@ -88,6 +89,15 @@ impl Certs {
 
     pub fn key(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.key"))
+    }
+
+    /// The link's security with `name`'s certificate, for a gRPC client of the test's own.
+    pub fn tls(&self, name: &str) -> quiesce_link::Security {
+        quiesce_link::Security::Tls(quiesce_link::TlsFiles {
+            ca: self.ca(),
+            cert: self.cert(name),
+            key: self.key(name),
+        })
     }
 
     /// `--ca --cert --key` for `name`'s certificate.

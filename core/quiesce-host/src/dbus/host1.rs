@@ -43,6 +43,7 @@ fn set_request_error(e: SetRequestError) -> Error {
         SetRequestError::UnknownVolume { .. } => Error::UnknownVolume(message),
         SetRequestError::UnknownSet { .. } => Error::UnknownSet(message),
         SetRequestError::Failed { .. } => Error::BrokerFailed(message),
+        SetRequestError::NotItsRequester { .. } => Error::NotAuthorized(message),
     }
 }
 
@@ -175,6 +176,71 @@ impl HostIface {
             .map_err(set_request_error)
     }
 
+    /// Starts one snapshot set of `volumes` across the cluster, as `CreateSnapshotLeased` runs
+    /// one, and returns its id at once, as soon as the broker admitted it (refusals are errors,
+    /// as for `CreateSnapshot`). The set's progress comes as `PhaseChanged(id, phase)` signals
+    /// and its end as `SetEnded(id, outcome)`; `ShowSnapshot(id)` then has its record, and
+    /// `CancelSnapshot(id)` aborts it meanwhile. Subscribe to the signals before calling.
+    async fn start_snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        volumes: Vec<String>,
+        best_effort: bool,
+        lease_ms: u64,
+        timeout_ms: u64,
+    ) -> Result<String, Error> {
+        let uid = authorize(connection, &header, "start a snapshot set").await?;
+        let (id, mut progress) = self
+            .set_requests
+            .start(volumes, best_effort, lease_ms, timeout_ms, Some(uid))
+            .await
+            .map_err(set_request_error)?;
+        let emitter = emitter.into_owned();
+        let set = id.clone();
+        tokio::spawn(async move {
+            // Signals go to whoever listens; a failed emission (the bus gone) is no reason to
+            // stop reading: the broker's stream is the set's only account here.
+            loop {
+                match progress.next().await {
+                    Ok(crate::set_requests::Progress::Phase(phase)) => {
+                        let _ = Self::phase_changed(&emitter, &set, &phase).await;
+                    }
+                    Ok(crate::set_requests::Progress::Ended(json)) => {
+                        let outcome = serde_json::from_str::<quiesce_proto::SetRecord>(&json)
+                            .map(|r| r.outcome.label().to_string())
+                            .unwrap_or_else(|_| "unknown".into());
+                        let _ = Self::set_ended(&emitter, &set, &outcome).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(set = %set, "lost the progress of a started set: {e}");
+                        let _ = Self::set_ended(&emitter, &set, "unknown").await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(id)
+    }
+
+    /// Cancels the running cluster set `id`: every writer thawed, no snapshot kept, the set
+    /// failed saying who cancelled it (its `SetEnded` follows). Allowed to the set's requester
+    /// (the same uid on the node that asked) and to root; `UnknownSet` for a set not running.
+    async fn cancel_snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        id: String,
+    ) -> Result<(), Error> {
+        let uid = authorize(connection, &header, "cancel a snapshot set").await?;
+        self.set_requests
+            .cancel(id, uid)
+            .await
+            .map_err(set_request_error)
+    }
+
     /// Renews the lease on the snapshot set `id` kept: held `lease_ms` from now (0: until
     /// deleted); returns the set's record.
     async fn renew_snapshot(
@@ -226,7 +292,9 @@ impl HostIface {
             .map_err(set_request_error)
     }
 
-    /// The record of one cluster snapshot set as JSON (SetRecord).
+    /// The record of one cluster snapshot set as JSON (SetRecord). For a set started through
+    /// this host (`StartSnapshot`) whose final record the broker could not write to its
+    /// catalog, the record the broker ended it with.
     async fn show_snapshot(&self, id: String) -> Result<String, Error> {
         self.set_requests.show(id).await.map_err(set_request_error)
     }
@@ -289,7 +357,13 @@ impl HostIface {
         self.host.node().to_string()
     }
 
-    /// A set ended on this node: (set id, outcome label).
+    /// A set ended: one this node ran (`RunLocalSet`), or a cluster set started through it
+    /// (`StartSnapshot`): (set id, outcome label; `unknown` when the broker stopped telling).
     #[zbus(signal)]
     async fn set_ended(emitter: &SignalEmitter<'_>, id: &str, outcome: &str) -> zbus::Result<()>;
+
+    /// A cluster set started through this node (`StartSnapshot`) entered a phase: (set id,
+    /// phase as JSON.md spells it).
+    #[zbus(signal)]
+    async fn phase_changed(emitter: &SignalEmitter<'_>, id: &str, phase: &str) -> zbus::Result<()>;
 }

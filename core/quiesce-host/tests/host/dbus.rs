@@ -554,6 +554,23 @@ async fn callers_under_another_uid_are_refused_for_freeze_and_register_and_may_r
             ),
         ),
         (
+            "StartSnapshot",
+            host_call(
+                Some(NOBODY),
+                "StartSnapshot",
+                &[
+                    "array:string:demo",
+                    "boolean:false",
+                    "uint64:1000",
+                    "uint64:0",
+                ],
+            ),
+        ),
+        (
+            "CancelSnapshot",
+            host_call(Some(NOBODY), "CancelSnapshot", &["string:set-1"]),
+        ),
+        (
             "DeleteSnapshot",
             host_call(Some(NOBODY), "DeleteSnapshot", &["string:set-1"]),
         ),

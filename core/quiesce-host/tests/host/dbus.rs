@@ -1104,7 +1104,7 @@ async fn a_requester_newer_than_its_host_exits_with_the_release_mismatch() {
     );
     assert_eq!(status, Some(70), "EX_SOFTWARE: {out}{err}");
     assert!(
-        err.contains("does not know CreateSnapshotLeased")
+        err.contains("does not know StartSnapshot")
             && err.contains("install the same quiesce release"),
         "{err}"
     );

@@ -115,6 +115,11 @@ fn open(path: &Path) -> Result<Connection, CatalogError> {
 }
 
 impl Catalog {
+    /// The SQLite file this catalog is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Opens (creating if needed) the catalog at `path`.
     pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

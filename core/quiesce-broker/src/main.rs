@@ -28,8 +28,9 @@ struct Args {
 enum Command {
     /// Run the broker: hosts attach to it, requesters ask it.
     ///
-    /// Signals: SIGHUP re-reads and checks --config (and says which changes need a restart; it
-    /// never stops the broker); SIGTERM or SIGINT shut it down cleanly. Under a systemd unit with
+    /// Signals: SIGHUP re-reads and checks --config, applies deadlines, volumes added or changed
+    /// and retention to the sets started from then on, and says what needs a restart (the
+    /// catalog's path, a volume removed); it never stops the broker; SIGTERM or SIGINT shut it down cleanly. Under a systemd unit with
     /// Type=notify the broker sends READY=1 once its listener is bound, a STATUS= line with the
     /// nodes attached, and WATCHDOG=1 when WatchdogSec= is set.
     Serve(Serve),
@@ -188,8 +189,8 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
             config.as_ref(),
         );
     }
-    // What a SIGHUP compares the file with.
-    let running = config.clone();
+    // What a SIGHUP compares the file with: the configuration in force.
+    let mut running = config.clone();
     let bound = quiesce_broker::bind(ServeOptions {
         config,
         listen: serve.listen,
@@ -222,10 +223,11 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     // The tests (and scripts) read the bound address here, e.g. with --listen 127.0.0.1:0.
     println!("listening on {addr}");
     let config_path = serve.config.clone();
+    let sets = bound.sets();
     let shutdown = async move {
         loop {
             match signals.next().await {
-                Signal::Hangup => reload(config_path.as_deref(), running.as_ref()),
+                Signal::Hangup => reload(config_path.as_deref(), &mut running, sets.as_deref()),
                 Signal::Terminate(name) => {
                     tracing::info!(
                         "{name}: shutting down: aborting a running set, closing every link"
@@ -336,32 +338,67 @@ async fn follow_status(addr: SocketAddr, broker: Arc<Broker>) {
     }
 }
 
-/// SIGHUP: re-reads and checks `--config`, and says in one line what changed. Nothing is
-/// applied while the broker runs (the catalog, volumes' providers and deadlines are set up
-/// at start), so any change takes a restart.
-fn reload(path: Option<&Path>, running: Option<&Config>) {
-    let Some(path) = path else {
+/// SIGHUP: re-reads and checks `--config`, applies what a running broker can change to the
+/// sets started from now on (deadlines, volumes added or changed, retention, keep_records:
+/// [`quiesce_broker::sets::Sets::reload`]), and says in one line what it applied and what takes
+/// a restart (the catalog's path, a volume removed). An invalid file changes nothing.
+fn reload(
+    path: Option<&Path>,
+    running: &mut Option<Config>,
+    sets: Option<&quiesce_broker::sets::Sets>,
+) {
+    let (Some(path), Some(current), Some(sets)) = (path, running.as_ref(), sets) else {
         tracing::info!("SIGHUP: no --config to re-read; the broker runs on");
         return;
     };
     let config = match load_config(path) {
         Ok(config) => config,
         Err(e) => {
-            tracing::error!("SIGHUP: {e:#}; the broker runs on with the configuration it started with; fix the file before the next restart");
+            tracing::error!("SIGHUP: {e:#}; nothing changed: the broker runs on with the configuration in force; fix the file");
             return;
         }
     };
-    let changed = running.map(|r| r.changes(&config)).unwrap_or_default();
+    let changed = current.changes(&config);
     if changed.is_empty() {
         tracing::info!(
             "SIGHUP: re-read {}: valid, unchanged; the broker runs on",
             path.display()
         );
+        return;
+    }
+    let restart = sets.reload(&config);
+    let applied: Vec<&String> = changed
+        .iter()
+        .filter(|c| !restart.iter().any(|r| r.starts_with(c.as_str())))
+        .collect();
+    // What is in force now: the file, but for what waits for a restart.
+    let mut in_force = config;
+    for (volume, provider) in &current.volumes {
+        in_force
+            .volumes
+            .entry(volume.clone())
+            .or_insert_with(|| provider.clone());
+    }
+    in_force.catalog = current.catalog.clone();
+    *running = Some(in_force);
+    let applied = match applied.as_slice() {
+        [] => "nothing".to_string(),
+        some => some
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    if restart.is_empty() {
+        tracing::info!(
+            "SIGHUP: re-read {}: applied {applied} to the sets started from now on (a running set keeps what it started with)",
+            path.display()
+        );
     } else {
         tracing::warn!(
-            "SIGHUP: re-read {}: valid; changed: {}; these take effect only when the broker restarts (systemctl restart quiesce-broker): it runs on with the configuration it started with",
+            "SIGHUP: re-read {}: applied {applied} to the sets started from now on; {} take effect only when the broker restarts (systemctl restart quiesce-broker)",
             path.display(),
-            changed.join(", ")
+            restart.join(", ")
         );
     }
 }

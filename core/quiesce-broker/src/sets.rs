@@ -128,24 +128,46 @@ fn may_cancel(owner: Option<&Requester>, by: Option<&Requester>) -> bool {
 /// The sets of a broker.
 pub struct Sets {
     broker: Arc<Broker>,
-    deadlines: Deadlines,
-    providers: BTreeMap<String, Arc<dyn Provider>>,
+    /// What SIGHUP re-reads ([`Sets::reload`]); each set takes its own at its start.
+    settings: std::sync::RwLock<Arc<Settings>>,
     catalog: Arc<Catalog>,
     running: Arc<quiesce_driver::RunningSlot>,
     /// Who asked for the running set, for [`Sets::cancel`].
     running_requester: std::sync::Mutex<Option<(SetId, Option<Requester>)>>,
     counter: AtomicU64,
-    retention: BTreeMap<String, crate::config::Retention>,
-    keep_records: Option<Duration>,
     /// Held across each read-modify-write of a kept snapshot's record (delete, renew, reap):
     /// a renewal never lands between the reaper's read and its deletion.
     keeping: std::sync::Mutex<()>,
 }
 
+/// The part of the broker's configuration a running broker can change: deadlines, volumes'
+/// providers, retention. A set started keeps the deadlines and the provider it started with.
+struct Settings {
+    deadlines: Deadlines,
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    retention: BTreeMap<String, crate::config::Retention>,
+    keep_records: Option<Duration>,
+}
+
+impl Settings {
+    fn of(config: &Config) -> Settings {
+        Settings {
+            deadlines: config.deadlines(),
+            providers: config
+                .volumes
+                .iter()
+                .map(|(name, p)| (name.clone(), Arc::from(p.build())))
+                .collect(),
+            retention: config.retention.clone(),
+            keep_records: config.keep_records,
+        }
+    }
+}
+
 impl std::fmt::Debug for Sets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sets")
-            .field("volumes", &self.providers.keys())
+            .field("volumes", &self.settings().providers.keys())
             .field("catalog", &self.catalog)
             .finish_non_exhaustive()
     }
@@ -170,11 +192,8 @@ impl Sets {
     /// as failed, and its snapshot (recorded, or found by the provider under the set's name) is
     /// deleted. Blocking: it may run provider commands.
     pub fn open(broker: Arc<Broker>, config: &Config) -> Result<Arc<Sets>, CatalogError> {
-        let providers: BTreeMap<String, Arc<dyn Provider>> = config
-            .volumes
-            .iter()
-            .map(|(name, p)| (name.clone(), Arc::from(p.build())))
-            .collect();
+        let settings = Settings::of(config);
+        let providers = &settings.providers;
         let catalog = Arc::new(Catalog::open(&config.catalog)?);
         for volume in providers.keys() {
             broker.metrics().volume(volume);
@@ -226,14 +245,11 @@ impl Sets {
         }
         Ok(Arc::new(Sets {
             broker,
-            deadlines: config.deadlines(),
-            providers,
+            settings: std::sync::RwLock::new(Arc::new(settings)),
             catalog,
             running: quiesce_driver::RunningSlot::new(),
             running_requester: std::sync::Mutex::new(None),
             counter: AtomicU64::new(0),
-            retention: config.retention.clone(),
-            keep_records: config.keep_records,
             keeping: std::sync::Mutex::new(()),
         }))
     }
@@ -267,13 +283,16 @@ impl Sets {
             return Err(CreateError::OneVolume(request.volumes.len()));
         };
         let volume = volume.clone();
+        let settings = self.settings();
+        let deadlines = settings.deadlines;
         let provider =
-            self.providers
+            settings
+                .providers
                 .get(&volume)
                 .cloned()
                 .ok_or_else(|| CreateError::UnknownVolume {
                     volume: volume.clone(),
-                    known: self
+                    known: settings
                         .providers
                         .keys()
                         .cloned()
@@ -312,7 +331,7 @@ impl Sets {
             request,
             epoch,
             participants.clone(),
-            self.deadlines,
+            deadlines,
             now,
         );
         let mut start_record = set.record_if_abandoned(now, ABANDONED.into());
@@ -351,7 +370,7 @@ impl Sets {
             let transport = LinkTransport {
                 broker: sets.broker.clone(),
                 epoch,
-                hold_limit_ms: millis(sets.deadlines.hold_limit),
+                hold_limit_ms: millis(deadlines.hold_limit),
                 sent: Vec::new(),
                 held: BTreeMap::new(),
             };
@@ -371,7 +390,7 @@ impl Sets {
                         let provider_runs =
                             matches!(now_at.0, Phase::Snapshot | Phase::Finalize | Phase::Abort);
                         let until = if provider_runs {
-                            unix_ms() + sets.deadlines.provider.as_millis() as u64
+                            unix_ms() + deadlines.provider.as_millis() as u64
                         } else {
                             0
                         };
@@ -405,6 +424,39 @@ impl Sets {
             phases: phases_out,
             record: task,
         })
+    }
+
+    /// The settings in force now.
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Applies a re-read configuration (SIGHUP) to the sets started from now on: deadlines,
+    /// volumes added or changed, retention, `keep_records`. A running set keeps what it started
+    /// with. A volume gone from the file is kept until the broker restarts — its kept
+    /// snapshots must stay deletable — and so is the catalog's path; both are returned, to be
+    /// named as needing a restart.
+    pub fn reload(&self, config: &Config) -> Vec<String> {
+        let mut settings = Settings::of(config);
+        let current = self.settings();
+        let mut kept = vec![];
+        for (volume, provider) in &current.providers {
+            if !settings.providers.contains_key(volume) {
+                settings.providers.insert(volume.clone(), provider.clone());
+                kept.push(format!("[volumes.{volume}] removed"));
+            }
+        }
+        for volume in settings.providers.keys() {
+            self.broker.metrics().volume(volume);
+        }
+        if config.catalog != self.catalog.path() {
+            kept.push("catalog".into());
+        }
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        kept
     }
 
     /// Aborts the running set `id` for `by`: every writer thawed, no snapshot kept, the set
@@ -457,9 +509,10 @@ impl Sets {
             ),
         };
         failed.snapshot = None;
-        if let (Some(snapshot), Some(provider)) =
-            (record.snapshot.clone(), self.providers.get(volume).cloned())
-        {
+        if let (Some(snapshot), Some(provider)) = (
+            record.snapshot.clone(),
+            self.settings().providers.get(volume).cloned(),
+        ) {
             let deleted = tokio::task::spawn_blocking(move || provider.delete(&snapshot))
                 .await
                 .map_err(|e| e.to_string())
@@ -580,7 +633,8 @@ impl Sets {
                 }
             }
         }
-        if self.retention.is_empty() {
+        let settings = self.settings();
+        if settings.retention.is_empty() {
             return;
         }
         let kept = match self.catalog.kept() {
@@ -590,7 +644,7 @@ impl Sets {
                 return;
             }
         };
-        for (volume, retention) in &self.retention {
+        for (volume, retention) in &settings.retention {
             let of_volume: Vec<&SetRecord> = kept
                 .iter()
                 .filter(|r| r.request.volumes.first() == Some(volume))
@@ -611,7 +665,7 @@ impl Sets {
     /// Forgets the ended sets past `keep_records` that keep no snapshot (those that do are
     /// forgotten once retention or their lease deletes it, and that much later than it started).
     fn forget_records(&self, now: u64) {
-        let Some(keep) = self.keep_records else {
+        let Some(keep) = self.settings().keep_records else {
             return;
         };
         let before = now.saturating_sub(keep.as_millis() as u64);
@@ -662,7 +716,8 @@ impl Sets {
             return Ok(record);
         }
         let volume = record.request.volumes.first().cloned().unwrap_or_default();
-        let provider = self
+        let settings = self.settings();
+        let provider = settings
             .providers
             .get(&volume)
             .ok_or_else(|| DeleteError::NoProvider {

@@ -78,6 +78,28 @@ fn ready_status_watchdog_and_a_host_that_stops_leaves_cleanly() {
     );
 }
 
+/// Runs one set of `volume` on the (insecure) broker: the refusal's code, or `None` when the
+/// set ran, whatever its outcome.
+fn create_set(broker: &Broker, volume: &str) -> Option<tonic::Code> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = quiesce_link::connect(&broker.url, &quiesce_link::Security::Insecure)
+            .await
+            .unwrap();
+        quiesce_link::v1::sets_client::SetsClient::new(channel)
+            .create(quiesce_link::v1::CreateSetRequest {
+                volumes: vec![volume.into()],
+                ..Default::default()
+            })
+            .await
+            .err()
+            .map(|status| status.code())
+    })
+}
+
 /// A broker configuration with the volume `shared` on dir-copy, its catalog in `dir`.
 fn broker_config(dir: &Path, extra: &str) -> PathBuf {
     let source = dir.join("source");
@@ -232,8 +254,10 @@ fn check_config_says_what_the_broker_would_serve_or_what_to_fix() {
     }
 }
 
-/// SIGHUP never stops the broker: it re-reads --config and says in one line what changed;
-/// SIGTERM shuts it down cleanly, logged.
+/// SIGHUP never stops the broker: it re-reads --config, applies a volume added (a set of it
+/// runs where it was unknown before) and says in one line what it applied; a volume removed
+/// stays served until a restart, said so; an invalid file changes nothing. SIGTERM shuts it
+/// down cleanly, logged.
 #[test]
 fn sighup_rereads_the_configuration_and_the_broker_serves_on() {
     let tmp = tempfile::tempdir().unwrap();
@@ -257,21 +281,49 @@ fn sighup_rereads_the_configuration_and_the_broker_serves_on() {
         "still serving"
     );
 
+    // A volume added (and the lease changed) is applied: a set of it starts, where before the
+    // broker knew no such volume.
+    let unknown = |volume: &str| create_set(&broker, volume) == Some(tonic::Code::NotFound);
+    assert!(unknown("more"), "no volume `more` yet");
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("lease_ms = 2000\n{text}")).unwrap();
-    broker.process.signal("HUP");
-    let log = wait_log(&broker.process, "changed: lease_ms;");
-    assert!(
-        log.contains("take effect only when the broker restarts"),
-        "{log}"
+    let more = tmp.path().join("more");
+    std::fs::create_dir_all(more.join("source")).unwrap();
+    std::fs::create_dir_all(more.join("snapshots")).unwrap();
+    let with_more = format!(
+        "lease_ms = 2000\n{text}\n[volumes.more]\nprovider = \"dir-copy\"\nsource = {:?}\nsnapshots = {:?}\n",
+        more.join("source").display().to_string(),
+        more.join("snapshots").display().to_string()
     );
-    std::fs::write(&config, "catalog = 3\n").unwrap();
+    std::fs::write(&config, &with_more).unwrap();
     broker.process.signal("HUP");
     let log = wait_log(
         &broker.process,
-        "the broker runs on with the configuration it started with",
+        "applied lease_ms, [volumes.more] to the sets started from now on",
     );
-    assert_eq!(log.matches("SIGHUP").count(), 3, "one line each: {log}");
+    assert!(
+        !log.contains("restart"),
+        "nothing waits for a restart: {log}"
+    );
+    assert!(!unknown("more"), "the volume added is served: {log}");
+
+    // A volume removed stays until a restart (its kept snapshots must stay deletable), and
+    // the log says so.
+    let without_shared = with_more.replace("[volumes.shared]", "[volumes.unused]");
+    std::fs::write(&config, &without_shared).unwrap();
+    broker.process.signal("HUP");
+    let log = wait_log(
+        &broker.process,
+        "[volumes.shared] removed take effect only when the broker restarts",
+    );
+    assert!(log.contains("applied [volumes.unused]"), "{log}");
+    assert!(!unknown("shared"), "still served until a restart: {log}");
+
+    // An invalid file changes nothing: the control.
+    std::fs::write(&config, "catalog = 3\n").unwrap();
+    broker.process.signal("HUP");
+    let log = wait_log(&broker.process, "nothing changed");
+    assert!(!unknown("more") && !unknown("unused"), "{log}");
+    assert_eq!(log.matches("SIGHUP").count(), 4, "one line each: {log}");
     assert_eq!(
         nodes(&broker, &auth).0,
         Vec::<String>::new(),

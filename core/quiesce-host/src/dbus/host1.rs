@@ -184,14 +184,14 @@ impl HostIface {
     async fn start_snapshot(
         &self,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] connection: &Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
         volumes: Vec<String>,
         best_effort: bool,
         lease_ms: u64,
         timeout_ms: u64,
     ) -> Result<String, Error> {
-        let uid = authorize(connection, &header, "start a snapshot set").await?;
+        // The emitter's connection is the one the call came on.
+        let uid = authorize(emitter.connection(), &header, "start a snapshot set").await?;
         let (id, mut progress) = self
             .set_requests
             .start(volumes, best_effort, lease_ms, timeout_ms, Some(uid))

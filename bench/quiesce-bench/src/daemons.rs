@@ -90,12 +90,22 @@ impl Broker {
             CatalogClient::new(quiesce_link::connect(&self.url, &self.security()).await?);
         let deadline = Instant::now() + within;
         loop {
-            let live = catalog
-                .list_nodes(ListNodesRequest::default())
-                .await?
-                .into_inner()
-                .nodes
-                .len();
+            // Counted page by page: a page holds at most 1,000 nodes.
+            let (mut live, mut page_token) = (0, String::new());
+            loop {
+                let page = catalog
+                    .list_nodes(ListNodesRequest {
+                        page_size: 0,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                live += page.nodes.len();
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             if live == nodes {
                 return Ok(());
             }
@@ -151,6 +161,18 @@ impl Broker {
         client: &mut SetsClient<tonic::transport::Channel>,
         volume: &str,
     ) -> anyhow::Result<(SetRecord, Duration)> {
+        let (record, took, _) = self.create(client, volume).await?;
+        self.delete(client, &record).await?;
+        Ok((record, took))
+    }
+
+    /// Runs one set of `volume`, which must not fail: (record, time to the answer, the size of
+    /// the record's JSON in the answer).
+    pub async fn create(
+        &self,
+        client: &mut SetsClient<tonic::transport::Channel>,
+        volume: &str,
+    ) -> anyhow::Result<(SetRecord, Duration, usize)> {
         let started = Instant::now();
         let reply = client
             .create(CreateSetRequest {
@@ -170,12 +192,21 @@ impl Broker {
             record.id,
             record.outcome
         );
+        Ok((record, took, reply.record_json.len()))
+    }
+
+    /// Deletes the snapshot a set kept.
+    pub async fn delete(
+        &self,
+        client: &mut SetsClient<tonic::transport::Channel>,
+        record: &SetRecord,
+    ) -> anyhow::Result<()> {
         client
             .delete(DeleteSetRequest {
                 id: record.id.0.clone(),
             })
             .await?;
-        Ok((record, took))
+        Ok(())
     }
 }
 

@@ -8,8 +8,12 @@
 //! 2. a full set on a three-node cluster with PostgreSQL, SQLite and buffering writers: the freeze
 //!    window, the end-to-end time of `quiesce snapshot create`, each phase and each writer's
 //!    freeze and thaw;
-//! 3. scale: one broker with 16, 64 and 256 nodes of 8 in-memory writers each: the coordination
-//!    overhead (freeze window minus provider time);
+//! 3. scale: one broker with 16 to 1,024 simulated nodes of 8 writers each (`nodesim`: the link
+//!    protocol over mutual TLS in a process of its own, no writer work: the broker measured
+//!    apart: overhead, its CPU inside and outside the window, RSS, bytes in the catalog and on
+//!    the wire), and with 16, 64 and 256 real in-memory hosts (`swarm`: end to end); the
+//!    coordination overhead is the freeze window minus provider time. Then `model`: the set
+//!    machine in virtual time predicts 10,000 and 100,000 nodes with stragglers;
 //! 4. the cost to applications: pgbench TPS and p99 / max latency without snapshots and with a
 //!    snapshot every 5 s;
 //! 5. the per-call overhead of a plugin writer through the ABI and of an app writer over D-Bus;
@@ -23,6 +27,8 @@ mod calls;
 mod cephfs;
 mod cluster;
 mod daemons;
+mod model;
+mod nodesim;
 mod scale;
 mod stats;
 
@@ -44,9 +50,18 @@ struct Cli {
     /// Where to write the JSON report.
     #[arg(long, default_value = "bench-report.json")]
     report: PathBuf,
-    /// Node counts for the scale benchmark.
+    /// Node counts for the scale benchmark's swarm of real hosts.
     #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
     nodes: Vec<usize>,
+    /// Node counts for the scale benchmark's simulated nodes (the broker measured apart).
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256,1024")]
+    sim_nodes: Vec<usize>,
+    /// Runtime threads of the node simulator: 1 leaves the broker the other core.
+    #[arg(long, default_value_t = 1)]
+    sim_threads: usize,
+    /// Node counts the model predicts a set for (with item 3's measured broker CPU).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    model_nodes: Vec<usize>,
     /// Run only these items (1 bare snapshot, 2 cluster sets, 3 scale, 4 pgbench, 5 per call,
     /// 6 CephFS); all by default.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=6))]
@@ -71,6 +86,40 @@ enum Sub {
         #[arg(long, default_value = "bench")]
         volume: String,
     },
+    /// (internal) Simulate many nodes attached to a broker: the link protocol, no writers.
+    #[command(hide = true)]
+    Nodesim {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        certs: PathBuf,
+        #[arg(long, default_value = "s")]
+        prefix: String,
+        #[arg(long)]
+        nodes: usize,
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        #[arg(long, default_value = "bench")]
+        volume: String,
+        /// Whose CPU to sample at the first freeze and the last thaw of each set.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Predict the freeze window of large clusters: the real set machine in virtual time.
+    Model {
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        nodes: Vec<usize>,
+        /// The broker's CPU per writer call; by default the largest simulated size's in the
+        /// JSON report (`--report`), else issue 19's figure for the swarm (26 us).
+        #[arg(long)]
+        cpu_us_per_call: Option<f64>,
+        #[arg(long, default_value_t = 200.0)]
+        straggler_ms: f64,
+        #[arg(long, default_value_t = 0.0)]
+        provider_ms: f64,
+    },
 }
 
 #[derive(Serialize)]
@@ -78,6 +127,9 @@ struct Report {
     bare_snapshot: Option<stats::Sample>,
     cluster: Option<cluster::ClusterResult>,
     scale: Vec<scale::ScaleResult>,
+    scale_simulated: Vec<nodesim::SimResult>,
+    model_assumptions: Option<model::Assumptions>,
+    model: Vec<model::Prediction>,
     pgbench: Option<cluster::PgbenchResult>,
     calls: Option<calls::CallsResult>,
     cephfs: Option<cephfs::CephfsResult>,
@@ -93,6 +145,12 @@ struct Ratios {
     plugin_call_over_in_memory: Option<f64>,
     dbus_call_over_in_memory: Option<f64>,
     coordination_256_over_16: Option<f64>,
+    /// Simulated nodes: the broker apart.
+    simulated_coordination_1024_over_64: Option<f64>,
+    simulated_broker_cpu_1024_over_64: Option<f64>,
+    /// The swarm's coordination at 256 nodes over the simulated nodes': what the simulation of
+    /// real hosts on the broker's cores adds.
+    swarm_over_simulated_coordination_256: Option<f64>,
     cephfs_window_syncfs_over_bare: Option<f64>,
     cephfs_window_none_over_bare: Option<f64>,
     cephfs_flush_cost_ms: Option<f64>,
@@ -119,6 +177,49 @@ fn sibling_dir() -> PathBuf {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Sub::Nodesim {
+        ref url,
+        ref certs,
+        ref prefix,
+        nodes,
+        writers,
+        ref volume,
+        broker_pid,
+        threads,
+    }) = cli.command
+    {
+        // A runtime of its own size: the simulator's CPU is what the broker does not get.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .enable_all()
+            .build()?;
+        return runtime.block_on(nodesim::run(
+            url, certs, prefix, nodes, writers, volume, broker_pid,
+        ));
+    }
+    if let Some(Sub::Model {
+        ref nodes,
+        cpu_us_per_call,
+        straggler_ms,
+        provider_ms,
+    }) = cli.command
+    {
+        let (cpu, source) = match cpu_us_per_call {
+            Some(cpu) => (cpu, "--cpu-us-per-call".to_string()),
+            None => measured_cpu_per_call(&cli.report),
+        };
+        let assumptions = model::Assumptions {
+            straggler_rtt_ms: straggler_ms,
+            provider_ms,
+            ..model::Assumptions::issue_19(cpu, source)
+        };
+        let predictions: Vec<model::Prediction> = nodes
+            .iter()
+            .map(|&n| model::predict(n, &assumptions))
+            .collect();
+        print_model(&assumptions, &predictions);
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -131,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             writers,
             ref volume,
         }) => runtime.block_on(scale::swarm(url, certs, prefix, nodes, writers, volume)),
+        Some(Sub::Nodesim { .. } | Sub::Model { .. }) => unreachable!("run above"),
         None => runtime.block_on(run(&cli)),
     }
 }
@@ -138,26 +240,28 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     quiesce_testbed::require_root();
     let bin = sibling_dir();
-    for needed in [
-        "quiesce-broker",
-        "quiesce-host",
-        "quiesce",
-        "app-writer",
-        "buffering-app",
-        "libhello_writer.so",
-        "libquiesce_writer_postgres.so",
-        "libquiesce_writer_sqlite.so",
-        "libquiesce_writer_filebuf.so",
-    ] {
+    let wanted = |item: u8| cli.only.is_empty() || cli.only.contains(&item);
+    // What each item runs; item 3 (scale) needs the broker alone, its nodes are this binary.
+    let needs: [(&str, &[u8]); 9] = [
+        ("quiesce-broker", &[2, 3, 4, 5, 6]),
+        ("quiesce-host", &[2, 4, 5, 6]),
+        ("quiesce", &[2, 4, 6]),
+        ("app-writer", &[2, 4, 5, 6]),
+        ("buffering-app", &[2, 4]),
+        ("libhello_writer.so", &[5]),
+        ("libquiesce_writer_postgres.so", &[2, 4]),
+        ("libquiesce_writer_sqlite.so", &[2, 4]),
+        ("libquiesce_writer_filebuf.so", &[2, 4]),
+    ];
+    for (needed, items) in needs {
         anyhow::ensure!(
-            bin.join(needed).exists(),
+            !items.iter().any(|&i| wanted(i)) || bin.join(needed).exists(),
             "{} is missing: run the bench with scripts/bench (it builds everything first)",
             bin.join(needed).display()
         );
     }
     let dir = tempfile::tempdir()?;
     let reps = if cli.quick { 5 } else { 30 };
-    let wanted = |item: u8| cli.only.is_empty() || cli.only.contains(&item);
 
     // The volume every btrfs measurement shares: bare snapshots and the cluster's sets.
     let volume =
@@ -183,7 +287,25 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         }
     }
     let mut scale = vec![];
+    let mut simulated = vec![];
     if wanted(3) {
+        eprintln!(
+            "[3] scale: one broker, {:?} simulated nodes of 8 writers (the link protocol, no work) ...",
+            cli.sim_nodes
+        );
+        for &n in &cli.sim_nodes {
+            simulated.push(
+                nodesim::measure(
+                    dir.path(),
+                    &bin,
+                    n,
+                    8,
+                    if cli.quick { 5 } else { 20 },
+                    cli.sim_threads,
+                )
+                .await?,
+            );
+        }
         eprintln!(
             "[3] scale: {:?} nodes of 8 in-memory writers ...",
             cli.nodes
@@ -191,6 +313,23 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         for &n in &cli.nodes {
             scale.push(scale_run(dir.path(), &bin, n, if cli.quick { 5 } else { 20 }).await?);
         }
+    }
+    let (mut model_assumptions, mut predictions) = (None, vec![]);
+    if let Some(largest) = simulated.iter().max_by_key(|s| s.nodes) {
+        eprintln!(
+            "[3] model: {:?} nodes, the set machine in virtual time ...",
+            cli.model_nodes
+        );
+        let assumptions = model::Assumptions::issue_19(
+            largest.broker_cpu_us_per_call,
+            format!("measured above at {} simulated nodes", largest.nodes),
+        );
+        predictions = cli
+            .model_nodes
+            .iter()
+            .map(|&n| model::predict(n, &assumptions))
+            .collect();
+        model_assumptions = Some(assumptions);
     }
     let calls = if wanted(5) {
         eprintln!("[5] per-call overhead ...");
@@ -235,6 +374,18 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             };
             match (at(256), at(16)) {
                 (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            }
+        },
+        simulated_coordination_1024_over_64: sim_ratio(&simulated, |s| s.coordination.median_ms),
+        simulated_broker_cpu_1024_over_64: sim_ratio(&simulated, |s| s.broker_cpu.median_ms),
+        swarm_over_simulated_coordination_256: {
+            let swarm = scale.iter().find(|s| s.nodes == 256);
+            let sim = simulated.iter().find(|s| s.nodes == 256);
+            match (swarm, sim) {
+                (Some(a), Some(b)) if b.coordination.median_ms > 0.0 => {
+                    Some(a.coordination.median_ms / b.coordination.median_ms)
+                }
                 _ => None,
             }
         },
@@ -304,10 +455,25 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             met: growth <= log_ratio,
         });
     }
+    targets.extend(simulated_targets(&simulated));
+    for p in &predictions {
+        targets.push(Target {
+            what: format!("model: freeze window at {} nodes with a straggler", p.nodes),
+            target: format!(
+                "<= slowest round trip + 100 ms = {:.0} ms, app-consistent",
+                p.target_ms
+            ),
+            measured: format!("{:.1} ms, {}", p.window_ms, p.outcome),
+            met: p.met,
+        });
+    }
     let report = Report {
         bare_snapshot: bare,
         cluster: cluster_result,
         scale,
+        scale_simulated: simulated,
+        model_assumptions,
+        model: predictions,
         pgbench,
         calls,
         cephfs,
@@ -320,6 +486,129 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The broker's CPU per writer call at the largest simulated size of a JSON report, and where
+/// it comes from; issue 19's figure for the swarm when there is none.
+fn measured_cpu_per_call(report: &Path) -> (f64, String) {
+    let largest = std::fs::read_to_string(report)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|json| {
+            json["scale_simulated"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| Some((s["nodes"].as_u64()?, s["broker_cpu_us_per_call"].as_f64()?)))
+                .max_by_key(|(nodes, _)| *nodes)
+        });
+    match largest {
+        Some((nodes, cpu)) => (
+            cpu,
+            format!("{} at {nodes} simulated nodes", report.display()),
+        ),
+        None => (
+            26.0,
+            "issue 19's figure for the swarm (no simulated sizes in the report)".into(),
+        ),
+    }
+}
+
+fn print_model(a: &model::Assumptions, predictions: &[model::Prediction]) {
+    println!("3. model: one set in virtual time (the real SnapshotSet; no I/O)");
+    println!(
+        "  assumptions: round trip per node log-normal p50 {} ms, p99 {} ms, one node at {} ms; each writer call p50 {} ms, p99 {} ms; broker {:.2} us CPU per writer call ({}), one core, half on sending, half on reading; provider {} ms; {} writers per node in 3 levels; the machine's default deadlines (lease 5 s renewed every third, hold limit 10 s); seed {}",
+        a.rtt_p50_ms, a.rtt_p99_ms, a.straggler_rtt_ms, a.call_p50_ms, a.call_p99_ms,
+        a.cpu_us_per_call, a.cpu_source, a.provider_ms, a.writers_per_node, a.seed
+    );
+    println!(
+        "  {:>8} {:>9} {:>16} {:>11} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "nodes",
+        "writers",
+        "outcome",
+        "window ms",
+        "CPU in win",
+        "CPU per set",
+        "no-CPU win",
+        "even win",
+        "target"
+    );
+    for p in predictions {
+        println!(
+            "  {:>8} {:>9} {:>16} {:>11} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>10.0}",
+            p.nodes,
+            p.writers,
+            p.outcome,
+            // A failed set's window is not the figure the target is about.
+            if p.outcome == "failed" {
+                "-".to_string()
+            } else {
+                format!("{:.1}", p.window_ms)
+            },
+            p.broker_cpu_in_window_ms,
+            p.broker_cpu_per_set_ms,
+            p.window_without_broker_cpu_ms,
+            p.window_without_straggler_ms,
+            p.target_ms
+        );
+    }
+    println!("  (no-CPU win: the same set with a broker that costs nothing; even win: without the straggler)");
+    for p in predictions.iter().filter(|p| p.outcome == "failed") {
+        println!("  {} nodes: {}", p.nodes, p.outcome_detail);
+    }
+}
+
+/// A figure at 1,024 simulated nodes over the same at 64.
+fn sim_ratio(sims: &[nodesim::SimResult], f: fn(&nodesim::SimResult) -> f64) -> Option<f64> {
+    let at = |n| sims.iter().find(|s| s.nodes == n).map(f);
+    match (at(1024), at(64)) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// Issue 19's targets for the broker measured apart from its nodes.
+fn simulated_targets(sims: &[nodesim::SimResult]) -> Vec<Target> {
+    let mut targets = vec![];
+    let at = |n| sims.iter().find(|s| s.nodes == n);
+    if let Some(s) = at(1024) {
+        targets.push(Target {
+            what: "coordination overhead median at 1024 simulated nodes x 8 writers".into(),
+            target: "<= 30 ms".into(),
+            measured: format!("{:.1} ms", s.coordination.median_ms),
+            met: s.coordination.median_ms <= 30.0,
+        });
+        let mb = s.broker_rss_mib_peak * 1.048_576;
+        targets.push(Target {
+            what: "broker RSS with 1024 attached nodes (peak over the sets)".into(),
+            target: "<= 200 MB".into(),
+            measured: format!("{mb:.0} MB"),
+            met: mb <= 200.0,
+        });
+    }
+    if let Some(s) = sims.iter().max_by_key(|s| s.nodes) {
+        targets.push(Target {
+            what: format!(
+                "broker CPU per writer call at {} simulated nodes (median per set / calls)",
+                s.nodes
+            ),
+            target: "<= 2.5 us".into(),
+            measured: format!(
+                "{:.1} us ({:.1} ms over {:.0} calls)",
+                s.broker_cpu_us_per_call, s.broker_cpu.median_ms, s.writer_calls_per_set
+            ),
+            met: s.broker_cpu_us_per_call <= 2.5,
+        });
+    }
+    if let (Some(small), Some(large)) = (at(64), at(1024)) {
+        let growth = large.broker_cpu.median_ms / small.broker_cpu.median_ms.max(0.001);
+        targets.push(Target {
+            what: "broker CPU per set growth 64 -> 1024 simulated nodes".into(),
+            target: "no worse than linear: x16".into(),
+            measured: format!("x{growth:.2}"),
+            met: growth <= 16.0,
+        });
+    }
+    targets
+}
+
 /// One scale size: a fresh broker and a swarm process of `nodes` hosts.
 async fn scale_run(
     dir: &Path,
@@ -328,24 +617,7 @@ async fn scale_run(
     sets: usize,
 ) -> anyhow::Result<scale::ScaleResult> {
     let here = dir.join(format!("scale-{nodes}"));
-    let empty = here.join("volume");
-    let snapshots = here.join("snapshots");
-    std::fs::create_dir_all(&empty)?;
-    std::fs::create_dir_all(&snapshots)?;
-    let names: Vec<String> = (1..=nodes).map(|n| format!("n{n}")).collect();
-    let certs = here.join("certs");
-    daemons::certs(bin, &certs, &names)?;
-    let config = here.join("broker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "catalog = {:?}\nhold_limit_ms = 30000\nlease_ms = 15000\n[volumes.bench]\nprovider = \"dir-copy\"\nsource = {:?}\nsnapshots = {:?}\n",
-            here.join("catalog.sqlite"),
-            empty,
-            snapshots
-        ),
-    )?;
-    let broker = daemons::Broker::start(bin, &certs, &config, here.join("broker.log"))?;
+    let (broker, certs) = scale::start_broker(&here, bin, "n", nodes)?;
     let mut command = Command::new(std::env::current_exe()?);
     command
         .args(["swarm", "--url", &broker.url, "--certs"])
@@ -427,8 +699,52 @@ fn print_table(r: &Report) {
             row(&format!("  {call}"), s);
         }
     }
-    if !r.scale.is_empty() {
+    if !r.scale.is_empty() || !r.scale_simulated.is_empty() {
         println!("3. scale: coordination overhead (freeze window - provider)");
+    }
+    if !r.scale_simulated.is_empty() {
+        println!("  simulated nodes (the link protocol over mutual TLS, no writer work): the broker apart");
+    }
+    for s in &r.scale_simulated {
+        row(
+            &format!("{} nodes x {} writers, simulated", s.nodes, s.writers),
+            &s.coordination,
+        );
+        row("  freeze window", &s.freeze_window);
+        row("  broker CPU per set (request to answer)", &s.broker_cpu);
+        row(
+            "  of it inside the window (first freeze -> last thaw)",
+            &s.broker_cpu_in_window,
+        );
+        row("  of it outside the window", &s.broker_cpu_outside_window);
+        println!(
+            "  {:<52} {:.2} us over {:.0} calls; /proc stat {:.1} ms per set; simulator {:.1} ms per set",
+            "  broker CPU per writer call", s.broker_cpu_us_per_call, s.writer_calls_per_set,
+            s.broker_cpu_ms_per_set_stat, s.nodesim_cpu_ms_per_set
+        );
+        println!(
+            "  {:<52} {:.1} MiB attached, {:.1} after the first set, {:.1} after the last, {:.1} peak",
+            "  broker RSS",
+            s.broker_rss_mib_attached,
+            s.broker_rss_mib_by_set.first().copied().unwrap_or(f64::NAN),
+            s.broker_rss_mib_after,
+            s.broker_rss_mib_peak
+        );
+        println!(
+            "  {:<52} {:.0} in the catalog, {:.0} in the answer",
+            "  record JSON bytes per set", s.catalog_record_bytes, s.reply_record_bytes
+        );
+        println!(
+            "  {:<52} to nodes {:.0} msgs {:.0} B, from nodes {:.0} msgs {:.0} B",
+            "  wire per set (protobuf + gRPC prefix)",
+            s.wire_to_nodes_messages,
+            s.wire_to_nodes_bytes,
+            s.wire_from_nodes_messages,
+            s.wire_from_nodes_bytes
+        );
+    }
+    if !r.scale.is_empty() {
+        println!("  a swarm of real hosts (8 writer threads each) in one process beside the broker: end to end");
     }
     for s in &r.scale {
         row(
@@ -439,6 +755,9 @@ fn print_table(r: &Report) {
             "  {:<52} broker {:.1} ms, nodes {:.1} ms per set (including deletions)",
             "  CPU", s.broker_cpu_ms_per_set, s.nodes_cpu_ms_per_set
         );
+    }
+    if let Some(a) = &r.model_assumptions {
+        print_model(a, &r.model);
     }
     if let Some(p) = &r.pgbench {
         println!("4. pgbench ({} clients, {} s each)", p.clients, p.seconds);
@@ -532,6 +851,18 @@ fn print_table(r: &Report) {
         (
             "coordination 256 nodes / 16 nodes",
             r.ratios.coordination_256_over_16,
+        ),
+        (
+            "simulated: coordination 1024 / 64 nodes",
+            r.ratios.simulated_coordination_1024_over_64,
+        ),
+        (
+            "simulated: broker CPU 1024 / 64 nodes",
+            r.ratios.simulated_broker_cpu_1024_over_64,
+        ),
+        (
+            "coordination at 256: swarm / simulated",
+            r.ratios.swarm_over_simulated_coordination_256,
         ),
         (
             "plugin call / in-memory call",

@@ -6,6 +6,7 @@
 //! by `dir-copy` (empty: the provider's time is subtracted anyway). What is measured is the
 //! coordination overhead: the freeze window minus the provider's own time.
 
+use crate::daemons::{self, Broker};
 use crate::stats::Sample;
 use quiesce_host::broker_link::{self, LinkOptions};
 use quiesce_host::worker::Backend;
@@ -13,7 +14,7 @@ use quiesce_host::{Config, Host};
 use quiesce_link::{Security, TlsFiles};
 use quiesce_proto::{CallFailure, WriterCall};
 use quiesce_proto::{ComponentKind, Level, Reports, SetRecord, WriterMetadata};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +34,7 @@ impl Backend for InMemory {
 
 /// Writer `i` of a node: levels spread as a real node's would be (3 front-end, 3 back-end,
 /// 2 system), so a set freezes three levels one after the other.
-fn metadata(i: usize, volume: &str) -> WriterMetadata {
+pub fn metadata(i: usize, volume: &str) -> WriterMetadata {
     let level = match i % 8 {
         0..=2 => Level::FrontEnd,
         3..=5 => Level::BackEnd,
@@ -92,6 +93,38 @@ pub async fn swarm(
     Ok(())
 }
 
+/// A fresh broker in `here` whose volume `bench` is an empty directory copied by `dir-copy`,
+/// with certificates for the nodes `prefix1..=prefixN`: (the broker, the certificates' folder).
+pub fn start_broker(
+    here: &Path,
+    bin: &Path,
+    prefix: &str,
+    nodes: usize,
+) -> anyhow::Result<(Broker, PathBuf)> {
+    let empty = here.join("volume");
+    let snapshots = here.join("snapshots");
+    std::fs::create_dir_all(&empty)?;
+    std::fs::create_dir_all(&snapshots)?;
+    let names: Vec<String> = (1..=nodes).map(|n| format!("{prefix}{n}")).collect();
+    let certs = here.join("certs");
+    daemons::certs(bin, &certs, &names)?;
+    let config = here.join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "catalog = {:?}\nhold_limit_ms = 30000\nlease_ms = 15000\n[volumes.bench]\nprovider = \"dir-copy\"\nsource = {:?}\nsnapshots = {:?}\n",
+            here.join(CATALOG),
+            empty,
+            snapshots
+        ),
+    )?;
+    let broker = Broker::start(bin, &certs, &config, here.join("broker.log"))?;
+    Ok((broker, certs))
+}
+
+/// The broker's catalog file in its folder.
+pub const CATALOG: &str = "catalog.sqlite";
+
 /// One size's result.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ScaleResult {
@@ -125,6 +158,35 @@ pub fn cpu_time(pid: u32) -> Duration {
             .unwrap_or(0)
     };
     Duration::from_millis((ticks(14) + ticks(15)) * 10)
+}
+
+/// A process's CPU time so far, in nanoseconds: the sum over its live threads of the time on
+/// a CPU from /proc/PID/task/TID/schedstat (nanosecond resolution, where `/proc/PID/stat`
+/// counts 10 ms ticks: too coarse for one freeze window). Threads that ended are not in it; the
+/// broker's runtime threads live as long as it does.
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A process's resident and peak resident memory (`VmRSS`, `VmHWM` of /proc/PID/status), in
+/// MiB.
+pub fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// The coordination overhead of each record.
